@@ -1,0 +1,157 @@
+//! `dots-moe bench`: the whole MoE layer at real dots.llm1 shapes, per batch size, beside
+//! this machine's floor.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use dots_moe::bench::{self, BenchRow, MachineFloor, report};
+use dots_moe::config::MoeConfig;
+use dots_moe::moe::{MoeLayer, MoeWeights};
+use dots_moe::tensor::{Dtype, TensorView};
+
+use super::CliResult;
+
+/// Which backend to time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// The CPU reference.
+    Cpu,
+    /// The CUDA kernels.
+    Cuda,
+    /// Every backend available here.
+    All,
+}
+
+/// Arguments of `dots-moe bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Batch sizes (tokens) to time, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 16, 64, 256, 1024])]
+    pub tokens: Vec<usize>,
+    /// Backend(s) to time.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendChoice,
+    /// Print the results as a JSON list (one object per backend and batch size).
+    #[arg(long)]
+    pub json: bool,
+    /// Write a markdown table and an SVG plot into this folder.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Seed of the synthetic weights and inputs.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Seconds of timing per batch size (at least 3 runs each).
+    #[arg(long, default_value_t = 4.0)]
+    pub seconds: f64,
+}
+
+fn progress(message: &str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar.set_message(message.to_string());
+    bar
+}
+
+/// Runs the benchmark.
+pub fn run(args: BenchArgs) -> CliResult {
+    if args.tokens.is_empty() {
+        return Err("--tokens needs at least one batch size".into());
+    }
+    if !(args.seconds.is_finite() && args.seconds > 0.0) {
+        return Err(format!("--seconds must be positive, got {}", args.seconds).into());
+    }
+    let cfg = MoeConfig::dots1();
+    let bar = progress("measuring this machine's floor (copy bandwidth, matmul rate)");
+    let floor = bench::measure_floor(1 << 30);
+    bar.finish_and_clear();
+    if !args.json {
+        println!(
+            "floor: copy {:.1} GB/s (read + written), read {:.1} GB/s, bf16 matmul {:.1} GFLOP/s",
+            floor.copy_bytes_per_s / 1e9,
+            floor.read_bytes_per_s / 1e9,
+            floor.matmul_flop_per_s / 1e9
+        );
+    }
+
+    let mut rows: Vec<BenchRow> = Vec::new();
+    if matches!(args.backend, BackendChoice::Cpu | BackendChoice::All) {
+        let bar = progress("building a seeded synthetic dots.llm1 MoE layer (4.5 GB of bf16 weights)");
+        let layer = MoeLayer::new(MoeWeights::synthetic(&cfg, Dtype::Bf16, args.seed)?);
+        bar.finish_and_clear();
+        rows.extend(time_cpu(&layer, &args, &floor)?);
+    }
+    if matches!(args.backend, BackendChoice::Cuda | BackendChoice::All) {
+        let reason = "the CUDA MoE layer (grouped expert GEMM) is not available in this build yet";
+        if args.backend == BackendChoice::Cuda {
+            return Err(format!("cuda backend: not available: {reason}").into());
+        }
+        eprintln!("cuda backend: not available: {reason}");
+    }
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    if let Some(dir) = &args.report {
+        std::fs::create_dir_all(dir)?;
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        let md = report::markdown(&rows, &floor, &command, &machine_name());
+        report::write_atomic(&dir.join("bench.md"), &md)?;
+        report::write_atomic(&dir.join("bench.svg"), &report::svg(&rows))?;
+        if !args.json {
+            println!("wrote {} and {}", dir.join("bench.md").display(), dir.join("bench.svg").display());
+        }
+    }
+    Ok(())
+}
+
+fn time_cpu(layer: &MoeLayer, args: &BenchArgs, floor: &MachineFloor) -> Result<Vec<BenchRow>, Box<dyn std::error::Error>> {
+    let h = layer.config().hidden_size;
+    let mut rows = Vec::new();
+    if !args.json {
+        println!("{:>8} {:>8} {:>12} {:>9} {:>9} {:>12} {:>12}", "backend", "tokens", "median", "GB/s", "GFLOP/s", "floor", "floor/time");
+    }
+    for &tokens in &args.tokens {
+        let bar = progress(&format!("cpu: timing {tokens} tokens"));
+        let hidden = bench::random_hidden(tokens, h, args.seed.wrapping_add(tokens as u64));
+        let input = TensorView::F32(&hidden);
+        let routing = layer.route(input, tokens)?;
+        let cost = bench::layer_cost(layer, &routing);
+        let mut failure = None;
+        let median = bench::median_time(3, 50, Duration::from_secs_f64(args.seconds), || {
+            if let Err(e) = layer.forward(input, tokens) {
+                failure.get_or_insert(e);
+            }
+        });
+        bar.finish_and_clear();
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        let row = BenchRow::new("cpu", tokens, median, &cost, floor);
+        if !args.json {
+            println!(
+                "{:>8} {:>8} {:>12} {:>9.1} {:>9.1} {:>12} {:>12.2}",
+                row.backend,
+                row.tokens,
+                report::fmt_us(row.median_us),
+                row.gb_per_s,
+                row.tflop_per_s * 1e3,
+                report::fmt_us(row.floor_us),
+                row.floor_ratio
+            );
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+fn machine_name() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpu}, {} threads, CPU kernels: {:?}", rayon::current_num_threads(), dots_moe::cpu::Isa::detect())
+}

@@ -1,0 +1,105 @@
+//! Typed errors of the configuration and MoE layers.
+//!
+//! Every error names what was wrong: the field, the tensor with its expected and actual
+//! shape, the token and expert of a bad logit. Nothing in the public API panics on user
+//! input; it returns one of these.
+
+use std::path::PathBuf;
+
+/// A `config.json` that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The text is not valid JSON, or a required field is missing or has the wrong type.
+    #[error("config.json: {0}")]
+    Json(String),
+    /// A field has a value the model cannot work with.
+    #[error("config field `{field}`: {reason}")]
+    Invalid {
+        /// The config field (Hugging Face name).
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+}
+
+/// An error of the MoE contract: shapes, bad values, missing weights.
+#[derive(Debug, thiserror::Error)]
+pub enum MoeError {
+    /// The configuration is inconsistent.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A tensor has the wrong shape (or its buffer the wrong length for its shape).
+    #[error("tensor `{name}`: expected shape {expected:?}, got {actual}")]
+    Shape {
+        /// Which tensor.
+        name: String,
+        /// The shape the configuration implies.
+        expected: Vec<usize>,
+        /// What was given, described (a shape or a buffer length).
+        actual: String,
+    },
+    /// A router logit is NaN or infinite: the routing would be garbage.
+    #[error("router logit of token {token} for expert {expert} is {value}, not finite")]
+    NonFiniteLogit {
+        /// Token row.
+        token: usize,
+        /// Expert index.
+        expert: usize,
+        /// The offending value.
+        value: f32,
+    },
+    /// A bias value is NaN or infinite.
+    #[error("e_score_correction_bias[{expert}] is {value}, not finite")]
+    NonFiniteBias {
+        /// Expert index.
+        expert: usize,
+        /// The offending value.
+        value: f32,
+    },
+    /// A routing refers to an expert that does not exist, or repeats one for a token.
+    #[error("routing of token {token}: {reason}")]
+    BadRouting {
+        /// Token row.
+        token: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A layer was built without some of its weights.
+    #[error("missing weights: {0}")]
+    MissingWeights(String),
+    /// The requested kernels cannot run on this machine.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A size computation overflowed (`tokens * hidden` and the like).
+    #[error("size overflow: {0}")]
+    Overflow(String),
+}
+
+impl MoeError {
+    /// A shape error for a flat buffer of `len` elements that should hold `expected`.
+    pub fn length(name: impl Into<String>, expected: &[usize], len: usize) -> Self {
+        MoeError::Shape { name: name.into(), expected: expected.to_vec(), actual: format!("a buffer of {len} elements") }
+    }
+
+    /// A shape error between two shapes.
+    pub fn shape(name: impl Into<String>, expected: &[usize], actual: &[usize]) -> Self {
+        MoeError::Shape { name: name.into(), expected: expected.to_vec(), actual: format!("{actual:?}") }
+    }
+}
+
+/// Checks that `len` equals the product of `shape`, naming the tensor otherwise.
+pub fn check_len(name: &str, shape: &[usize], len: usize) -> Result<(), MoeError> {
+    let expected = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| MoeError::Overflow(format!("tensor `{name}` of shape {shape:?}")))?;
+    if expected == len { Ok(()) } else { Err(MoeError::length(name, shape, len)) }
+}

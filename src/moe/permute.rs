@@ -1,0 +1,162 @@
+//! Step 2 of the contract: **permute**. Group the `(token, slot)` pairs by expert.
+//!
+//! Input: `expert_ids [T, S]` (`S` slots per token; with shared-expert fusion the last
+//! slots of every token name the shared slots `E..E+n_shared`), over `n_experts` slots.
+//!
+//! A *pair* `p = t * S + j` is token `t`'s slot `j`. The permutation is a **stable
+//! counting sort** of the pairs by expert: rows of expert `e` are the contiguous range
+//! `expert_offsets[e]..expert_offsets[e + 1]`, and inside it pairs keep ascending `p`
+//! (so ascending token). Outputs:
+//!
+//! - `expert_offsets [n_experts + 1]`: monotone, `expert_offsets[0] = 0`, last `= T * S`;
+//! - `row_pairs [T * S]`: the pair each permuted row came from (its token is
+//!   `row_pairs[r] / S`);
+//! - `pair_rows [T * S]`: the inverse, the permuted row of each pair.
+//!
+//! Rows are `u32` (a batch has fewer than 2^32 pairs; checked); element offsets
+//! (`row * H`) are computed in `usize`.
+//!
+//! Then **gather**: `x_perm[r] = hidden[row_pairs[r] / S]`, the hidden rows in permuted
+//! order, as `f32` or as `bf16` (rounded to nearest even), per the layer's precision.
+
+use half::bf16;
+
+use crate::error::{MoeError, check_len};
+use crate::tensor::TensorView;
+
+/// The stable counting sort of a batch's `(token, slot)` pairs by expert.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Permutation {
+    /// Tokens `T`.
+    pub tokens: usize,
+    /// Slots per token `S`.
+    pub slots_per_token: usize,
+    /// `[n_experts + 1]`: rows of expert `e` are `expert_offsets[e]..expert_offsets[e+1]`.
+    pub expert_offsets: Vec<u32>,
+    /// `[T * S]`: the pair (`t * S + j`) of each permuted row.
+    pub row_pairs: Vec<u32>,
+    /// `[T * S]`: the permuted row of each pair (inverse of `row_pairs`).
+    pub pair_rows: Vec<u32>,
+}
+
+impl Permutation {
+    /// Number of expert slots.
+    pub fn n_experts(&self) -> usize {
+        self.expert_offsets.len() - 1
+    }
+
+    /// Permuted rows (`T * S`).
+    pub fn rows(&self) -> usize {
+        self.row_pairs.len()
+    }
+
+    /// The permuted rows of expert `e`.
+    pub fn expert_rows(&self, e: usize) -> std::ops::Range<usize> {
+        self.expert_offsets[e] as usize..self.expert_offsets[e + 1] as usize
+    }
+
+    /// The token of permuted row `r`.
+    pub fn row_token(&self, r: usize) -> usize {
+        self.row_pairs[r] as usize / self.slots_per_token
+    }
+}
+
+/// Sorts the pairs of `expert_ids [tokens, slots_per_token]` by expert (stable).
+pub fn permute(expert_ids: &[u32], tokens: usize, slots_per_token: usize, n_experts: usize) -> Result<Permutation, MoeError> {
+    check_len("expert_ids", &[tokens, slots_per_token], expert_ids.len())?;
+    if expert_ids.len() > u32::MAX as usize || n_experts > u32::MAX as usize - 1 {
+        return Err(MoeError::Overflow(format!("{} (token, slot) pairs do not fit 32-bit row indices", expert_ids.len())));
+    }
+    let mut counts = vec![0u32; n_experts];
+    for (p, &e) in expert_ids.iter().enumerate() {
+        let Some(count) = counts.get_mut(e as usize) else {
+            let token = p / slots_per_token.max(1);
+            return Err(MoeError::BadRouting { token, reason: format!("expert {e} out of range 0..{n_experts}") });
+        };
+        *count += 1;
+    }
+    let mut expert_offsets = Vec::with_capacity(n_experts + 1);
+    let mut running = 0u32;
+    expert_offsets.push(0);
+    for &c in &counts {
+        running += c;
+        expert_offsets.push(running);
+    }
+    // Second pass: each pair takes the next row of its expert, in ascending pair order.
+    let mut cursor: Vec<u32> = expert_offsets[..n_experts].to_vec();
+    let mut row_pairs = vec![0u32; expert_ids.len()];
+    let mut pair_rows = vec![0u32; expert_ids.len()];
+    for (p, &e) in expert_ids.iter().enumerate() {
+        let row = cursor[e as usize];
+        cursor[e as usize] += 1;
+        row_pairs[row as usize] = p as u32;
+        pair_rows[p] = row;
+    }
+    Ok(Permutation { tokens, slots_per_token, expert_offsets, row_pairs, pair_rows })
+}
+
+/// Gathers `hidden [T, H]` rows into permuted order as f32: `out [T*S, H]`.
+pub fn gather_f32(hidden: TensorView<'_>, hidden_size: usize, perm: &Permutation, out: &mut [f32]) -> Result<(), MoeError> {
+    check_len("hidden", &[perm.tokens, hidden_size], hidden.len())?;
+    check_len("permuted hidden", &[perm.rows(), hidden_size], out.len())?;
+    if hidden_size == 0 {
+        return Ok(());
+    }
+    for (r, dst) in out.chunks_exact_mut(hidden_size).enumerate() {
+        let t = perm.row_token(r);
+        hidden.slice(t * hidden_size..(t + 1) * hidden_size).copy_to_f32(dst);
+    }
+    Ok(())
+}
+
+/// Gathers `hidden [T, H]` rows into permuted order as bf16 (f32 input rounds to nearest
+/// even): `out [T*S, H]`.
+pub fn gather_bf16(hidden: TensorView<'_>, hidden_size: usize, perm: &Permutation, out: &mut [bf16]) -> Result<(), MoeError> {
+    check_len("hidden", &[perm.tokens, hidden_size], hidden.len())?;
+    check_len("permuted hidden", &[perm.rows(), hidden_size], out.len())?;
+    if hidden_size == 0 {
+        return Ok(());
+    }
+    for (r, dst) in out.chunks_exact_mut(hidden_size).enumerate() {
+        let t = perm.row_token(r);
+        match hidden.slice(t * hidden_size..(t + 1) * hidden_size) {
+            TensorView::Bf16(src) => dst.copy_from_slice(src),
+            TensorView::F32(src) => crate::cpu::f32_to_bf16(src, dst),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stable_counting_sort() {
+        // 3 tokens x 2 slots over 4 experts.
+        let ids = [2, 0, 0, 2, 3, 0];
+        let p = permute(&ids, 3, 2, 4).unwrap();
+        assert_eq!(p.expert_offsets, vec![0, 3, 3, 5, 6]);
+        assert_eq!(p.row_pairs, vec![1, 2, 5, 0, 3, 4]);
+        for (pair, &row) in p.pair_rows.iter().enumerate() {
+            assert_eq!(p.row_pairs[row as usize] as usize, pair);
+        }
+        assert_eq!(p.row_token(2), 2);
+    }
+
+    #[test]
+    fn out_of_range_expert_is_an_error() {
+        let err = permute(&[0, 4], 1, 2, 4).unwrap_err();
+        assert!(matches!(err, MoeError::BadRouting { token: 0, .. }), "{err}");
+        assert!(permute(&[0, 1, 2], 2, 2, 4).is_err());
+    }
+
+    #[test]
+    fn empty_batch() {
+        let p = permute(&[], 0, 8, 130).unwrap();
+        assert_eq!(p.expert_offsets.len(), 131);
+        assert!(p.expert_offsets.iter().all(|&o| o == 0));
+        let mut out = vec![];
+        gather_f32(TensorView::F32(&[]), 16, &p, &mut out).unwrap();
+    }
+}

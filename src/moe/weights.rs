@@ -1,0 +1,243 @@
+//! The weights of one MoE layer, in the layout of the contract.
+//!
+//! ```text
+//! router_gate  [E, H]              f32 or bf16 (checkpoint dtype)
+//! router_bias  [E]                 f32 (a bf16 bias converts exactly)
+//! gate_up      [E + S, 2I, H]      per slot: gate rows 0..I, then up rows I..2I
+//! down         [E + S, H, I]
+//! ```
+//!
+//! Slots `0..E` are the routed experts; slots `E..E+S` are the shared experts' halves:
+//! the `S * I`-wide shared MLP splits exactly into `S` experts of width `I` (gate and up
+//! rows `s*I..(s+1)*I`, down columns `s*I..(s+1)*I`), whose outputs sum to the shared
+//! output. So "top-k of E plus S shared" runs as one grouped step over `E + S` slots.
+//!
+//! Why gate and up are **stacked** in one `[2I, H]` block per slot rather than
+//! interleaved: it is the layout transformers 5.x fuses to (`gate_up_proj`, gate rows
+//! first), so fused checkpoints load without reordering; a kernel producing output
+//! columns `n0..n1` reads gate rows `n0..n1` and up rows `I+n0..I+n1` of the same
+//! contiguous slot, which fuses SwiGLU into the epilogue as well as interleaving would;
+//! and splitting the shared MLP into slots is a plain row range. `down [H, I]` keeps the
+//! checkpoint's `[out, in]` orientation: every output element is a contiguous dot product.
+//!
+//! Loading from per-expert checkpoint tensors copies each into its slot once
+//! ([`MoeLayerBuilder`]); weights keep their dtype (bf16 stays bf16).
+
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::config::MoeConfig;
+use crate::error::{MoeError, check_len};
+use crate::moe::layer::MoeLayer;
+use crate::tensor::{Dtype, TensorData, TensorView};
+
+/// The weights of one MoE layer in the contract's layout (see the module docs).
+#[derive(Clone, Debug)]
+pub struct MoeWeights {
+    pub(crate) cfg: MoeConfig,
+    pub(crate) router_gate: TensorData,
+    pub(crate) router_bias: Option<Vec<f32>>,
+    pub(crate) gate_up: TensorData,
+    pub(crate) down: TensorData,
+}
+
+impl MoeWeights {
+    /// The layer's shape.
+    pub fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+
+    /// Router weight `[E, H]`.
+    pub fn router_gate(&self) -> TensorView<'_> {
+        self.router_gate.view()
+    }
+
+    /// Score-correction bias `[E]`, if the router has one.
+    pub fn router_bias(&self) -> Option<&[f32]> {
+        self.router_bias.as_deref()
+    }
+
+    /// Stacked gate and up weights `[E + S, 2I, H]`.
+    pub fn gate_up(&self) -> TensorView<'_> {
+        self.gate_up.view()
+    }
+
+    /// Down weights `[E + S, H, I]`.
+    pub fn down(&self) -> TensorView<'_> {
+        self.down.view()
+    }
+
+    /// Element type of the expert weights.
+    pub fn dtype(&self) -> Dtype {
+        self.gate_up.dtype()
+    }
+
+    /// Gate-and-up block `[2I, H]` of slot `e`.
+    pub fn slot_gate_up(&self, e: usize) -> TensorView<'_> {
+        let n = 2 * self.cfg.moe_intermediate_size * self.cfg.hidden_size;
+        self.gate_up.view().slice(e * n..(e + 1) * n)
+    }
+
+    /// Down block `[H, I]` of slot `e`.
+    pub fn slot_down(&self, e: usize) -> TensorView<'_> {
+        let n = self.cfg.hidden_size * self.cfg.moe_intermediate_size;
+        self.down.view().slice(e * n..(e + 1) * n)
+    }
+
+    /// Bytes of all weights (router, bias, experts, shared experts).
+    pub fn bytes(&self) -> usize {
+        let elem = |t: &TensorData| t.len() * t.dtype().size();
+        elem(&self.router_gate) + elem(&self.gate_up) + elem(&self.down) + self.router_bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+
+    /// Bytes of one expert slot's weights.
+    pub fn slot_bytes(&self) -> usize {
+        3 * self.cfg.moe_intermediate_size * self.cfg.hidden_size * self.dtype().size()
+    }
+
+    /// A seeded synthetic layer of `dtype`: weights uniform in `±sqrt(3 / fan_in)` (unit
+    /// variance outputs for unit-variance inputs), a small random correction bias, so
+    /// routing of random hidden states is close to uniform. Generated in parallel, one
+    /// independent stream per expert slot: the same seed always gives the same layer.
+    pub fn synthetic(cfg: &MoeConfig, dtype: Dtype, seed: u64) -> Result<Self, MoeError> {
+        cfg.validate()?;
+        let (h, i, e) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.router.n_experts);
+        let slots = cfg.n_slots();
+        let fill = |data: &mut TensorData, chunk: usize, salt: u64, fan_in: usize| {
+            let bound = (3.0 / fan_in as f32).sqrt();
+            match data {
+                TensorData::F32(v) => v.par_chunks_mut(chunk.max(1)).enumerate().for_each(|(c, out)| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ salt ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    out.iter_mut().for_each(|x| *x = rng.random_range(-bound..bound));
+                }),
+                TensorData::Bf16(v) => v.par_chunks_mut(chunk.max(1)).enumerate().for_each(|(c, out)| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ salt ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    out.iter_mut().for_each(|x| *x = bf16::from_f32(rng.random_range(-bound..bound)));
+                }),
+            }
+        };
+        let mut router_gate = TensorData::zeros(dtype, e * h);
+        fill(&mut router_gate, h, 0x1111, h);
+        let mut gate_up = TensorData::zeros(dtype, slots * 2 * i * h);
+        fill(&mut gate_up, i * h, 0x2222, h);
+        let mut down = TensorData::zeros(dtype, slots * h * i);
+        fill(&mut down, h * i, 0x3333, i);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4444);
+        let bias = (0..e).map(|_| rng.random_range(-0.02f32..0.02)).collect();
+        Ok(MoeWeights { cfg: cfg.clone(), router_gate, router_bias: Some(bias), gate_up, down })
+    }
+}
+
+/// Builds a layer from weights an engine or a checkpoint already has in memory, one
+/// tensor at a time, in the checkpoint's per-expert shapes. Each tensor is checked
+/// against the config and copied into its slot once.
+#[derive(Debug)]
+pub struct MoeLayerBuilder {
+    weights: MoeWeights,
+    router_set: bool,
+    experts_set: Vec<bool>,
+    shared_set: bool,
+}
+
+impl MoeLayerBuilder {
+    /// An empty builder for a layer of shape `cfg` whose expert weights are stored as
+    /// `dtype` (inputs of the other dtype convert; f32 -> bf16 rounds to nearest even).
+    /// Allocates the full expert storage up front.
+    pub fn new(cfg: MoeConfig, dtype: Dtype) -> Result<Self, MoeError> {
+        cfg.validate()?;
+        let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let slots = cfg.n_slots();
+        let weights = MoeWeights {
+            router_gate: TensorData::zeros(dtype, cfg.router.n_experts * h),
+            router_bias: None,
+            gate_up: TensorData::zeros(dtype, slots * 2 * i * h),
+            down: TensorData::zeros(dtype, slots * h * i),
+            cfg,
+        };
+        let experts_set = vec![false; weights.cfg.router.n_experts];
+        Ok(MoeLayerBuilder { weights, router_set: false, experts_set, shared_set: false })
+    }
+
+    /// The router: `gate [E, H]` and the optional score-correction bias `[E]` (f32 or
+    /// bf16; non-finite values are rejected).
+    pub fn router(&mut self, gate: TensorView<'_>, bias: Option<TensorView<'_>>) -> Result<&mut Self, MoeError> {
+        let cfg = &self.weights.cfg;
+        check_len("mlp.gate.weight", &[cfg.router.n_experts, cfg.hidden_size], gate.len())?;
+        let bias = match bias {
+            Some(b) => {
+                check_len("mlp.gate.e_score_correction_bias", &[cfg.router.n_experts], b.len())?;
+                let b = b.to_f32_vec();
+                if let Some((expert, &value)) = b.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                    return Err(MoeError::NonFiniteBias { expert, value });
+                }
+                Some(b)
+            }
+            None => None,
+        };
+        self.weights.router_gate.write_at(0, gate);
+        self.weights.router_bias = bias;
+        self.router_set = true;
+        Ok(self)
+    }
+
+    /// Routed expert `e`: `gate [I, H]`, `up [I, H]`, `down [H, I]`.
+    pub fn expert(&mut self, e: usize, gate: TensorView<'_>, up: TensorView<'_>, down: TensorView<'_>) -> Result<&mut Self, MoeError> {
+        let cfg = &self.weights.cfg;
+        let (h, i, n) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.router.n_experts);
+        if e >= n {
+            return Err(MoeError::MissingWeights(format!("expert index {e} out of range 0..{n}")));
+        }
+        check_len(&format!("experts.{e}.gate_proj.weight"), &[i, h], gate.len())?;
+        check_len(&format!("experts.{e}.up_proj.weight"), &[i, h], up.len())?;
+        check_len(&format!("experts.{e}.down_proj.weight"), &[h, i], down.len())?;
+        let base = e * 2 * i * h;
+        self.weights.gate_up.write_at(base, gate);
+        self.weights.gate_up.write_at(base + i * h, up);
+        self.weights.down.write_at(e * h * i, down);
+        self.experts_set[e] = true;
+        Ok(self)
+    }
+
+    /// The shared experts as one MLP of width `S * I`: `gate [S*I, H]`, `up [S*I, H]`,
+    /// `down [H, S*I]`; split into `S` slots of width `I`.
+    pub fn shared(&mut self, gate: TensorView<'_>, up: TensorView<'_>, down: TensorView<'_>) -> Result<&mut Self, MoeError> {
+        let cfg = &self.weights.cfg;
+        let (h, i, s, e) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_shared_experts, cfg.router.n_experts);
+        if s == 0 {
+            return Err(MoeError::MissingWeights("shared experts given, but n_shared_experts is 0".into()));
+        }
+        check_len("shared_experts.gate_proj.weight", &[s * i, h], gate.len())?;
+        check_len("shared_experts.up_proj.weight", &[s * i, h], up.len())?;
+        check_len("shared_experts.down_proj.weight", &[h, s * i], down.len())?;
+        for half in 0..s {
+            let slot = e + half;
+            let base = slot * 2 * i * h;
+            self.weights.gate_up.write_at(base, gate.slice(half * i * h..(half + 1) * i * h));
+            self.weights.gate_up.write_at(base + i * h, up.slice(half * i * h..(half + 1) * i * h));
+            // Down columns half*I..(half+1)*I of each of the H rows.
+            for row in 0..h {
+                let src = down.slice(row * s * i + half * i..row * s * i + (half + 1) * i);
+                self.weights.down.write_at(slot * h * i + row * i, src);
+            }
+        }
+        self.shared_set = true;
+        Ok(self)
+    }
+
+    /// Finishes the layer; every expert, the router and (if any) the shared experts must
+    /// have been given.
+    pub fn build(self) -> Result<MoeLayer, MoeError> {
+        if !self.router_set {
+            return Err(MoeError::MissingWeights("router gate (mlp.gate.weight)".into()));
+        }
+        if let Some(e) = self.experts_set.iter().position(|set| !set) {
+            return Err(MoeError::MissingWeights(format!("expert {e} (and possibly others)")));
+        }
+        if self.weights.cfg.n_shared_experts > 0 && !self.shared_set {
+            return Err(MoeError::MissingWeights("shared experts (mlp.shared_experts.*)".into()));
+        }
+        Ok(MoeLayer::new(self.weights))
+    }
+}
