@@ -168,6 +168,14 @@ impl BenchRow {
     }
 }
 
+/// This process's peak resident memory in bytes (`VmHWM`), where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// `tokens x hidden` seeded random activations, standard-normal-like (uniform with unit
 /// variance), as f32.
 pub fn random_hidden(tokens: usize, hidden: usize, seed: u64) -> Vec<f32> {

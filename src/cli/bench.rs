@@ -78,10 +78,12 @@ pub fn run(args: BenchArgs) -> CliResult {
     }
 
     let mut rows: Vec<BenchRow> = Vec::new();
+    let mut weight_bytes = 0usize;
     if matches!(args.backend, BackendChoice::Cpu | BackendChoice::All) {
         let bar = progress("building a seeded synthetic dots.llm1 MoE layer (4.5 GB of bf16 weights)");
         let layer = MoeLayer::new(MoeWeights::synthetic(&cfg, Dtype::Bf16, args.seed)?);
         bar.finish_and_clear();
+        weight_bytes = layer.weights().bytes();
         rows.extend(time_cpu(&layer, &args, &floor)?);
     }
     if matches!(args.backend, BackendChoice::Cuda | BackendChoice::All) {
@@ -92,13 +94,25 @@ pub fn run(args: BenchArgs) -> CliResult {
         eprintln!("cuda backend: not available: {reason}");
     }
 
+    let peak = bench::peak_rss_bytes();
+    if let (Some(peak), false, true) = (peak, args.json, weight_bytes > 0) {
+        println!("peak resident memory: {:.2} GB ({:.2}x the layer's bf16 weights)", peak as f64 / 1e9, peak as f64 / weight_bytes as f64);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     }
     if let Some(dir) = &args.report {
         std::fs::create_dir_all(dir)?;
         let command = std::env::args().collect::<Vec<_>>().join(" ");
-        let md = report::markdown(&rows, &floor, &command, &machine_name());
+        let mut md = report::markdown(&rows, &floor, &command, &machine_name());
+        if let (Some(peak), true) = (peak, weight_bytes > 0) {
+            md.push_str(&format!(
+                "\nPeak resident memory of the run: {:.2} GB, {:.2}x the layer's {:.2} GB of bf16 weights.\n",
+                peak as f64 / 1e9,
+                peak as f64 / weight_bytes as f64,
+                weight_bytes as f64 / 1e9
+            ));
+        }
         report::write_atomic(&dir.join("bench.md"), &md)?;
         report::write_atomic(&dir.join("bench.svg"), &report::svg(&rows))?;
         if !args.json {
