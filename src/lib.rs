@@ -12,6 +12,7 @@ pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod error;
+pub mod model;
 pub mod moe;
 pub mod tensor;
 

@@ -16,12 +16,18 @@ struct Cli {
 enum Command {
     /// Time the whole MoE layer at real dots.llm1 shapes, beside this machine's floor.
     Bench(cli::bench::BenchArgs),
+    /// Generate text with a dots.llm1 checkpoint on the CPU reference model.
+    Generate(cli::generate::GenerateArgs),
+    /// Write the logits of one full forward pass over --tokens to a safetensors file.
+    Logits(cli::logits::LogitsArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => cli::bench::run(args),
+        Command::Generate(args) => cli::generate::run(args),
+        Command::Logits(args) => cli::logits::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -2,6 +2,8 @@
 //! `run(args) -> CliResult`.
 
 pub mod bench;
+pub mod generate;
+pub mod logits;
 
 /// What every subcommand returns: any error, printed by `main` as `error: ...`.
 pub type CliResult = Result<(), Box<dyn std::error::Error>>;

@@ -1,0 +1,391 @@
+//! The dots.llm1 decoder: checkpoint to logits.
+//!
+//! ```text
+//! h = embed[token]                                           # not scaled
+//! for each layer:
+//!     h = h + attention(rmsnorm(h, input_layernorm))          # see attention.rs
+//!     h = h + mlp(rmsnorm(h, post_attention_layernorm))       # dense MLP in the first
+//!                                                             # first_k_dense_replace layers,
+//!                                                             # the MoE layer after
+//! logits = lm_head(rmsnorm(h, model.norm))
+//! ```
+//!
+//! All activations are f32. Embeddings, attention, the dense MLP and `lm_head` are used
+//! straight from the memory-mapped checkpoint; only the MoE experts are copied, once, into
+//! the fused layout of [`crate::moe`] (which runs with [`Precision::F32`]).
+
+use std::path::Path;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::attention::{AttentionShape, AttentionWeights, KvCache, attention};
+use super::checkpoint::{Checkpoint, Weight};
+use super::error::ModelError;
+use super::ops::{Rope, linear, rms_norm, rms_norm_rows};
+use super::weights::{GenerationConfig, expected_tensors, layer_prefix};
+use crate::config::Dots1Config;
+use crate::moe::{MoeLayer, MoeLayerBuilder, Precision, Routing};
+use crate::tensor::{Dtype, TensorView};
+
+/// Which rows of logits a forward pass computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Every input position: `[T, vocab]`.
+    All,
+    /// Only the last position: `[vocab]` (what generation needs).
+    Last,
+}
+
+/// How to load a model.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Show an indicatif progress bar on stderr (hidden when stderr is not a terminal).
+    pub progress: bool,
+}
+
+/// What loading found and cost.
+#[derive(Clone, Debug, Default)]
+pub struct LoadReport {
+    /// Wall-clock seconds from opening the directory to a ready model.
+    pub seconds: f64,
+    /// Bytes of tensor data in the checkpoint files.
+    pub checkpoint_bytes: usize,
+    /// Bytes copied into the MoE layers' fused layout (and widened f16 tensors).
+    pub copied_bytes: usize,
+    /// Warnings: unknown extra tensors and the like.
+    pub warnings: Vec<String>,
+    /// The files mapped.
+    pub files: Vec<String>,
+}
+
+enum Mlp {
+    Dense { gate: Weight, up: Weight, down: Weight },
+    Moe(Box<MoeLayer>),
+}
+
+struct Layer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    attn: AttentionWeights,
+    mlp: Mlp,
+}
+
+/// A loaded dots.llm1 model (`Dots1ForCausalLM`), ready for forward passes.
+pub struct Dots1Model {
+    cfg: Dots1Config,
+    generation: GenerationConfig,
+    ckpt: Checkpoint,
+    embed: Weight,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Weight,
+    attn_shape: AttentionShape,
+    report: LoadReport,
+}
+
+impl std::fmt::Debug for Dots1Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dots1Model").field("config", &self.cfg).field("checkpoint", &self.ckpt).finish()
+    }
+}
+
+/// A norm weight, widened to f32 (they are a few KB; everything large stays mapped).
+fn norm_weight(ckpt: &mut Checkpoint, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+    let w = ckpt.weight(name, &[len])?;
+    Ok(ckpt.view(&w).to_f32_vec())
+}
+
+impl Dots1Model {
+    /// Loads the model in directory `dir` without a progress bar.
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        Self::load_with(dir, LoadOptions::default())
+    }
+
+    /// Loads the model in directory `dir`: `config.json`, `generation_config.json` if
+    /// present, and the safetensors weights. Every tensor is checked against the config
+    /// before anything is computed or copied.
+    pub fn load_with(dir: &Path, options: LoadOptions) -> Result<Self, ModelError> {
+        let started = Instant::now();
+        std::fs::read_dir(dir).map_err(|e| ModelError::io(dir, e))?;
+        let cfg = Dots1Config::from_file(&dir.join("config.json"))?;
+        let generation = GenerationConfig::load(dir)?;
+        let mut ckpt = Checkpoint::open(dir)?;
+
+        // Validate every tensor before computing or copying anything.
+        for (name, shape) in expected_tensors(&cfg) {
+            ckpt.check(&name, &shape)?;
+        }
+
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let (heads, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let bar = if options.progress {
+            let bar = ProgressBar::new(cfg.num_hidden_layers as u64);
+            if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} layers ({elapsed})") {
+                bar.set_style(style);
+            }
+            bar.set_message(format!("loading {}", dir.display()));
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+
+        let embed = ckpt.weight("model.embed_tokens.weight", &[v, h])?;
+        let mut copied_bytes = 0usize;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for n in 0..cfg.num_hidden_layers {
+            let p = layer_prefix(n);
+            let attn = AttentionWeights {
+                q_proj: ckpt.weight(&format!("{p}.self_attn.q_proj.weight"), &[heads * d, h])?,
+                k_proj: ckpt.weight(&format!("{p}.self_attn.k_proj.weight"), &[kv * d, h])?,
+                v_proj: ckpt.weight(&format!("{p}.self_attn.v_proj.weight"), &[kv * d, h])?,
+                o_proj: ckpt.weight(&format!("{p}.self_attn.o_proj.weight"), &[h, heads * d])?,
+                q_norm: norm_weight(&mut ckpt, &format!("{p}.self_attn.q_norm.weight"), d)?,
+                k_norm: norm_weight(&mut ckpt, &format!("{p}.self_attn.k_norm.weight"), d)?,
+            };
+            let mlp = if n < cfg.first_k_dense_replace {
+                let i = cfg.intermediate_size;
+                Mlp::Dense {
+                    gate: ckpt.weight(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
+                    up: ckpt.weight(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
+                    down: ckpt.weight(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
+                }
+            } else {
+                let layer = build_moe_layer(&mut ckpt, &cfg, n)?;
+                copied_bytes += layer.weights().bytes();
+                Mlp::Moe(Box::new(layer))
+            };
+            layers.push(Layer {
+                input_norm: norm_weight(&mut ckpt, &format!("{p}.input_layernorm.weight"), h)?,
+                post_norm: norm_weight(&mut ckpt, &format!("{p}.post_attention_layernorm.weight"), h)?,
+                attn,
+                mlp,
+            });
+            bar.inc(1);
+        }
+        let norm = norm_weight(&mut ckpt, "model.norm.weight", h)?;
+        let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            ckpt.weight("lm_head.weight", &[v, h])?
+        };
+        bar.finish_and_clear();
+
+        let warnings = ckpt
+            .unused()
+            .into_iter()
+            .map(|name| format!("unknown tensor `{name}` in the checkpoint is ignored"))
+            .collect();
+        let report = LoadReport {
+            seconds: started.elapsed().as_secs_f64(),
+            checkpoint_bytes: ckpt.data_bytes(),
+            copied_bytes,
+            warnings,
+            files: ckpt.files().map(|p| p.display().to_string()).collect(),
+        };
+        let attn_shape = AttentionShape {
+            hidden: h,
+            heads,
+            kv_heads: kv,
+            head_dim: d,
+            eps: cfg.rms_norm_eps,
+            rope: Rope::new(d, cfg.rope_theta),
+        };
+        Ok(Dots1Model { cfg, generation, ckpt, embed, layers, norm, lm_head, attn_shape, report })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &Dots1Config {
+        &self.cfg
+    }
+
+    /// `generation_config.json` (defaults when absent).
+    pub fn generation_config(&self) -> &GenerationConfig {
+        &self.generation
+    }
+
+    /// Every token id that ends generation: the eos ids of `config.json` and
+    /// `generation_config.json`, deduplicated.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let mut ids = self.cfg.eos_token_ids.clone();
+        for id in &self.generation.eos_token_ids {
+            if !ids.contains(id) {
+                ids.push(*id);
+            }
+        }
+        ids
+    }
+
+    /// What loading found and cost.
+    pub fn load_report(&self) -> &LoadReport {
+        &self.report
+    }
+
+    /// The checkpoint the weights are mapped from.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.ckpt
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Logits `[T, vocab]` of one full forward pass over `tokens` (no cache kept).
+    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let mut cache = self.new_cache();
+        self.forward(tokens, &mut cache, LogitsFor::All)
+    }
+
+    /// Runs `tokens` at positions `cache.len()..`, appending their keys and values to
+    /// `cache`, and returns logits for the positions `which` asks for. On error the cache
+    /// is left as it was.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: LogitsFor) -> Result<Vec<f32>, ModelError> {
+        let hidden = match self.run_layers(tokens, cache, None) {
+            Ok(Some(hidden)) => hidden,
+            Ok(None) => return Err(ModelError::EmptyInput),
+            Err(e) => {
+                cache.rollback(self.attn_shape.kv_width());
+                return Err(e);
+            }
+        };
+        cache.advance(tokens.len());
+        let h = self.cfg.hidden_size;
+        let rows = match which {
+            LogitsFor::All => &hidden[..],
+            LogitsFor::Last => &hidden[(tokens.len() - 1) * h..],
+        };
+        let m = rows.len() / h;
+        let normed = rms_norm(rows, &self.norm, self.cfg.rms_norm_eps);
+        Ok(linear(&normed, self.ckpt.view(&self.lm_head), m, self.cfg.vocab_size, h))
+    }
+
+    /// The router's choice in MoE layer `layer` for `tokens` run from position 0.
+    pub fn routing(&self, tokens: &[u32], layer: usize) -> Result<Routing, ModelError> {
+        let moe = match self.layers.get(layer).map(|l| &l.mlp) {
+            Some(Mlp::Moe(moe)) => moe,
+            _ => {
+                return Err(ModelError::Moe(crate::error::MoeError::MissingWeights(format!(
+                    "layer {layer} is not a MoE layer (first_k_dense_replace = {}, layers = {})",
+                    self.cfg.first_k_dense_replace,
+                    self.layers.len()
+                ))));
+            }
+        };
+        let mut cache = self.new_cache();
+        let normed = self.run_layers(tokens, &mut cache, Some(layer))?.ok_or(ModelError::EmptyInput)?;
+        Ok(moe.route(TensorView::F32(&normed), tokens.len())?)
+    }
+
+    fn check_tokens(&self, tokens: &[u32], start: usize) -> Result<(), ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyInput);
+        }
+        let vocab_size = self.cfg.vocab_size;
+        if let Some((position, &id)) = tokens.iter().enumerate().find(|(_, id)| **id as usize >= vocab_size) {
+            return Err(ModelError::TokenOutOfRange { id, position, vocab_size });
+        }
+        if let Some(max) = self.cfg.max_position_embeddings {
+            let len = start + tokens.len();
+            if len > max {
+                return Err(ModelError::TooLong { len, max });
+            }
+        }
+        Ok(())
+    }
+
+    /// The residual stream after every layer (`stop_at: None`), or the normed input of
+    /// layer `stop_at`'s MLP. `None` when there are no tokens.
+    fn run_layers(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        stop_at: Option<usize>,
+    ) -> Result<Option<Vec<f32>>, ModelError> {
+        self.check_tokens(tokens, cache.len())?;
+        let (t, h) = (tokens.len(), self.cfg.hidden_size);
+        let embed = self.ckpt.view(&self.embed);
+        let mut hidden = vec![0.0f32; t * h];
+        for (row, &id) in hidden.chunks_mut(h).zip(tokens) {
+            let id = id as usize;
+            embed.slice(id * h..(id + 1) * h).copy_to_f32(row);
+        }
+        let eps = self.cfg.rms_norm_eps;
+        for (n, layer) in self.layers.iter().enumerate() {
+            let normed = rms_norm(&hidden, &layer.input_norm, eps);
+            let attn_out = attention(&self.ckpt, &layer.attn, &self.attn_shape, &normed, t, cache, n);
+            add_in_place(&mut hidden, &attn_out);
+            let mut normed = hidden.clone();
+            rms_norm_rows(&mut normed, &layer.post_norm, eps);
+            if stop_at == Some(n) {
+                return Ok(Some(normed));
+            }
+            let mlp_out = match &layer.mlp {
+                Mlp::Dense { gate, up, down } => {
+                    let i = self.cfg.intermediate_size;
+                    let g = linear(&normed, self.ckpt.view(gate), t, i, h);
+                    let u = linear(&normed, self.ckpt.view(up), t, i, h);
+                    let mut act = vec![0.0f32; t * i];
+                    crate::cpu::swiglu(&g, &u, &mut act);
+                    linear(&act, self.ckpt.view(down), t, h, i)
+                }
+                Mlp::Moe(moe) => moe.forward(TensorView::F32(&normed), t)?,
+            };
+            add_in_place(&mut hidden, &mlp_out);
+        }
+        Ok(Some(hidden))
+    }
+}
+
+fn add_in_place(acc: &mut [f32], x: &[f32]) {
+    for (a, b) in acc.iter_mut().zip(x) {
+        *a += b;
+    }
+}
+
+/// Builds MoE layer `n` from the checkpoint: the router and every expert are copied into
+/// the fused layout, in the dtype of the experts (f32 if any expert tensor is f32 or f16).
+fn build_moe_layer(ckpt: &mut Checkpoint, cfg: &Dots1Config, n: usize) -> Result<MoeLayer, ModelError> {
+    let p = layer_prefix(n);
+    let moe_cfg = cfg.moe();
+    let (h, i, e_count, s) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.router.n_experts, cfg.n_shared_experts);
+    let gate = ckpt.weight(&format!("{p}.mlp.gate.weight"), &[e_count, h])?;
+    let bias_name = format!("{p}.mlp.gate.e_score_correction_bias");
+    let bias = if ckpt.contains(&bias_name) || cfg.router.scoring == crate::config::Scoring::Sigmoid {
+        Some(ckpt.weight(&bias_name, &[e_count])?)
+    } else {
+        None
+    };
+    let mut experts = Vec::with_capacity(e_count);
+    for e in 0..e_count {
+        let q = format!("{p}.mlp.experts.{e}");
+        experts.push([
+            ckpt.weight(&format!("{q}.gate_proj.weight"), &[i, h])?,
+            ckpt.weight(&format!("{q}.up_proj.weight"), &[i, h])?,
+            ckpt.weight(&format!("{q}.down_proj.weight"), &[h, i])?,
+        ]);
+    }
+    let shared = if s > 0 {
+        let q = format!("{p}.mlp.shared_experts");
+        Some([
+            ckpt.weight(&format!("{q}.gate_proj.weight"), &[s * i, h])?,
+            ckpt.weight(&format!("{q}.up_proj.weight"), &[s * i, h])?,
+            ckpt.weight(&format!("{q}.down_proj.weight"), &[h, s * i])?,
+        ])
+    } else {
+        None
+    };
+    let all_bf16 = experts.iter().chain(shared.iter()).flatten().all(|w| w.dtype() == Dtype::Bf16);
+    let dtype = if all_bf16 { Dtype::Bf16 } else { Dtype::F32 };
+    let mut builder = MoeLayerBuilder::new(moe_cfg, dtype)?;
+    builder.router(ckpt.view(&gate), bias.as_ref().map(|b| ckpt.view(b)))?;
+    for (e, [g, u, d]) in experts.iter().enumerate() {
+        builder.expert(e, ckpt.view(g), ckpt.view(u), ckpt.view(d))?;
+    }
+    if let Some([g, u, d]) = &shared {
+        builder.shared(ckpt.view(g), ckpt.view(u), ckpt.view(d))?;
+    }
+    let mut layer = builder.build()?;
+    layer.set_precision(Precision::F32);
+    Ok(layer)
+}

@@ -1,0 +1,32 @@
+//! The whole dots.llm1 model on the CPU: Hugging Face checkpoints, the decoder, a KV
+//! cache, the tokenizer and generation.
+//!
+//! - [`checkpoint`]: `model.safetensors` or sharded files with their index, memory-mapped;
+//!   bf16/f32 weights used in place.
+//! - [`weights`]: every tensor the config implies, with its shape; `generation_config.json`.
+//! - [`dots1`]: [`Dots1Model`]: embedding, attention ([`attention`]), dense MLP or the MoE
+//!   layer of [`crate::moe`], final norm, `lm_head`; all activations f32.
+//! - [`generate`], [`sampling`], [`tokenizer`]: prefill plus cached decode, greedy or
+//!   seeded sampling, `tokenizer.json` and the inst chat format.
+//!
+//! The reference is `transformers` 4.57 (`Dots1ForCausalLM`); the golden tests in
+//! `tests/model_golden.rs` compare against it.
+
+pub mod attention;
+pub mod checkpoint;
+pub mod dots1;
+pub mod error;
+pub mod generate;
+pub mod ops;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use attention::KvCache;
+pub use checkpoint::Checkpoint;
+pub use dots1::{Dots1Model, LoadOptions, LoadReport, LogitsFor};
+pub use error::ModelError;
+pub use generate::{GenerateOptions, Generation, StopReason, generate};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::{TextStream, Tokenizer, chat_prompt};
+pub use weights::GenerationConfig;
