@@ -82,7 +82,7 @@ impl RouterConfig {
                 format!("must be in 1..={} (n_routed_experts), got {}", self.n_experts, self.top_k),
             );
         }
-        if self.n_group == 0 || self.n_experts % self.n_group != 0 {
+        if self.n_group == 0 || !self.n_experts.is_multiple_of(self.n_group) {
             return invalid(
                 "n_group",
                 format!("must be positive and divide n_routed_experts = {}, got {}", self.n_experts, self.n_group),
@@ -298,13 +298,10 @@ impl Dots1Config {
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
         let scoring = Scoring::from_hf(&raw.scoring_func)?;
-        if let Some(method) = &raw.topk_method {
-            if !matches!(method.as_str(), "noaux_tc" | "greedy" | "group_limited_greedy") {
-                return Err(ConfigError::Invalid {
-                    field: "topk_method",
-                    reason: format!("unsupported top-k method {method:?}"),
-                });
-            }
+        if let Some(method) = &raw.topk_method
+            && !matches!(method.as_str(), "noaux_tc" | "greedy" | "group_limited_greedy")
+        {
+            return Err(ConfigError::Invalid { field: "topk_method", reason: format!("unsupported top-k method {method:?}") });
         }
         if raw.num_attention_heads == 0 {
             return Err(ConfigError::Invalid { field: "num_attention_heads", reason: "must be positive".into() });
@@ -312,7 +309,7 @@ impl Dots1Config {
         let head_dim = match raw.head_dim {
             Some(d) => d,
             None => {
-                if raw.hidden_size % raw.num_attention_heads != 0 {
+                if !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
                     return Err(ConfigError::Invalid {
                         field: "head_dim",
                         reason: format!(
@@ -389,7 +386,7 @@ impl Dots1Config {
                 return Err(ConfigError::Invalid { field, reason: "must be positive".into() });
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(ConfigError::Invalid {
                 field: "num_key_value_heads",
                 reason: format!(
@@ -398,7 +395,7 @@ impl Dots1Config {
                 ),
             });
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(ConfigError::Invalid { field: "head_dim", reason: format!("must be even for RoPE, got {}", self.head_dim) });
         }
         if self.first_k_dense_replace > self.num_hidden_layers {
