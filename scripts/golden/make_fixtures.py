@@ -205,11 +205,12 @@ def build(name, spec, seed):
 
 
 def reference_copy(model):
-    """The model as the reference computes it: f32 from the stored (maybe bf16) weights."""
-    import copy
-
-    ref = copy.deepcopy(model).float().eval()
-    return ref
+    """The model as the reference computes it: saved, then loaded back by transformers in f32
+    (bf16 weights widened exactly; the RoPE table computed in f32, as a real f32 load does)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        ref = Dots1ForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager")
+    return ref.eval()
 
 
 def make_model_fixture(name, spec, prompt_ids):
