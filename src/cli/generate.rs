@@ -105,12 +105,11 @@ pub fn run(args: GenerateArgs) -> CliResult {
 
     let model = load_model(&args.model)?;
     let mut stop_ids = model.eos_token_ids();
-    if args.chat {
-        if let Some(id) = tokenizer.as_ref().and_then(|t| t.token_id(END_OF_RESPONSE)) {
-            if !stop_ids.contains(&id) {
-                stop_ids.push(id);
-            }
-        }
+    if args.chat
+        && let Some(id) = tokenizer.as_ref().and_then(|t| t.token_id(END_OF_RESPONSE))
+        && !stop_ids.contains(&id)
+    {
+        stop_ids.push(id);
     }
     let options = GenerateOptions { max_new_tokens: args.max_new_tokens, sampling, stop_ids };
 
@@ -145,10 +144,10 @@ pub fn run(args: GenerateArgs) -> CliResult {
         println!("{object}");
     } else {
         let mut out = stdout.lock();
-        if let Some(tok) = &tokenizer {
-            if let Some(piece) = stream.finish(tok)? {
-                out.write_all(piece.as_bytes())?;
-            }
+        if let Some(tok) = &tokenizer
+            && let Some(piece) = stream.finish(tok)?
+        {
+            out.write_all(piece.as_bytes())?;
         }
         writeln!(out)?;
     }

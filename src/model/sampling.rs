@@ -44,10 +44,10 @@ impl SamplingParams {
         if self.top_k == Some(0) {
             return Err(ModelError::Sampling { name: "top_k", reason: "must be at least 1".into() });
         }
-        if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return Err(ModelError::Sampling { name: "top_p", reason: format!("must be in (0, 1], got {p}") });
-            }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(ModelError::Sampling { name: "top_p", reason: format!("must be in (0, 1], got {p}") });
         }
         Ok(())
     }

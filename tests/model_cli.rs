@@ -1,0 +1,212 @@
+//! The CLI forms other tools depend on: `dots-moe generate ... --json` and
+//! `dots-moe logits ... --out FILE`, run as a user would, against the golden fixtures.
+
+mod model_support;
+
+use std::process::{Command, Output};
+
+use model_support::{Scratch, expected, expected_logits, fixture, read_f32, relative_error};
+
+fn dots_moe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dots-moe")).args(args).output().unwrap()
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "--json prints exactly one line: {stdout:?}");
+    serde_json::from_str(lines[0]).unwrap()
+}
+
+fn ids(value: &serde_json::Value) -> Vec<u32> {
+    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+fn csv(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn generate_json_from_prompt_text() {
+    let exp = expected("f32");
+    let model = fixture("f32");
+    let n = exp.max_new_tokens.to_string();
+    let prompt = exp.prompt_text.clone().unwrap();
+    let out = dots_moe(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        &prompt,
+        "--max-new-tokens",
+        &n,
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    let v = json_of(&out);
+    assert_eq!(ids(&v["prompt_tokens"]), exp.prompt_tokens);
+    assert_eq!(ids(&v["tokens"]), exp.greedy_tokens);
+    assert!(v["text"].is_string(), "a directory with a tokenizer gives text");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tokens/s"), "{stderr}");
+}
+
+#[test]
+fn generate_json_from_tokens_without_tokenizer() {
+    let exp = expected("sharded");
+    let model = fixture("sharded");
+    let tokens = csv(&exp.prompt_tokens);
+    let out = dots_moe(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        &tokens,
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]);
+    let v = json_of(&out);
+    assert_eq!(ids(&v["prompt_tokens"]), exp.prompt_tokens);
+    assert_eq!(ids(&v["tokens"]), exp.greedy_tokens, "greedy by default, stopping on the generation_config eos");
+    assert!(v.get("text").is_none(), "no tokenizer.json, no text: {v}");
+}
+
+#[test]
+fn generate_streams_text_and_ids() {
+    let model = fixture("f32");
+    let out =
+        dots_moe(&["generate", "--model", model.to_str().unwrap(), "--prompt", "the theory", "--max-new-tokens", "4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let exp = expected("bf16");
+    let tokens = csv(&exp.prompt_tokens);
+    let out = dots_moe(&[
+        "generate",
+        "--model",
+        fixture("bf16").to_str().unwrap(),
+        "--tokens",
+        &tokens,
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(out.status.success());
+    let printed: Vec<u32> =
+        String::from_utf8(out.stdout).unwrap().split_whitespace().map(|s| s.parse().unwrap()).collect();
+    assert_eq!(printed, exp.greedy_tokens[..3]);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let exp = expected("bf16");
+    let model = fixture("bf16");
+    let tokens = csv(&exp.prompt_tokens);
+    let run = |seed: &str| {
+        let out = dots_moe(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            &tokens,
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+            "--json",
+        ]);
+        ids(&json_of(&out)["tokens"])
+    };
+    let a = run("7");
+    assert_eq!(a.len(), 16);
+    assert_eq!(a, run("7"));
+    let others: Vec<Vec<u32>> = ["8", "9", "10"].iter().map(|s| run(s)).collect();
+    assert!(others.iter().any(|o| *o != a), "different seeds should sample differently");
+}
+
+#[test]
+fn chat_wraps_the_prompt() {
+    let model = fixture("f32");
+    let out = dots_moe(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--chat",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
+    let v = json_of(&out);
+    let prompt = ids(&v["prompt_tokens"]);
+    let plain = ids(&json_of(&dots_moe(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "1",
+        "--json",
+    ]))["prompt_tokens"]);
+    assert!(prompt.len() > plain.len() + 5, "{prompt:?}");
+}
+
+#[test]
+fn logits_writes_the_full_pass() {
+    for name in ["f32", "sharded"] {
+        let exp = expected(name);
+        let scratch = Scratch::new("logits");
+        let out_file = scratch.path().join("logits.safetensors");
+        let out = dots_moe(&[
+            "logits",
+            "--model",
+            fixture(name).to_str().unwrap(),
+            "--tokens",
+            &csv(&exp.prompt_tokens),
+            "--out",
+            out_file.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let (shape, got) = read_f32(&out_file, "logits");
+        let (want_shape, want) = expected_logits(name);
+        assert_eq!(shape, want_shape);
+        assert!(relative_error(&got, &want) <= 1e-4);
+    }
+}
+
+#[test]
+fn bad_input_fails_with_a_message() {
+    let f32_dir = fixture("f32");
+    let bf16_dir = fixture("bf16");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["generate", "--model", bf16_dir.to_str().unwrap(), "--tokens", "1,999"], "out of range"),
+        (vec!["generate", "--model", bf16_dir.to_str().unwrap(), "--prompt", "hello"], "tokenizer.json"),
+        (vec!["generate", "--model", "/nonexistent/model", "--tokens", "1"], "/nonexistent/model"),
+        (vec!["generate", "--model", f32_dir.to_str().unwrap(), "--tokens", "1", "--top-p", "2"], "top_p"),
+        (vec!["generate", "--model", f32_dir.to_str().unwrap(), "--tokens", "1", "--chat"], "--chat"),
+        (
+            vec!["logits", "--model", bf16_dir.to_str().unwrap(), "--tokens", "256", "--out", "/tmp/x.safetensors"],
+            "out of range",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = dots_moe(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    // Both or neither of --prompt / --tokens: a usage error.
+    let out = dots_moe(&["generate", "--model", "x"]);
+    assert!(!out.status.success());
+    let out = dots_moe(&["generate", "--model", "x", "--prompt", "a", "--tokens", "1"]);
+    assert!(!out.status.success());
+}
