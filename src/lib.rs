@@ -8,9 +8,12 @@
 //! route, permute, grouped expert GEMM (shared experts fused as extra slots), combine.
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
+pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod model;
 pub mod moe;

@@ -1,0 +1,149 @@
+// common.cu: device helpers shared by every dots-moe kernel file.
+//
+// src/cuda/source.rs prepends this text to each kernel file before NVRTC compiles it (a
+// `#line` directive restores the kernel file's own line numbers). It has no kernels of its
+// own and includes no CUDA toolkit header: NVRTC's built-in declarations (warp intrinsics,
+// `float4`/`uint4`, `exp`) are all it uses, so no include path is needed on any machine.
+//
+// Numerics shared with the CPU reference (src/moe):
+//  - bf16 -> f32 is exact (a shift); f32 -> bf16 rounds to nearest even and keeps NaNs
+//    quiet, bit-identical to `half::bf16::from_f32` (what `cpu::f32_to_bf16` promises).
+//  - `exp_f32` rounds the double-precision exponential to f32: correctly rounded in all but
+//    astronomically rare cases, so it agrees with glibc's `expf` (used by the CPU
+//    reference, < 0.502 ulp) on almost every input. Where the two differ it is by one ulp.
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned short u16;
+
+#define FULL_MASK 0xffffffffu
+#define NO_INDEX 0xffffffffu
+#define NEG_INF __int_as_float(0xff800000)
+
+// ---- bf16 ----------------------------------------------------------------------------
+
+__device__ __forceinline__ float bf16_to_f32(u32 bits) {
+    return __uint_as_float((bits & 0xffffu) << 16);
+}
+
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return (u16)((u >> 16) | 0x0040u);  // quiet NaN, payload kept like `half`
+    }
+    return (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Eight consecutive elements as f32. `p` is 16-byte aligned (bf16) or 32-byte aligned (f32).
+__device__ __forceinline__ void load8_f32(const float* p, float v[8]) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    const float4 b = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+__device__ __forceinline__ void load8_f32(const u16* p, float v[8]) {
+    const uint4 a = *reinterpret_cast<const uint4*>(p);
+    v[0] = bf16_to_f32(a.x); v[1] = bf16_to_f32(a.x >> 16);
+    v[2] = bf16_to_f32(a.y); v[3] = bf16_to_f32(a.y >> 16);
+    v[4] = bf16_to_f32(a.z); v[5] = bf16_to_f32(a.z >> 16);
+    v[6] = bf16_to_f32(a.w); v[7] = bf16_to_f32(a.w >> 16);
+}
+
+__device__ __forceinline__ float load1_f32(const float* p) { return *p; }
+__device__ __forceinline__ float load1_f32(const u16* p) { return bf16_to_f32(*p); }
+
+// ---- math ------------------------------------------------------------------------------
+
+__device__ __forceinline__ float exp_f32(float x) {
+    return (float)exp((double)x);
+}
+
+__device__ __forceinline__ bool is_finite_f32(float x) {
+    return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
+}
+
+// ---- warp ----------------------------------------------------------------------------
+
+// Lanes below this one, as a mask.
+__device__ __forceinline__ u32 lanemask_lt() {
+    return (1u << (threadIdx.x & 31u)) - 1u;
+}
+
+// Warp-wide arg-max of (value, index) with ties to the LOWER index: the order of
+// src/moe/route.rs. Every lane returns the same pair. `NO_INDEX` with NEG_INF means "none".
+__device__ __forceinline__ void warp_argmax(float& value, u32& index) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const float other_value = __shfl_xor_sync(FULL_MASK, value, offset);
+        const u32 other_index = __shfl_xor_sync(FULL_MASK, index, offset);
+        if (other_value > value || (other_value == value && other_index < index)) {
+            value = other_value;
+            index = other_index;
+        }
+    }
+}
+
+__device__ __forceinline__ u32 warp_min_u32(u32 v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v = min(v, __shfl_xor_sync(FULL_MASK, v, offset));
+    }
+    return v;
+}
+
+// ---- the permutation's tiles ------------------------------------------------------------
+
+// Tokens per permutation tile: the router's selection block and the permutation kernels
+// agree on it (src/cuda/moe.rs mirrors it as TILE_TOKENS).
+#define TILE_TOKENS 32
+// Threads of every tile block (router selection, rank, scatter).
+#define TILE_THREADS 256
+#define TILE_WARPS (TILE_THREADS / 32)
+
+// Stable in-tile ranks of a tile's pairs, and the tile's per-slot counts.
+//
+// `ids` (shared, `n_pairs` entries) are the tile's slot ids in pair order. For each pair p
+// with an id below `n_slots`, `ranks[p]` = the number of earlier pairs of the tile with the
+// same id; ids out of range get no rank. `counts[e]` = pairs of slot e in the tile.
+// Deterministic: ranks come from `__match_any_sync` masks and per-warp counts in fixed
+// order, never from the order atomics land in.
+//
+// Shared scratch: `warp_counts [TILE_WARPS * n_slots]`, `running [n_slots]`. All
+// TILE_THREADS threads of the block call it.
+__device__ void rank_tile(const u32* ids, u32 n_pairs, u32 n_slots, u32* warp_counts,
+                          u32* running, u32* ranks, u32* counts) {
+    const u32 warp = threadIdx.x >> 5;
+    const u32 lane = threadIdx.x & 31u;
+    for (u32 i = threadIdx.x; i < n_slots; i += TILE_THREADS) running[i] = 0;
+    for (u32 i = threadIdx.x; i < TILE_WARPS * n_slots; i += TILE_THREADS) warp_counts[i] = 0;
+    __syncthreads();
+    for (u32 chunk = 0; chunk < n_pairs; chunk += TILE_THREADS) {
+        const u32 p = chunk + threadIdx.x;
+        const u32 id = p < n_pairs ? ids[p] : NO_INDEX;
+        const bool valid = id < n_slots;
+        const u32 peers = __match_any_sync(FULL_MASK, id);
+        const u32 rank_in_warp = __popc(peers & lanemask_lt());
+        const bool first = (peers & lanemask_lt()) == 0;
+        const bool last = (peers >> lane) == 1u;
+        if (valid && first) warp_counts[warp * n_slots + id] = __popc(peers);
+        __syncthreads();
+        u32 row = 0;
+        bool last_in_chunk = false;
+        if (valid) {
+            u32 before = running[id];
+            for (u32 w = 0; w < warp; ++w) before += warp_counts[w * n_slots + id];
+            row = before + rank_in_warp;
+            ranks[p] = row;
+            last_in_chunk = last;
+            for (u32 w = warp + 1; w < TILE_WARPS; ++w) {
+                if (warp_counts[w * n_slots + id] != 0) last_in_chunk = false;
+            }
+        }
+        __syncthreads();
+        if (last_in_chunk) running[id] = row + 1;
+        if (valid && first) warp_counts[warp * n_slots + id] = 0;
+        __syncthreads();
+    }
+    for (u32 i = threadIdx.x; i < n_slots; i += TILE_THREADS) counts[i] = running[i];
+}

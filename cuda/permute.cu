@@ -1,0 +1,205 @@
+// permute.cu: step 2 of the MoE contract (src/moe/permute.rs): the stable counting sort of
+// the (token, slot) pairs by slot, and the gather of hidden rows into permuted order.
+// Compiled with common.cu prepended. Pairs p = t * S + j are u32 (the host checks
+// T * S < 2^32); element offsets (row * H) are u64.
+//
+// moe_permute_rank      slot_ids [T * S] -> pair_ranks [T * S], tile_counts [n_tiles, n_slots],
+//                       tile_status [n_tiles]
+//   grid n_tiles, block TILE_THREADS. One CTA owns one tile of TILE_TOKENS tokens (the same
+//   tiles as moe_router_select, which does this step itself when it produced the ids): it
+//   copies the tile's ids to shared memory and ranks them (rank_tile). An id >= n_slots is
+//   left out and tile_status gets (its pair + 1) for the tile's first one.
+//   Bytes: 4 T S read, 4 T S + 4 n_tiles n_slots written. Shared: 4 (TILE_TOKENS S +
+//   (TILE_WARPS + 1) n_slots).
+//
+// moe_permute_scatter   -> expert_offsets [n_slots + 1], row_pairs [T S], pair_rows [T S],
+//                          row_weights [T S] (optional: slot_weights in row order)
+//   grid n_tiles, block TILE_THREADS, shared 4 (2 n_slots + 33) bytes. Every CTA reads the
+//   whole tile_counts table (L2-resident: 4 n_tiles n_slots bytes) to get, for each slot,
+//   the pairs of earlier tiles and the slot totals; warp 0 scans the totals into
+//   expert_offsets (CTA 0 writes them). Each thread then places pairs of its tile:
+//   row = expert_offsets[e] + (earlier tiles' pairs of e) + rank. Ascending pair order inside
+//   every slot, exactly the CPU's stable sort; integer sums only, so no order question.
+//   Bytes: 4 n_tiles^2 n_slots (L2) + 8 T S read, 12 T S (16 with weights) written.
+//
+// moe_gather_<x>_to_<out>   x_perm [T S, H] = hidden [row_pairs[r] / S]
+//   grid (T S, ceil(H / (8 * GATHER_THREADS))), block GATHER_THREADS. One CTA owns one
+//   permuted row (or 8 * GATHER_THREADS columns of it); each thread moves 8 consecutive
+//   elements with 16-byte accesses (bf16 reads/writes are one uint4; f32 two float4). With
+//   H % 8 != 0 it moves one element a thread. f32 -> bf16 rounds to nearest even, like
+//   cpu::f32_to_bf16. Bytes: T S H (sizeof(x) + sizeof(out)) + 4 T S. FLOPs: 0.
+
+#define GATHER_THREADS 256
+
+extern "C" __global__ void __launch_bounds__(TILE_THREADS)
+    moe_permute_rank(const u32* __restrict__ slot_ids, u32 tokens, u32 slots_per_token,
+                     u32 n_slots, u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts,
+                     u64* __restrict__ tile_status) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const u32 S = slots_per_token;
+    u32* ids = reinterpret_cast<u32*>(smem);
+    u32* warp_counts = ids + TILE_TOKENS * S;
+    u32* running = warp_counts + TILE_WARPS * n_slots;
+    __shared__ u32 first_bad;
+
+    const u32 tile = blockIdx.x;
+    const u64 t_begin = (u64)tile * TILE_TOKENS;
+    const u32 tile_tokens = (u32)min((u64)TILE_TOKENS, (u64)tokens - t_begin);
+    const u32 n_pairs = tile_tokens * S;
+    const u64 pair_base = t_begin * S;
+    if (threadIdx.x == 0) first_bad = NO_INDEX;
+    __syncthreads();
+    for (u32 i = threadIdx.x; i < n_pairs; i += TILE_THREADS) {
+        const u32 id = slot_ids[pair_base + i];
+        ids[i] = id;
+        if (id >= n_slots) atomicMin(&first_bad, i);  // a minimum: the same whatever the order
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) tile_status[tile] = first_bad == NO_INDEX ? 0 : pair_base + first_bad + 1;
+    rank_tile(ids, n_pairs, n_slots, warp_counts, running, pair_ranks + pair_base,
+              tile_counts + (u64)tile * n_slots);
+}
+
+extern "C" __global__ void __launch_bounds__(TILE_THREADS)
+    moe_permute_scatter(const u32* __restrict__ slot_ids, const float* __restrict__ slot_weights,
+                        const u32* __restrict__ pair_ranks, const u32* __restrict__ tile_counts,
+                        u32 tokens, u32 slots_per_token, u32 n_slots, u32 n_tiles,
+                        u32* __restrict__ expert_offsets, u32* __restrict__ row_pairs,
+                        u32* __restrict__ pair_rows, float* __restrict__ row_weights) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    u32* base = reinterpret_cast<u32*>(smem);  // [n_slots]: earlier tiles' pairs, then row base
+    u32* total = base + n_slots;               // [n_slots + 1]: slot totals, then offsets
+    __shared__ u32 chunk_sums[32];
+
+    const u32 tile = blockIdx.x;
+    for (u32 e = threadIdx.x; e < n_slots; e += TILE_THREADS) {
+        u32 before = 0, all = 0;
+#pragma unroll 8
+        for (u32 other = 0; other < n_tiles; ++other) {
+            const u32 c = tile_counts[(u64)other * n_slots + e];
+            before += other < tile ? c : 0;
+            all += c;
+        }
+        base[e] = before;
+        total[e] = all;
+    }
+    __syncthreads();
+
+    // Exclusive scan of the totals by warp 0: lane l owns a contiguous run of slots.
+    if (threadIdx.x < 32) {
+        const u32 lane = threadIdx.x;
+        const u32 per_lane = (n_slots + 31) / 32;
+        const u32 begin = min(lane * per_lane, n_slots);
+        const u32 end = min(begin + per_lane, n_slots);
+        u32 own = 0;
+        for (u32 e = begin; e < end; ++e) own += total[e];
+        u32 inclusive = own;
+#pragma unroll
+        for (int offset = 1; offset < 32; offset <<= 1) {
+            const u32 other = __shfl_up_sync(FULL_MASK, inclusive, offset);
+            if (lane >= (u32)offset) inclusive += other;
+        }
+        u32 running = inclusive - own;
+        for (u32 e = begin; e < end; ++e) {
+            const u32 c = total[e];
+            total[e] = running;
+            running += c;
+        }
+        if (lane == 31) chunk_sums[0] = inclusive;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) total[n_slots] = chunk_sums[0];
+    __syncthreads();
+    if (tile == 0) {
+        for (u32 e = threadIdx.x; e <= n_slots; e += TILE_THREADS) expert_offsets[e] = total[e];
+    }
+    for (u32 e = threadIdx.x; e < n_slots; e += TILE_THREADS) base[e] += total[e];
+    __syncthreads();
+
+    const u32 S = slots_per_token;
+    const u64 t_begin = (u64)tile * TILE_TOKENS;
+    if (t_begin >= tokens) return;
+    const u32 n_pairs = (u32)min((u64)TILE_TOKENS, (u64)tokens - t_begin) * S;
+    const u32 pair_base = (u32)(t_begin * S);
+    for (u32 i = threadIdx.x; i < n_pairs; i += TILE_THREADS) {
+        const u32 p = pair_base + i;
+        const u32 e = slot_ids[p];
+        if (e >= n_slots) continue;  // reported by the rank step
+        const u32 row = base[e] + pair_ranks[p];
+        row_pairs[row] = p;
+        pair_rows[p] = row;
+        if (row_weights) row_weights[row] = slot_weights[p];
+    }
+}
+
+__device__ __forceinline__ void store8(float* dst, const float v[8]) {
+    reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+__device__ __forceinline__ void store8(u16* dst, const float v[8]) {
+    uint4 packed;
+    packed.x = (u32)f32_to_bf16(v[0]) | ((u32)f32_to_bf16(v[1]) << 16);
+    packed.y = (u32)f32_to_bf16(v[2]) | ((u32)f32_to_bf16(v[3]) << 16);
+    packed.z = (u32)f32_to_bf16(v[4]) | ((u32)f32_to_bf16(v[5]) << 16);
+    packed.w = (u32)f32_to_bf16(v[6]) | ((u32)f32_to_bf16(v[7]) << 16);
+    *reinterpret_cast<uint4*>(dst) = packed;
+}
+
+__device__ __forceinline__ void store1(float* dst, float v) { *dst = v; }
+__device__ __forceinline__ void store1(u16* dst, float v) { *dst = f32_to_bf16(v); }
+
+template <typename TX, typename TO>
+__device__ __forceinline__ void gather(const TX* __restrict__ hidden, const u32* __restrict__ row_pairs,
+                                       TO* __restrict__ out, u32 slots_per_token, u64 hidden_size,
+                                       u32 vectorized) {
+    const u64 row = blockIdx.x;
+    const u64 token = row_pairs[row] / slots_per_token;
+    const TX* src = hidden + token * hidden_size;
+    TO* dst = out + row * hidden_size;
+    if (vectorized) {
+        const u64 k = ((u64)blockIdx.y * GATHER_THREADS + threadIdx.x) * 8;
+        if (k < hidden_size) {
+            float v[8];
+            load8_f32(src + k, v);
+            store8(dst + k, v);
+        }
+    } else {
+        for (u64 k = (u64)blockIdx.y * GATHER_THREADS * 8 + threadIdx.x;
+             k < min(hidden_size, ((u64)blockIdx.y + 1) * GATHER_THREADS * 8); k += GATHER_THREADS) {
+            store1(dst + k, load1_f32(src + k));
+        }
+    }
+}
+
+// bf16 -> bf16 moves the bits untouched (one uint4 per thread).
+template <>
+__device__ __forceinline__ void gather<u16, u16>(const u16* __restrict__ hidden, const u32* __restrict__ row_pairs,
+                                                 u16* __restrict__ out, u32 slots_per_token, u64 hidden_size,
+                                                 u32 vectorized) {
+    const u64 row = blockIdx.x;
+    const u64 token = row_pairs[row] / slots_per_token;
+    const u16* src = hidden + token * hidden_size;
+    u16* dst = out + row * hidden_size;
+    if (vectorized) {
+        const u64 k = ((u64)blockIdx.y * GATHER_THREADS + threadIdx.x) * 8;
+        if (k < hidden_size) *reinterpret_cast<uint4*>(dst + k) = *reinterpret_cast<const uint4*>(src + k);
+    } else {
+        for (u64 k = (u64)blockIdx.y * GATHER_THREADS * 8 + threadIdx.x;
+             k < min(hidden_size, ((u64)blockIdx.y + 1) * GATHER_THREADS * 8); k += GATHER_THREADS) {
+            dst[k] = src[k];
+        }
+    }
+}
+
+#define GATHER(NAME, TX, TO)                                                                   \
+    extern "C" __global__ void __launch_bounds__(GATHER_THREADS)                               \
+        NAME(const TX* __restrict__ hidden, const u32* __restrict__ row_pairs,                 \
+             TO* __restrict__ out, u32 slots_per_token, u64 hidden_size, u32 vectorized) {     \
+        gather<TX, TO>(hidden, row_pairs, out, slots_per_token, hidden_size, vectorized);      \
+    }
+
+GATHER(moe_gather_f32_to_f32, float, float)
+GATHER(moe_gather_f32_to_bf16, float, u16)
+GATHER(moe_gather_bf16_to_f32, u16, float)
+GATHER(moe_gather_bf16_to_bf16, u16, u16)

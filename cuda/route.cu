@@ -1,0 +1,253 @@
+// route.cu: step 1 of the MoE contract (src/moe/route.rs), fused with the first half of
+// the permutation (src/moe/permute.rs). Compiled with common.cu prepended.
+//
+// moe_router_logits_<x>_<w>   logits [T, E] = fp32(x [T, H]) . fp32(w [E, H])^T
+//   grid (ceil(T / LOGIT_TOKENS), ceil(E / LOGIT_WARPS)), block LOGIT_WARPS * 32 threads.
+//   One warp owns one expert row of w and LOGIT_TOKENS tokens. Lane l reads the 8-element
+//   (16-byte for bf16) chunks l, l + 32, ... of the row and of each token, keeps one f32
+//   accumulator per token (fmaf in element order), then the lanes are summed by a fixed
+//   xor butterfly. The order of every sum depends on H only: bit-identical run to run and
+//   whatever else shares the batch. With H % 8 != 0 it falls back to one element a lane.
+//   Bytes: E * H * sizeof(w) from memory (each token block re-reads it from L2) +
+//   T * H * sizeof(x) + 4 T E written. FLOPs: 2 T E H.
+//
+// moe_router_select          logits [T, E] -> slot_ids, slot_weights [T, S], pair_ranks [T S],
+//                            tile_counts [n_tiles, n_slots], tile_status [n_tiles]
+//   S = k + n_shared slots per token; n_slots = E + n_shared; a tile is TILE_TOKENS tokens.
+//   grid n_tiles, block TILE_THREADS (8 warps), dynamic shared memory (see the layout
+//   below; src/cuda/moe.rs computes the same size). Warp w routes tokens w, w + 8, ... of
+//   the tile: scores (sigmoid or max-subtracted softmax, sequential sum like the CPU),
+//   choice = score + bias, group-limited masking (excluded groups' choices become 0.0), k
+//   rounds of warp arg-max with ties to the lower index, weights from the unbiased scores,
+//   normalised with sum + 1e-20 (sum in slot order) and scaled. Shared slots E..E+S-1 follow
+//   with weight 1.0. Then the whole block ranks the tile's pairs (rank_tile): these per-tile
+//   counts are the router's per-expert counts; no separate counting pass is needed.
+//   A token with a non-finite logit is still routed (its bad logits read as 0.0) so every
+//   id stays in range; tile_status records (token << 32 | expert) + 1 of the tile's first
+//   such token, 0 when the tile is clean. Bytes: 4 T E read, 12 T S + 4 n_tiles n_slots
+//   written. FLOPs: about 10 T E.
+
+#define LOGIT_WARPS 4
+#define LOGIT_TOKENS 8
+
+template <typename TX, typename TW>
+__device__ __forceinline__ void router_logits(const TX* __restrict__ x, const TW* __restrict__ w,
+                                              float* __restrict__ logits, u32 tokens, u32 experts,
+                                              u64 hidden, u32 vectorized) {
+    const u32 lane = threadIdx.x & 31u;
+    const u32 expert = blockIdx.y * LOGIT_WARPS + (threadIdx.x >> 5);
+    const u64 t0 = (u64)blockIdx.x * LOGIT_TOKENS;
+    if (expert >= experts || t0 >= tokens) return;  // whole warps only; no block barrier below
+    const u32 n = (u32)min((u64)LOGIT_TOKENS, (u64)tokens - t0);
+    const TW* w_row = w + (u64)expert * hidden;
+    const TX* x_rows = x + t0 * hidden;
+    float acc[LOGIT_TOKENS];
+#pragma unroll
+    for (int i = 0; i < LOGIT_TOKENS; ++i) acc[i] = 0.0f;
+    if (vectorized) {
+#pragma unroll 2
+        for (u64 k = (u64)lane * 8; k < hidden; k += 256) {
+            float wv[8];
+            load8_f32(w_row + k, wv);
+#pragma unroll
+            for (int i = 0; i < LOGIT_TOKENS; ++i) {
+                if ((u32)i < n) {
+                    float xv[8];
+                    load8_f32(x_rows + (u64)i * hidden + k, xv);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[i] = fmaf(xv[j], wv[j], acc[i]);
+                }
+            }
+        }
+    } else {
+        for (u64 k = lane; k < hidden; k += 32) {
+            const float wv = load1_f32(w_row + k);
+#pragma unroll
+            for (int i = 0; i < LOGIT_TOKENS; ++i) {
+                if ((u32)i < n) acc[i] = fmaf(load1_f32(x_rows + (u64)i * hidden + k), wv, acc[i]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < LOGIT_TOKENS; ++i) {
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            acc[i] += __shfl_xor_sync(FULL_MASK, acc[i], offset);
+        }
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < LOGIT_TOKENS; ++i) {
+            if ((u32)i < n) logits[(t0 + i) * experts + expert] = acc[i];
+        }
+    }
+}
+
+#define ROUTER_LOGITS(NAME, TX, TW)                                                            \
+    extern "C" __global__ void __launch_bounds__(LOGIT_WARPS * 32)                             \
+        NAME(const TX* __restrict__ x, const TW* __restrict__ w, float* __restrict__ logits,   \
+             u32 tokens, u32 experts, u64 hidden, u32 vectorized) {                            \
+        router_logits<TX, TW>(x, w, logits, tokens, experts, hidden, vectorized);               \
+    }
+
+ROUTER_LOGITS(moe_router_logits_f32_f32, float, float)
+ROUTER_LOGITS(moe_router_logits_f32_bf16, float, u16)
+ROUTER_LOGITS(moe_router_logits_bf16_f32, u16, float)
+ROUTER_LOGITS(moe_router_logits_bf16_bf16, u16, u16)
+
+// Shared memory of moe_router_select, in this order (4-byte words unless said):
+//   choice      [TILE_WARPS * E]   f32, per warp
+//   score       [TILE_WARPS * E]   f32, per warp
+//   ids         [TILE_TOKENS * S]  the tile's slot ids
+//   weights     [TILE_TOKENS * S]  f32
+//   warp_counts [TILE_WARPS * n_slots], running [n_slots]   (rank_tile)
+//   bad         [TILE_WARPS]       u64, 8-byte aligned
+extern "C" __global__ void __launch_bounds__(TILE_THREADS)
+    moe_router_select(const float* __restrict__ logits, const float* __restrict__ bias,
+                      u32 tokens, u32 experts, u32 top_k, u32 n_shared, u32 n_group,
+                      u32 topk_group, u32 softmax, u32 norm_topk_prob, float scale,
+                      u32* __restrict__ slot_ids, float* __restrict__ slot_weights,
+                      u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts,
+                      u64* __restrict__ tile_status) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const u32 S = top_k + n_shared;
+    const u32 n_slots = experts + n_shared;
+    const u32 warp = threadIdx.x >> 5;
+    const u32 lane = threadIdx.x & 31u;
+    float* choice = reinterpret_cast<float*>(smem) + warp * experts;
+    float* score = reinterpret_cast<float*>(smem) + (TILE_WARPS + warp) * experts;
+    u32* ids = reinterpret_cast<u32*>(smem) + 2 * TILE_WARPS * experts;
+    float* weights = reinterpret_cast<float*>(ids + TILE_TOKENS * S);
+    u32* warp_counts = reinterpret_cast<u32*>(weights + TILE_TOKENS * S);
+    u32* running = warp_counts + TILE_WARPS * n_slots;
+    const size_t words = 2 * TILE_WARPS * experts + 2 * TILE_TOKENS * S + (TILE_WARPS + 1) * n_slots;
+    u64* bad = reinterpret_cast<u64*>(smem + ((words * 4 + 7) & ~(size_t)7));
+
+    const u32 tile = blockIdx.x;
+    const u64 t_begin = (u64)tile * TILE_TOKENS;
+    const u32 tile_tokens = (u32)min((u64)TILE_TOKENS, (u64)tokens - t_begin);
+    const u32 per_group = experts / n_group;
+
+    u64 first_bad = 0;
+    for (u32 local = warp; local < tile_tokens; local += TILE_WARPS) {
+        const u64 t = t_begin + local;
+        const float* row = logits + t * experts;
+
+        // Scores. Non-finite logits read as 0.0 and are reported.
+        u32 bad_expert = NO_INDEX;
+        float max_logit = NEG_INF;
+        for (u32 e = lane; e < experts; e += 32) {
+            float l = row[e];
+            if (!is_finite_f32(l)) {
+                bad_expert = min(bad_expert, e);
+                l = 0.0f;
+            }
+            score[e] = l;
+            max_logit = fmaxf(max_logit, l);
+        }
+        bad_expert = warp_min_u32(bad_expert);
+        if (bad_expert != NO_INDEX && first_bad == 0) first_bad = ((t << 32) | bad_expert) + 1;
+        if (softmax) {
+#pragma unroll
+            for (int offset = 16; offset > 0; offset >>= 1) {
+                max_logit = fmaxf(max_logit, __shfl_xor_sync(FULL_MASK, max_logit, offset));
+            }
+            for (u32 e = lane; e < experts; e += 32) score[e] = exp_f32(score[e] - max_logit);
+            __syncwarp();
+            float sum = 0.0f;
+            if (lane == 0) {
+                for (u32 e = 0; e < experts; ++e) sum += score[e];  // index order, like the CPU
+            }
+            sum = __shfl_sync(FULL_MASK, sum, 0);
+            __syncwarp();
+            for (u32 e = lane; e < experts; e += 32) score[e] = score[e] / sum;
+        } else {
+            for (u32 e = lane; e < experts; e += 32) score[e] = 1.0f / (1.0f + exp_f32(-score[e]));
+        }
+        for (u32 e = lane; e < experts; e += 32) choice[e] = score[e] + (bias ? bias[e] : 0.0f);
+        __syncwarp();
+
+        // Group-limited selection: lane g scores group g (n_group <= 32, checked by the host).
+        if (n_group > 1) {
+            float group_score = NEG_INF;
+            if (lane < n_group) {
+                float best = NEG_INF, second = NEG_INF;
+                for (u32 i = 0; i < per_group; ++i) {
+                    const float c = choice[lane * per_group + i];
+                    if (c > best) {
+                        second = best;
+                        best = c;
+                    } else if (c > second) {
+                        second = c;
+                    }
+                }
+                group_score = per_group >= 2 ? best + second : best;
+            }
+            u32 kept = 0;
+            for (u32 r = 0; r < topk_group; ++r) {
+                const bool open = lane < n_group && ((kept >> lane) & 1u) == 0;
+                float v = open ? group_score : NEG_INF;
+                u32 g = open ? lane : NO_INDEX;
+                warp_argmax(v, g);
+                kept |= 1u << g;
+            }
+            for (u32 e = lane; e < experts; e += 32) {
+                if (((kept >> (e / per_group)) & 1u) == 0) choice[e] = 0.0f;
+            }
+            __syncwarp();
+        }
+
+        // Top-k in descending choice order, ties to the lower index. A taken choice becomes
+        // -inf; every live choice is finite, so it is never taken twice.
+        float sum = 0.0f;
+        for (u32 j = 0; j < top_k; ++j) {
+            float v = NEG_INF;
+            u32 pick = NO_INDEX;
+            for (u32 e = lane; e < experts; e += 32) {
+                const float c = choice[e];
+                if (c > v) {
+                    v = c;
+                    pick = e;
+                }
+            }
+            warp_argmax(v, pick);
+            if (lane == (pick & 31u)) choice[pick] = NEG_INF;
+            if (lane == 0) {
+                const float wj = score[pick];
+                ids[local * S + j] = pick;
+                weights[local * S + j] = wj;
+                sum += wj;  // slot order, like the CPU
+            }
+        }
+        if (lane == 0) {
+            if (norm_topk_prob) {
+                const float denominator = sum + 1e-20f;
+                for (u32 j = 0; j < top_k; ++j) weights[local * S + j] = weights[local * S + j] / denominator;
+            }
+            for (u32 j = 0; j < top_k; ++j) weights[local * S + j] = weights[local * S + j] * scale;
+        }
+        for (u32 j = top_k + lane; j < S; j += 32) {
+            ids[local * S + j] = experts + (j - top_k);
+            weights[local * S + j] = 1.0f;
+        }
+        __syncwarp();
+    }
+    if (lane == 0) bad[warp] = first_bad;
+    __syncthreads();
+
+    const u32 n_pairs = tile_tokens * S;
+    const u64 pair_base = t_begin * S;
+    for (u32 i = threadIdx.x; i < n_pairs; i += TILE_THREADS) {
+        slot_ids[pair_base + i] = ids[i];
+        slot_weights[pair_base + i] = weights[i];
+    }
+    if (threadIdx.x == 0) {
+        u64 status = 0;
+        for (u32 w = 0; w < TILE_WARPS; ++w) {
+            if (bad[w] != 0 && (status == 0 || bad[w] < status)) status = bad[w];
+        }
+        tile_status[tile] = status;
+    }
+    rank_tile(ids, n_pairs, n_slots, warp_counts, running, pair_ranks + pair_base,
+              tile_counts + (u64)tile * n_slots);
+}

@@ -1,0 +1,101 @@
+// cuda_shim.h: just enough of CUDA's device language to run the dots-moe kernels on the
+// CPU, one std::thread per CUDA thread, CTAs one after another. A logic check for machines
+// without a GPU (tests/cuda_emulated.rs drives it); it proves nothing about speed, memory
+// ordering between CTAs, or the real compiler. See README.md in this folder.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
+struct dim3 {
+    unsigned x = 0, y = 0, z = 0;
+};
+extern thread_local dim3 threadIdx;
+extern thread_local dim3 blockIdx;
+extern dim3 blockDim;
+extern dim3 gridDim;
+
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __restrict__ __restrict
+#define __align__(n) alignas(n)
+#define __shared__ static
+
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }
+
+namespace emu {
+struct Warp {
+    std::barrier<> bar{32};
+    unsigned long long slots[32];
+};
+struct Block {
+    std::unique_ptr<std::barrier<>> bar;
+    std::unique_ptr<Warp[]> warps;
+};
+extern thread_local Warp* warp;
+extern thread_local unsigned lane;
+extern thread_local Block* block;
+extern unsigned char* dynamic_smem;
+
+template <class T>
+T exchange(T v, unsigned src) {
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    warp->slots[lane] = bits;
+    warp->bar.arrive_and_wait();
+    unsigned long long other = warp->slots[src];
+    warp->bar.arrive_and_wait();
+    T r;
+    std::memcpy(&r, &other, sizeof(T));
+    return r;
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::block->bar->arrive_and_wait(); }
+inline void __syncwarp() { emu::warp->bar.arrive_and_wait(); }
+template <class T>
+T __shfl_xor_sync(unsigned, T v, int offset) { return emu::exchange(v, emu::lane ^ (unsigned)offset); }
+template <class T>
+T __shfl_sync(unsigned, T v, int src) { return emu::exchange(v, (unsigned)src & 31u); }
+template <class T>
+T __shfl_up_sync(unsigned, T v, unsigned delta) {
+    return emu::exchange(v, emu::lane >= delta ? emu::lane - delta : emu::lane);
+}
+inline unsigned __match_any_sync(unsigned, unsigned v) {
+    emu::warp->slots[emu::lane] = v;
+    emu::warp->bar.arrive_and_wait();
+    unsigned mask = 0;
+    for (unsigned l = 0; l < 32; ++l) {
+        if (emu::warp->slots[l] == v) mask |= 1u << l;
+    }
+    emu::warp->bar.arrive_and_wait();
+    return mask;
+}
+inline unsigned atomicMin(unsigned* address, unsigned v) {
+    std::atomic_ref<unsigned> a(*address);
+    unsigned old = a.load();
+    while (v < old && !a.compare_exchange_weak(old, v)) {
+    }
+    return old;
+}

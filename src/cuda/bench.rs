@@ -1,0 +1,1 @@
+//! Timing of the MoE kernels with CUDA events (filled in by `dots-moe kernels --time`).

@@ -1,0 +1,178 @@
+//! The GPU context: the gate in front of every CUDA call, the device's architecture, one
+//! stream, and the kernels compiled for it.
+//!
+//! cudarc panics when `libcuda` is missing; [`GpuContext::new`] checks for the library,
+//! then for a device, then for its architecture, and turns each absence into a
+//! [`CudaError`] before cudarc is asked anything.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result, sys};
+use serde::Serialize;
+
+use crate::cuda::error::CudaError;
+use crate::cuda::nvrtc;
+use crate::cuda::source::KernelSource;
+
+/// Whether the CUDA driver library can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library by its candidate names; loads no symbol.
+    unsafe { sys::is_culib_present() }
+}
+
+fn require_driver() -> Result<(), CudaError> {
+    if driver_present() { Ok(()) } else { Err(CudaError::NoDriver) }
+}
+
+/// Number of CUDA devices (an error when there is no driver).
+pub fn device_count() -> Result<usize, CudaError> {
+    require_driver()?;
+    result::init()?;
+    Ok(result::device::get_count()?.max(0) as usize)
+}
+
+/// The CUDA version the installed driver supports, `(major, minor)` (13.0 for driver 580).
+pub fn driver_version() -> Result<(i32, i32), CudaError> {
+    require_driver()?;
+    let mut version = 0;
+    // SAFETY: the driver library is present; `version` is valid for writes.
+    unsafe { sys::cuDriverGetVersion(&mut version) }.result()?;
+    Ok((version / 1000, (version % 1000) / 10))
+}
+
+/// The NVRTC target for a compute capability: the architecture-specific `a` target from
+/// Hopper on (`sm_90a`: `wgmma` and `setmaxnreg` need it), the plain one before.
+pub fn arch_name(major: i32, minor: i32) -> String {
+    if major >= 9 { format!("sm_{major}{minor}a") } else { format!("sm_{major}{minor}") }
+}
+
+/// What the driver says about one device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeviceInfo {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Marketing name (`NVIDIA H200`).
+    pub name: String,
+    /// Compute capability, major.
+    pub major: i32,
+    /// Compute capability, minor.
+    pub minor: i32,
+    /// The NVRTC target the kernels are compiled for ([`arch_name`]).
+    pub arch: String,
+    /// Device memory, bytes.
+    pub total_memory_bytes: usize,
+    /// Streaming multiprocessors.
+    pub multiprocessors: i32,
+}
+
+/// Describes device `ordinal` without creating a context.
+pub fn device_info(ordinal: usize) -> Result<DeviceInfo, CudaError> {
+    let count = device_count()?;
+    if ordinal >= count {
+        return Err(if count == 0 { CudaError::NoDevice } else { CudaError::NoSuchDevice { ordinal, count } });
+    }
+    let dev = result::device::get(ordinal as i32)?;
+    let attribute = |a: sys::CUdevice_attribute| -> Result<i32, CudaError> {
+        // SAFETY: `dev` is a valid device handle from `cuDeviceGet`.
+        Ok(unsafe { result::device::get_attribute(dev, a) }?)
+    };
+    use sys::CUdevice_attribute::*;
+    let major = attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    Ok(DeviceInfo {
+        ordinal,
+        name: result::device::get_name(dev)?,
+        major,
+        minor,
+        arch: arch_name(major, minor),
+        // SAFETY: `dev` is a valid device handle.
+        total_memory_bytes: unsafe { result::device::total_mem(dev) }?,
+        multiprocessors: attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+    })
+}
+
+/// Every device the driver reports.
+pub fn devices() -> Result<Vec<DeviceInfo>, CudaError> {
+    (0..device_count()?).map(device_info).collect()
+}
+
+/// One device, one stream, and the kernels loaded on it.
+///
+/// All work of a context goes to its one stream, in order. cudarc's per-buffer event
+/// tracking is turned off: with a single stream it is not needed, and without it every
+/// launch and copy can be captured in a CUDA graph.
+pub struct GpuContext {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: DeviceInfo,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext").field("device", &self.info).finish()
+    }
+}
+
+impl GpuContext {
+    /// Opens device `ordinal`: [`CudaError::NoDriver`], [`CudaError::NoDevice`],
+    /// [`CudaError::NoSuchDevice`] or [`CudaError::UnsupportedArch`] (compute capability
+    /// below 8.0) instead of a panic.
+    pub fn new(ordinal: usize) -> Result<Arc<Self>, CudaError> {
+        let info = device_info(ordinal)?;
+        if info.major < 8 {
+            return Err(CudaError::UnsupportedArch { ordinal, name: info.name, major: info.major, minor: info.minor });
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // SAFETY: called before this context allocates anything; afterwards every buffer
+        // and launch of this GpuContext goes to its single stream, so stream order alone
+        // orders every use and free (what the events would otherwise enforce).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        Ok(Arc::new(GpuContext { ctx, stream, info, modules: Mutex::new(HashMap::new()) }))
+    }
+
+    /// The device.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// The NVRTC target of the device (`sm_90a` on an H200).
+    pub fn arch(&self) -> &str {
+        &self.info.arch
+    }
+
+    /// The stream all work of this context runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The cudarc context.
+    pub fn cuda_context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Waits for all work queued on the stream.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// The entry point `entry` of `source`, compiled by NVRTC for this device (cached per
+    /// source, arch and options) and loaded once per context.
+    pub fn function(&self, source: &KernelSource, entry: &str) -> Result<CudaFunction, CudaError> {
+        let module = {
+            let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            match modules.get(source.name) {
+                Some(module) => module.clone(),
+                None => {
+                    let compiled = nvrtc::compile(source, self.arch())?;
+                    let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin.clone()))?;
+                    modules.insert(source.name, module.clone());
+                    module
+                }
+            }
+        };
+        Ok(module.load_function(entry)?)
+    }
+}

@@ -1,0 +1,31 @@
+//! The CUDA backend (Cargo feature `cuda`, on by default).
+//!
+//! Built on `cudarc` with dynamic loading: the crate builds, and its tests pass, on a
+//! machine with no CUDA at all. At run time [`GpuContext::new`] opens `libcuda` and a
+//! device, or returns a [`CudaError`] saying which is missing; nothing panics.
+//!
+//! - [`source`]: the kernel files of `cuda/`, embedded with `include_str!`.
+//! - [`nvrtc`]: NVRTC compiles them for the device's architecture (`sm_90a` on Hopper) into
+//!   cubins, cached per (source, arch, options), and reads ptxas's resource report; this
+//!   also runs without a GPU (the static proof).
+//! - [`context`]: the gate, the device, its stream, the loaded modules.
+//! - [`buffer`]: typed device buffers with shapes; host/device copies.
+//! - [`moe`]: the router, permutation, gather and combine kernels behind safe wrappers;
+//!   the pipeline never waits for the host.
+//! - [`workspace`]: a batch's device buffers and the readers that download them.
+//! - [`bench`]: timing with CUDA events (for `dots-moe kernels --time`).
+
+pub mod bench;
+pub mod buffer;
+pub mod context;
+mod error;
+pub mod moe;
+pub mod nvrtc;
+pub mod source;
+pub mod workspace;
+
+pub use buffer::{DeviceBuffer, DeviceTensor};
+pub use context::{DeviceInfo, GpuContext};
+pub use error::CudaError;
+pub use moe::MoeKernels;
+pub use workspace::{DeviceRouter, MoeWorkspace};

@@ -1,0 +1,261 @@
+//! Run-time compilation with NVRTC: kernel files to cubins for one architecture, with
+//! ptxas's resource report, cached in memory per (program, source hash, arch, options).
+//!
+//! NVRTC runs without a GPU: this is also how the kernels are proven statically on the
+//! build machines (registers, shared memory, no spills; see `tests/cuda_static.rs` and
+//! `dots-moe kernels`).
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::nvrtc::{result, sys};
+use serde::Serialize;
+
+use crate::cuda::error::CudaError;
+use crate::cuda::source::KernelSource;
+
+/// Whether the NVRTC library can be loaded. Checked before any NVRTC call (cudarc panics
+/// on a missing library).
+pub fn available() -> bool {
+    // SAFETY: only tries to dlopen the library by its candidate names; loads no symbol.
+    unsafe { sys::is_culib_present() }
+}
+
+fn require() -> Result<(), CudaError> {
+    if available() { Ok(()) } else { Err(CudaError::NoNvrtc) }
+}
+
+/// NVRTC's version, `(major, minor)`.
+pub fn version() -> Result<(i32, i32), CudaError> {
+    require()?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present (checked above); both pointers are valid for writes.
+    unsafe { sys::nvrtcVersion(&mut major, &mut minor) }.result()?;
+    Ok((major, minor))
+}
+
+/// The virtual architectures this NVRTC can compile for, as numbers (`90` for `sm_90`).
+pub fn supported_archs() -> Result<Vec<i32>, CudaError> {
+    require()?;
+    let mut n = 0;
+    // SAFETY: the library is present; `n` is valid for writes.
+    unsafe { sys::nvrtcGetNumSupportedArchs(&mut n) }.result()?;
+    let mut archs = vec![0i32; n.max(0) as usize];
+    // SAFETY: `archs` has room for the `n` entries NVRTC writes.
+    unsafe { sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }.result()?;
+    Ok(archs)
+}
+
+/// What ptxas reported for one entry point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KernelResources {
+    /// The `extern "C"` entry point.
+    pub name: String,
+    /// Target architecture (`sm_90a`, `sm_80`).
+    pub arch: String,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Static shared memory per CTA, bytes (dynamic shared memory is sized at launch).
+    pub shared_bytes: u32,
+    /// Bytes spilled to local memory by stores.
+    pub spill_store_bytes: u32,
+    /// Bytes reloaded from spills.
+    pub spill_load_bytes: u32,
+    /// Per-thread stack frame, bytes (local arrays, spills, calls).
+    #[serde(skip)]
+    pub stack_frame_bytes: u32,
+}
+
+/// A compiled kernel file.
+#[derive(Debug)]
+pub struct CompiledProgram {
+    /// The kernel file.
+    pub program: &'static str,
+    /// Target architecture.
+    pub arch: String,
+    /// NVRTC options used.
+    pub options: Vec<String>,
+    /// The cubin, loadable with `cuModuleLoadData` on a device of `arch`.
+    pub cubin: Vec<u8>,
+    /// NVRTC's log (ptxas's verbose report included).
+    pub log: String,
+    /// ptxas's report per entry point, in the order it compiled them.
+    pub kernels: Vec<KernelResources>,
+    /// Spill and stack bytes of non-inlined device functions (`(name, stack, spill stores,
+    /// spill loads)`); empty when everything is inlined.
+    pub device_functions: Vec<(String, u32, u32, u32)>,
+}
+
+/// The options every kernel file is compiled with, for `arch`.
+pub fn options(arch: &str) -> Vec<String> {
+    vec![format!("--gpu-architecture={arch}"), "-std=c++17".into(), "-lineinfo".into(), "--ptxas-options=-v".into()]
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct CacheKey {
+    program: &'static str,
+    source_hash: u64,
+    arch: String,
+    options: Vec<String>,
+}
+
+fn cache() -> &'static Mutex<HashMap<CacheKey, Arc<CompiledProgram>>> {
+    static CACHE: OnceLock<Mutex<HashMap<CacheKey, Arc<CompiledProgram>>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// FNV-1a, 64 bits: a stable hash of the program text (stable across runs and Rust versions).
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// Compiles `source` for `arch` (`sm_90a`, `sm_80`, ...), or returns the cached result of
+/// an earlier identical compilation in this process.
+pub fn compile(source: &KernelSource, arch: &str) -> Result<Arc<CompiledProgram>, CudaError> {
+    require()?;
+    let text = source.program();
+    let key =
+        CacheKey { program: source.name, source_hash: fnv1a(&text), arch: arch.to_string(), options: options(arch) };
+    if let Some(hit) = cache().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(hit.clone());
+    }
+    let compiled = Arc::new(compile_uncached(source.name, &text, arch, key.options.clone())?);
+    cache().lock().unwrap_or_else(|e| e.into_inner()).insert(key, compiled.clone());
+    Ok(compiled)
+}
+
+/// Destroys an NVRTC program when dropped.
+struct Program(sys::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_program` and destroyed only here, once.
+        let _ = unsafe { result::destroy_program(self.0) };
+    }
+}
+
+fn compile_uncached(
+    program: &'static str,
+    text: &str,
+    arch: &str,
+    options: Vec<String>,
+) -> Result<CompiledProgram, CudaError> {
+    let src = CString::new(text).map_err(|_| CudaError::Nvrtc(format!("{program} contains a NUL byte")))?;
+    let name =
+        CString::new(program).map_err(|_| CudaError::Nvrtc(format!("program name {program:?} contains a NUL byte")))?;
+    let prog = Program(result::create_program(&src, Some(&name))?);
+    // SAFETY: `prog` is a live program (destroyed on drop, after every use below); `src`
+    // and `name` outlive it.
+    let compiled = unsafe { result::compile_program(prog.0, &options) };
+    // SAFETY: as above.
+    let log = unsafe { result::get_program_log(prog.0) }?;
+    // SAFETY: NVRTC's log is NUL-terminated within the buffer it returned.
+    let log = unsafe { CStr::from_ptr(log.as_ptr()) }.to_string_lossy().into_owned();
+    if compiled.is_err() {
+        return Err(CudaError::Compile { program: program.into(), arch: arch.into(), log });
+    }
+    let mut size = 0usize;
+    // SAFETY: the program compiled; `size` is valid for writes.
+    unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut size) }.result()?;
+    let mut cubin = vec![0u8; size];
+    // SAFETY: `cubin` has the `size` bytes NVRTC writes.
+    unsafe { sys::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr().cast()) }.result()?;
+    let (kernels, device_functions) = parse_ptxas_report(&log, arch);
+    Ok(CompiledProgram { program, arch: arch.into(), options, cubin, log, kernels, device_functions })
+}
+
+/// The unsigned number just before the first `suffix` in `line`, if any.
+fn number_before(line: &str, suffix: &str) -> Option<u32> {
+    let end = line.find(suffix)?;
+    let digits: String = line[..end].trim_end().chars().rev().take_while(|c| c.is_ascii_digit()).collect();
+    digits.chars().rev().collect::<String>().parse().ok()
+}
+
+/// Reads ptxas's `-v` report: per entry point, registers, static shared memory, stack
+/// frame and spills. Returns the entry points and the non-inlined device functions.
+#[allow(clippy::type_complexity)]
+pub fn parse_ptxas_report(log: &str, arch: &str) -> (Vec<KernelResources>, Vec<(String, u32, u32, u32)>) {
+    let mut kernels: Vec<KernelResources> = Vec::new();
+    let mut properties: HashMap<String, (u32, u32, u32)> = HashMap::new();
+    let mut current_entry: Option<String> = None;
+    let mut properties_for: Option<String> = None;
+    let quoted = |line: &str| -> Option<String> {
+        let start = line.find('\'')? + 1;
+        let len = line[start..].find('\'')?;
+        Some(line[start..start + len].to_string())
+    };
+    for line in log.lines() {
+        if line.contains("Compiling entry function") {
+            current_entry = quoted(line);
+        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
+            properties_for = Some(rest.trim().to_string());
+        } else if line.contains("bytes stack frame") {
+            let stack = number_before(line, "bytes stack frame").unwrap_or(0);
+            let stores = number_before(line, "bytes spill stores").unwrap_or(0);
+            let loads = number_before(line, "bytes spill loads").unwrap_or(0);
+            if let Some(name) = properties_for.take() {
+                properties.insert(name, (stack, stores, loads));
+            }
+        } else if line.contains("Used")
+            && line.contains("registers")
+            && let Some(name) = current_entry.take()
+        {
+            kernels.push(KernelResources {
+                name,
+                arch: arch.to_string(),
+                registers: number_before(line, "registers").unwrap_or(0),
+                shared_bytes: number_before(line, "bytes smem").unwrap_or(0),
+                spill_store_bytes: 0,
+                spill_load_bytes: 0,
+                stack_frame_bytes: 0,
+            });
+        }
+    }
+    for kernel in &mut kernels {
+        if let Some((stack, stores, loads)) = properties.remove(&kernel.name) {
+            kernel.stack_frame_bytes = stack;
+            kernel.spill_store_bytes = stores;
+            kernel.spill_load_bytes = loads;
+        }
+    }
+    let mut device_functions: Vec<(String, u32, u32, u32)> =
+        properties.into_iter().map(|(name, (stack, stores, loads))| (name, stack, stores, loads)).collect();
+    device_functions.sort();
+    (kernels, device_functions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_ptxas_report() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'bar' for 'sm_90a'\n\
+ptxas info    : Function properties for bar\n\
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 8 registers, used 0 barriers\n\
+ptxas info    : Compiling entry function 'foo' for 'sm_90a'\n\
+ptxas info    : Function properties for foo\n\
+ptxas         .     24 bytes stack frame, 16 bytes spill stores, 12 bytes spill loads\n\
+ptxas info    : Used 255 registers, used 1 barriers, 256 bytes smem, 400 bytes cmem[0]\n";
+        let (kernels, others) = parse_ptxas_report(log, "sm_90a");
+        assert!(others.is_empty());
+        assert_eq!(kernels.len(), 2);
+        assert_eq!((kernels[0].name.as_str(), kernels[0].registers, kernels[0].shared_bytes), ("bar", 8, 0));
+        let foo = &kernels[1];
+        assert_eq!((foo.registers, foo.shared_bytes, foo.stack_frame_bytes), (255, 256, 24));
+        assert_eq!((foo.spill_store_bytes, foo.spill_load_bytes), (16, 12));
+        let json = serde_json::to_value(foo).unwrap();
+        let mut fields: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        fields.sort_unstable();
+        assert_eq!(fields, ["arch", "name", "registers", "shared_bytes", "spill_load_bytes", "spill_store_bytes"]);
+    }
+
+    #[test]
+    fn hash_is_stable() {
+        assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}
