@@ -283,3 +283,15 @@ fn f16_checkpoint_loads_and_matches_closely() {
     // f16 rounding of every weight (2^-11 relative): close, not exact.
     assert!(err < 2e-2, "f16 copy of the f32 fixture: relative error {err}");
 }
+
+#[test]
+fn sliding_window_config_is_refused() {
+    let s = Scratch::copy_of("bf16");
+    let path = s.path().join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["layer_types"][2] = serde_json::Value::String("sliding_attention".into());
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = load_err(s.path());
+    assert!(matches!(err, ModelError::Unsupported(_)), "{err:?}");
+    assert!(err.to_string().contains("[2]"), "{err}");
+}

@@ -324,6 +324,28 @@ impl Checkpoint {
         }
     }
 
+    /// Tells the OS that this process no longer needs the mapped pages of `weight` (after
+    /// they were copied elsewhere, like the MoE experts): its resident memory drops, and a
+    /// later read simply maps the file again. A no-op for owned weights and off Unix.
+    pub fn release(&self, weight: &Weight) {
+        #[cfg(unix)]
+        if let Storage::Mapped { file, start, elems, dtype } = &weight.storage {
+            // SAFETY: the map is a read-only mapping of a file that is never written through
+            // it; MADV_DONTNEED on such a mapping only drops resident pages, and any later
+            // access faults the identical bytes back in from the file, so no slice handed
+            // out by `view` can observe a change. Errors are only advisory and ignored.
+            let _ = unsafe {
+                self.files[*file].map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    *start,
+                    elems * dtype.size(),
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = weight;
+    }
+
     /// Tensors present in the files but never asked for: "unknown extra tensors".
     pub fn unused(&self) -> Vec<&str> {
         self.tensors.keys().filter(|k| !self.used.contains(*k)).map(String::as_str).collect()

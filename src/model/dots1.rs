@@ -23,7 +23,7 @@ use super::attention::{AttentionShape, AttentionWeights, KvCache, attention};
 use super::checkpoint::{Checkpoint, Weight};
 use super::error::ModelError;
 use super::ops::{Rope, linear, rms_norm, rms_norm_rows};
-use super::weights::{GenerationConfig, expected_tensors, layer_prefix};
+use super::weights::{GenerationConfig, expected_tensors, layer_prefix, sliding_window_layers};
 use crate::config::Dots1Config;
 use crate::moe::{MoeLayer, MoeLayerBuilder, Precision, Routing};
 use crate::tensor::{Dtype, TensorView};
@@ -108,7 +108,15 @@ impl Dots1Model {
     pub fn load_with(dir: &Path, options: LoadOptions) -> Result<Self, ModelError> {
         let started = Instant::now();
         std::fs::read_dir(dir).map_err(|e| ModelError::io(dir, e))?;
-        let cfg = Dots1Config::from_file(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let cfg = Dots1Config::from_file(&config_path)?;
+        let config_text = std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+        let sliding = sliding_window_layers(&config_text, cfg.num_hidden_layers);
+        if !sliding.is_empty() {
+            return Err(ModelError::Unsupported(format!(
+                "config.json asks for sliding-window attention in layers {sliding:?}; only full attention is implemented (dots.llm1 uses none)"
+            )));
+        }
         let generation = GenerationConfig::load(dir)?;
         let mut ckpt = Checkpoint::open(dir)?;
 
@@ -387,5 +395,9 @@ fn build_moe_layer(ckpt: &mut Checkpoint, cfg: &Dots1Config, n: usize) -> Result
     }
     let mut layer = builder.build()?;
     layer.set_precision(Precision::F32);
+    // The experts now live in the layer's own copy: let their mapped pages go.
+    for w in experts.iter().chain(shared.iter()).flatten().chain(std::iter::once(&gate)) {
+        ckpt.release(w);
+    }
     Ok(layer)
 }

@@ -105,6 +105,9 @@ pub enum ModelError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The checkpoint asks for something this model does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// Writing an output file failed.
     #[error("cannot write {path}: {reason}")]
     Write {

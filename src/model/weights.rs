@@ -59,6 +59,33 @@ pub fn expected_tensors(cfg: &Dots1Config) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// Layers that transformers would run with sliding-window attention, by its rule: the
+/// `layer_types` list when present, else every layer `i >= max_window_layers` when
+/// `sliding_window` is set (Dots1Config defaults: window 4096, max_window_layers 62).
+/// dots.llm1 has none; this model implements full attention only.
+pub fn sliding_window_layers(config_text: &str, num_layers: usize) -> Vec<usize> {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(config_text) else {
+        return Vec::new();
+    };
+    if let Some(types) = value.get("layer_types").and_then(|t| t.as_array()) {
+        return types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.as_str() == Some("sliding_attention"))
+            .map(|(i, _)| i)
+            .collect();
+    }
+    let window = match value.get("sliding_window") {
+        None => Some(4096),
+        Some(v) => v.as_u64(),
+    };
+    let max_window_layers = value.get("max_window_layers").and_then(|v| v.as_u64()).unwrap_or(62) as usize;
+    match window {
+        Some(_) => (max_window_layers..num_layers).collect(),
+        None => Vec::new(),
+    }
+}
+
 /// The parts of `generation_config.json` generation uses. Absent fields stay `None`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GenerationConfig {
@@ -115,6 +142,15 @@ impl GenerationConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sliding_window_rule() {
+        assert!(sliding_window_layers(r#"{"num_hidden_layers": 62}"#, 62).is_empty());
+        assert_eq!(sliding_window_layers(r#"{"max_window_layers": 2}"#, 4), vec![2, 3]);
+        assert!(sliding_window_layers(r#"{"max_window_layers": 2, "sliding_window": null}"#, 4).is_empty());
+        let explicit = r#"{"layer_types": ["full_attention", "sliding_attention"], "max_window_layers": 0}"#;
+        assert_eq!(sliding_window_layers(explicit, 2), vec![1]);
+    }
 
     #[test]
     fn generation_config_forms() {
