@@ -295,3 +295,20 @@ fn sliding_window_config_is_refused() {
     assert!(matches!(err, ModelError::Unsupported(_)), "{err:?}");
     assert!(err.to_string().contains("[2]"), "{err}");
 }
+
+#[test]
+fn generation_checks_the_prompt_and_stops_at_the_context_limit() {
+    use dots_moe::model::{GenerateOptions, SamplingParams, StopReason, generate};
+    let model = Dots1Model::load(&fixture("sharded")).unwrap();
+    let options = |n| GenerateOptions { max_new_tokens: n, sampling: SamplingParams::greedy(), stop_ids: vec![] };
+    let err = generate(&model, &[1, 500], &options(0), |_| Ok(())).unwrap_err();
+    assert!(matches!(err, ModelError::TokenOutOfRange { id: 500, .. }), "{err:?}");
+    assert!(matches!(generate(&model, &[], &options(3), |_| Ok(())), Err(ModelError::EmptyInput)));
+    // max_position_embeddings is 64: a 60-token prompt leaves room for 4 more positions.
+    let out = generate(&model, &[7; 60], &options(10), |_| Ok(())).unwrap();
+    assert_eq!(out.stop, StopReason::ContextFull);
+    assert_eq!(out.tokens.len(), 5);
+    // An error from the streaming callback stops generation and is returned.
+    let err = generate(&model, &[7; 4], &options(10), |_| Err(ModelError::EmptyInput)).unwrap_err();
+    assert!(matches!(err, ModelError::EmptyInput));
+}

@@ -285,7 +285,9 @@ impl Dots1Model {
         Ok(moe.route(TensorView::F32(&normed), tokens.len())?)
     }
 
-    fn check_tokens(&self, tokens: &[u32], start: usize) -> Result<(), ModelError> {
+    /// Checks that `tokens` can run at positions `start..`: not empty, every id below
+    /// `vocab_size`, the sequence within `max_position_embeddings`.
+    pub fn check_tokens(&self, tokens: &[u32], start: usize) -> Result<(), ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::EmptyInput);
         }

@@ -83,10 +83,8 @@ pub fn generate(
         decode_steps: 0,
     };
     if options.max_new_tokens == 0 {
-        // Still validate the prompt, so bad ids are reported.
-        if prompt.is_empty() {
-            return Err(ModelError::EmptyInput);
-        }
+        // Nothing to generate, but a bad prompt is still reported.
+        model.check_tokens(prompt, 0)?;
         return Ok(result);
     }
     let started = Instant::now();
