@@ -143,7 +143,8 @@ impl MoeConfig {
         // Every weight tensor must be addressable: (E + S) * 2I * H elements.
         let slots = self.router.n_experts.checked_add(self.n_shared_experts);
         let elems = slots
-            .and_then(|s| s.checked_mul(2 * self.moe_intermediate_size))
+            .and_then(|s| s.checked_mul(self.moe_intermediate_size))
+            .and_then(|n| n.checked_mul(2))
             .and_then(|n| n.checked_mul(self.hidden_size))
             .filter(|&n| n <= isize::MAX as usize / 4);
         if elems.is_none() {

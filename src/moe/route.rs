@@ -107,6 +107,10 @@ pub fn route_logits(cfg: &RouterConfig, logits: &[f32], tokens: usize, bias: Opt
     }
     let k = cfg.top_k;
     let mut routing = Routing { tokens, top_k: k, expert_ids: vec![0; tokens * k], weights: vec![0.0; tokens * k] };
+    if tokens == 0 {
+        // No per-expert scratch for an empty batch: its size comes from the config alone.
+        return Ok(routing);
+    }
     let mut scratch = RouteScratch::new(cfg);
     for t in 0..tokens {
         let row = &logits[t * e..(t + 1) * e];
