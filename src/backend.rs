@@ -451,3 +451,54 @@ mod cuda_backend {
 
 #[cfg(feature = "cuda")]
 pub use cuda_backend::CudaBackend;
+
+/// Helpers for test suites that run once per backend, or only on a GPU.
+///
+/// Without a GPU the GPU half of a test is skipped with a message on stderr; with
+/// `DOTS_MOE_REQUIRE_GPU=1` (the GPU host's runner sets it) a missing GPU is a failure.
+pub mod testing {
+    use super::Backend;
+
+    /// The environment variable that turns "no GPU, skipped" into a failure.
+    pub const REQUIRE_GPU_ENV: &str = "DOTS_MOE_REQUIRE_GPU";
+
+    /// Whether `DOTS_MOE_REQUIRE_GPU=1`.
+    pub fn gpu_required() -> bool {
+        std::env::var(REQUIRE_GPU_ENV).is_ok_and(|v| v == "1")
+    }
+
+    /// Reports that `test` skips its GPU part because of `why`; panics instead when a GPU
+    /// is required.
+    pub fn skip_or_fail(test: &str, why: &str) {
+        assert!(!gpu_required(), "{test}: {REQUIRE_GPU_ENV}=1 but the GPU is unavailable: {why}");
+        eprintln!("{test}: GPU part skipped: {why}");
+    }
+
+    /// Every backend to run `test` on: the CPU, and CUDA when it opens (see the module).
+    pub fn backends(test: &str) -> Vec<Backend> {
+        let (backends, missing) = Backend::available();
+        if let Some(why) = missing {
+            skip_or_fail(test, &why);
+        }
+        backends
+    }
+
+    /// The GPU and its kernels for `test`, or `None` (skipped; see the module).
+    #[cfg(feature = "cuda")]
+    pub fn gpu(test: &str) -> Option<(std::sync::Arc<crate::cuda::GpuContext>, crate::cuda::MoeKernels)> {
+        let opened = crate::cuda::GpuContext::new(0).and_then(|gpu| {
+            if !crate::cuda::nvrtc::available() {
+                return Err(crate::cuda::CudaError::NoNvrtc);
+            }
+            let kernels = crate::cuda::MoeKernels::new(&gpu)?;
+            Ok((gpu, kernels))
+        });
+        match opened {
+            Ok(pair) => Some(pair),
+            Err(why) => {
+                skip_or_fail(test, &why.to_string());
+                None
+            }
+        }
+    }
+}
