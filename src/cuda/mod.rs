@@ -19,6 +19,8 @@ pub mod bench;
 pub mod buffer;
 pub mod context;
 mod error;
+pub mod expert_gemm;
+pub mod layer;
 pub mod moe;
 pub mod nvrtc;
 pub mod source;

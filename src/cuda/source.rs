@@ -59,3 +59,6 @@ pub const COMBINE: KernelSource =
 
 /// Every kernel file, in pipeline order.
 pub const ALL: &[KernelSource] = &[ROUTE, PERMUTE, COMBINE];
+
+/// The expert GEMM files, registered in `crate::cuda::expert_gemm` (portable: `sm_80` on; Hopper: `sm_90a` only).
+pub use super::expert_gemm::{HOPPER_SOURCES as EXPERT_GEMM_HOPPER, PORTABLE_SOURCES as EXPERT_GEMM_PORTABLE};

@@ -1,0 +1,107 @@
+#line 1 "expert_gemm_common.cu"
+// expert_gemm_common.cu: helpers of the expert GEMM kernel files (steps 3 and 4 of the MoE
+// contract, src/moe/expert.rs). src/cuda/expert_gemm.rs compiles each expert GEMM file as
+// cuda/common.cu + this file + the kernel file, one NVRTC program. No kernels here, no
+// toolkit header.
+//
+// The contract, for every slot e (routed experts 0..E, shared halves E..E+S) and each of its
+// permuted rows r in expert_offsets[e]..expert_offsets[e+1]:
+//   GEMM 1   a[r][i] = bf16( silu(x[r] . gate_e[i]) * (x[r] . up_e[i]) )      i < I
+//   GEMM 2   y[r][h] = w[r] * (a[r] . down_e[h])                              h < H, f32
+// x [R, H] bf16 (gathered, permuted order), gate_up [E+S, 2I, H] bf16 (gate rows 0..I, up
+// rows I..2I of each slot), down [E+S, H, I] bf16, products and sums in f32, silu(g) =
+// g / (1 + exp(-g)) exactly as cpu::swiglu writes it.
+//
+// Work items. A schedule kernel (expert_gemm_schedule.cu) turns expert_offsets into lists
+// of items on the device; an item is one slot's contiguous rows [row_begin, row_begin +
+// rows). Every GEMM kernel runs on a grid (column blocks, item capacity): blockIdx.y is
+// the item, CTAs past the number of items written by the schedule return at once.
+
+// One work item: slot, first permuted row, number of rows (the 4th word is padding).
+struct GemmItem {
+    u32 slot;
+    u32 row_begin;
+    u32 rows;
+    u32 unused;
+};
+
+// item_counts[] layout, shared with src/cuda/expert_gemm.rs.
+#define COUNT_DECODE 0   // items in decode_items
+#define COUNT_TILED 1    // items in tiled_items
+#define COUNT_OVERFLOW 2 // 1 if an item list was too small (a bug in the host's bound)
+
+// ---- numerics -------------------------------------------------------------------------
+
+// silu(g) * u, the order and roundings of cpu::swiglu: g / (1 + exp(-g)) * u.
+__device__ __forceinline__ float silu_mul(float g, float u) {
+    return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, exp_f32(-g))), u);
+}
+
+// Two f32 as a bf16x2 word (round to nearest even): `lo` in the low half.
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
+
+// ---- memory ---------------------------------------------------------------------------
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+
+// 16 bytes from global memory that is read exactly once (expert weights): not kept in L1.
+__device__ __forceinline__ uint4 load_stream_16(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// 16 bytes from global memory that other warps of the CTA read too (activations): via L1.
+__device__ __forceinline__ uint4 load_shared_16(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// cp.async of 16 bytes, global to shared, bypassing L1. `src_bytes` 0 writes 16 zero bytes
+// and reads nothing (rows past the end of an item); `src` must still be a valid address.
+__device__ __forceinline__ void cp_async_16(u32 dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most N of this thread's committed cp.async groups are still pending.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// ---- tensor cores (sm_80 and later) -----------------------------------------------------
+
+// Four 8x8 b16 matrices from shared memory; lane l gives the address of row (l & 7) of
+// matrix (l >> 3); r[m] receives matrix m in the mma fragment layout.
+__device__ __forceinline__ void ldmatrix_x4(u32 r[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+// c += A (16 x 16, row-major) * B (16 x 8, column-major), bf16 inputs, f32 accumulators.
+// Fragments (lane l, g = l >> 2, q = l & 3), each u32 a pair of bf16 (low half first):
+//   a[0] = A[g][2q..2q+1]   a[1] = A[g+8][2q..2q+1]   a[2] = A[g][2q+8..]   a[3] = A[g+8][2q+8..]
+//   b0   = B[2q..2q+1][g]   b1   = B[2q+8..2q+9][g]
+//   c[0] = C[g][2q]  c[1] = C[g][2q+1]  c[2] = C[g+8][2q]  c[3] = C[g+8][2q+1]
+__device__ __forceinline__ void mma_16816(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}

@@ -1,0 +1,589 @@
+//! Steps 3 and 4 of the contract on the device: the grouped expert GEMMs (shared experts
+//! fused as extra slots), behind safe wrappers.
+//!
+//! ```text
+//! moe_expert_schedule     expert_offsets [n_slots + 1]  -> decode / tiled work items, counts
+//! moe_expert_up_*         x [R, H] bf16, gate_up        -> act [R, I] bf16 (SwiGLU fused)
+//! moe_expert_down_*       act, down, row_weights [R]    -> y [R, H] f32 (weight fused)
+//! ```
+//!
+//! The regime of each slot is chosen **on the device** from its row count (no host sync):
+//! slots with at most [`GemmOptions::decode_max_rows`] rows run the decode kernels
+//! (`cuda/expert_gemm_decode.cu`: weights streamed once, tokens as the narrow MMA
+//! dimension, padded to 8, 16, 32 or 64 rows); larger slots run the tiled kernels in tiles of
+//! [`TILE_ROWS`] rows: `wgmma` on `sm_90a` (`cuda/expert_gemm_wgmma.cu`), `mma.sync`
+//! elsewhere (`cuda/expert_gemm_mma.cu`). The host only knows `R` and sizes every grid for
+//! the worst case; CTAs without an item return at once. So the whole step can be captured
+//! in a CUDA graph.
+//!
+//! Determinism: no atomics, no split-K; every output element is one accumulator over `k` in
+//! ascending order, so results are bit-identical run to run. In the batch-invariant mode
+//! ([`GemmOptions::batch_invariant`]) every slot runs the decode kernels in chunks of at
+//! most [`DECODE_ITEM_ROWS`] rows, whose per-row arithmetic does not depend on the chunk:
+//! a token's rows give the same bits whichever tokens share the batch (and on any card).
+//!
+//! Shapes the kernels take (checked here, once): bf16 weights, `H % 256 == 0`,
+//! `I % 128 == 0` (dots.llm1: 4096 and 1408).
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
+use crate::cuda::context::GpuContext;
+use crate::cuda::error::CudaError;
+use crate::cuda::source::KernelSource;
+use crate::error::MoeError;
+use crate::moe::MoeWeights;
+use crate::tensor::{Dtype, TensorView};
+
+macro_rules! gemm_source {
+    ($name:literal, [$($entry:literal),* $(,)?]) => {
+        KernelSource {
+            name: $name,
+            text: concat!(
+                include_str!("../../cuda/expert_gemm_common.cu"),
+                "\n#line 1 \"",
+                $name,
+                "\"\n",
+                include_str!(concat!("../../cuda/", $name))
+            ),
+            entry_points: &[$($entry),*],
+        }
+    };
+}
+
+/// `cuda/expert_gemm_schedule.cu`: per-slot regime and work items.
+pub const SCHEDULE: KernelSource = gemm_source!("expert_gemm_schedule.cu", ["moe_expert_schedule"]);
+/// `cuda/expert_gemm_decode.cu`: few rows per slot, weights streamed once (sm_80+).
+pub const DECODE: KernelSource =
+    gemm_source!("expert_gemm_decode.cu", ["moe_expert_up_decode", "moe_expert_down_decode"]);
+/// `cuda/expert_gemm_mma.cu`: many rows per slot, `mma.sync` tiles (sm_80+, portable).
+pub const MMA: KernelSource = gemm_source!("expert_gemm_mma.cu", ["moe_expert_up_mma", "moe_expert_down_mma"]);
+/// `cuda/expert_gemm_wgmma.cu`: many rows per slot, `wgmma` tiles (sm_90a only).
+pub const WGMMA: KernelSource = gemm_source!("expert_gemm_wgmma.cu", ["moe_expert_up_wgmma", "moe_expert_down_wgmma"]);
+
+/// The expert GEMM kernel files that compile for every architecture from `sm_80` on.
+pub const PORTABLE_SOURCES: &[KernelSource] = &[SCHEDULE, DECODE, MMA];
+/// The expert GEMM kernel files that need `sm_90a`.
+pub const HOPPER_SOURCES: &[KernelSource] = &[WGMMA];
+
+/// Rows of one decode item at most (`DECODE_ITEM_ROWS`): 8 MMA tiles of 8 rows.
+pub const DECODE_ITEM_ROWS: usize = 64;
+/// Rows of one tiled item (`MMA_BM` = `WG_BM`).
+pub const TILE_ROWS: usize = 128;
+/// Threads of a decode CTA (`DECODE_THREADS`).
+pub const DECODE_THREADS: u32 = 128;
+/// Act columns of a decode GEMM 1 CTA (`DECODE_UP_COLUMNS`).
+pub const DECODE_UP_COLUMNS: usize = 32;
+/// Output columns of a decode GEMM 2 CTA (`DECODE_DOWN_COLUMNS`).
+pub const DECODE_DOWN_COLUMNS: usize = 64;
+/// Threads of an `mma.sync` CTA (`MMA_THREADS`).
+pub const MMA_THREADS: u32 = 256;
+/// Act columns of an `mma.sync` GEMM 1 CTA (`MMA_BN / 2`).
+pub const MMA_UP_COLUMNS: usize = 64;
+/// Output columns of an `mma.sync` GEMM 2 CTA (`MMA_BN`).
+pub const MMA_DOWN_COLUMNS: usize = 128;
+/// Dynamic shared memory of the `mma.sync` kernels (`MMA_SHARED_BYTES`: 3 stages of 16 KB).
+pub const MMA_SHARED_BYTES: usize = 3 * (128 + 128) * 32 * 2;
+/// Threads of a `wgmma` CTA (`WG_THREADS`: two warpgroups).
+pub const WG_THREADS: u32 = 256;
+/// Act columns of a `wgmma` GEMM 1 CTA (`WG_BN / 2`).
+pub const WG_UP_COLUMNS: usize = 128;
+/// Output columns of a `wgmma` GEMM 2 CTA (`WG_BN`).
+pub const WG_DOWN_COLUMNS: usize = 256;
+/// Dynamic shared memory of the `wgmma` kernels (`WG_SHARED_BYTES`: 4 stages of 48 KB and
+/// 1 KB to align them).
+pub const WG_SHARED_BYTES: usize = 4 * (128 + 256) * 64 * 2 + 1024;
+/// `H` must be a multiple of this.
+pub const HIDDEN_MULTIPLE: usize = 256;
+/// `I` must be a multiple of this.
+pub const INTER_MULTIPLE: usize = 128;
+/// Words of one work item (`GemmItem`: slot, first row, rows, padding).
+const ITEM_WORDS: usize = 4;
+const MAX_GRID_Y: usize = 65_535;
+
+/// Which kernels run the slots with many rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TiledKernel {
+    /// `wgmma` (Hopper, `sm_90a` only).
+    Wgmma,
+    /// `mma.sync` (any card from `sm_80` on).
+    Mma,
+}
+
+/// How the expert GEMMs split the work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmOptions {
+    /// Slots with at most this many rows (capped at [`DECODE_ITEM_ROWS`]) run the decode
+    /// kernels; 0 sends every slot to the tiled kernels.
+    pub decode_max_rows: usize,
+    /// The tiled kernels.
+    pub tiled: TiledKernel,
+    /// Every slot through the decode kernels in chunks of [`DECODE_ITEM_ROWS`] rows: a
+    /// token's output does not depend on the other tokens of the batch.
+    pub batch_invariant: bool,
+}
+
+impl GemmOptions {
+    /// The fastest choice for `gpu`: decode kernels up to [`DECODE_ITEM_ROWS`] rows per
+    /// slot, `wgmma` tiles on `sm_90a`, `mma.sync` tiles elsewhere; not batch-invariant.
+    pub fn for_device(gpu: &GpuContext) -> Self {
+        let tiled = if gpu.arch() == "sm_90a" { TiledKernel::Wgmma } else { TiledKernel::Mma };
+        GemmOptions { decode_max_rows: DECODE_ITEM_ROWS, tiled, batch_invariant: false }
+    }
+
+    /// The batch-invariant mode (see the module docs).
+    pub fn batch_invariant(self) -> Self {
+        GemmOptions { batch_invariant: true, ..self }
+    }
+
+    /// Item-list sizes that hold every schedule of `rows` permuted rows over `n_slots`
+    /// slots: `(decode, tiled)`. A slot with `c` rows makes at most one decode item, or
+    /// `ceil(c / chunk)` items, and at most `rows / (decode_max_rows + 1)` slots exceed
+    /// the decode limit; so the bounds are exact sums, not guesses.
+    pub fn capacities(&self, rows: usize, n_slots: usize) -> (usize, usize) {
+        let used = n_slots.min(rows);
+        if self.batch_invariant {
+            return (if rows == 0 { 0 } else { rows.div_ceil(DECODE_ITEM_ROWS) + used }, 0);
+        }
+        let limit = self.decode_max_rows.min(DECODE_ITEM_ROWS);
+        let decode = if limit == 0 { 0 } else { used };
+        let big = n_slots.min(rows / (limit + 1));
+        let tiled = if big == 0 { 0 } else { rows.div_ceil(TILE_ROWS) + big };
+        (decode, tiled)
+    }
+
+    /// `(decode_max_rows, tile_rows)` as the schedule kernel takes them.
+    fn schedule_args(&self) -> (u32, u32) {
+        if self.batch_invariant {
+            (DECODE_ITEM_ROWS as u32, 0)
+        } else {
+            (self.decode_max_rows.min(DECODE_ITEM_ROWS) as u32, TILE_ROWS as u32)
+        }
+    }
+}
+
+/// The expert weights on the device, in the contract's stacked layout (bf16).
+#[derive(Debug)]
+pub struct DeviceExpertWeights {
+    /// `[E + S, 2I, H]`: per slot, gate rows then up rows.
+    pub gate_up: DeviceBuffer<bf16>,
+    /// `[E + S, H, I]`.
+    pub down: DeviceBuffer<bf16>,
+    /// `H`.
+    pub hidden_size: usize,
+    /// `I`.
+    pub intermediate_size: usize,
+    /// `E + S`.
+    pub n_slots: usize,
+}
+
+/// Checks that the kernels take `H` and `I`.
+pub fn check_shape(hidden: usize, inter: usize) -> Result<(), MoeError> {
+    if hidden == 0 || !hidden.is_multiple_of(HIDDEN_MULTIPLE) || inter == 0 || !inter.is_multiple_of(INTER_MULTIPLE) {
+        return Err(MoeError::Unsupported(format!(
+            "the CUDA expert kernels need hidden_size % {HIDDEN_MULTIPLE} == 0 and moe_intermediate_size % \
+             {INTER_MULTIPLE} == 0; got {hidden} and {inter}"
+        )));
+    }
+    Ok(())
+}
+
+impl DeviceExpertWeights {
+    /// Uploads the expert weights of `weights` (bf16 only: the kernels' contract).
+    pub fn upload(gpu: &GpuContext, weights: &MoeWeights) -> Result<Self, CudaError> {
+        let cfg = weights.config();
+        let (h, i, slots) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_slots());
+        check_shape(h, i)?;
+        let (TensorView::Bf16(gate_up), TensorView::Bf16(down)) = (weights.gate_up(), weights.down()) else {
+            return Err(MoeError::Unsupported(format!(
+                "the CUDA expert kernels take bf16 weights; this layer's are {:?}",
+                weights.dtype()
+            ))
+            .into());
+        };
+        Ok(DeviceExpertWeights {
+            gate_up: DeviceBuffer::upload(gpu, "experts.gate_up_proj", gate_up, &[slots, 2 * i, h])?,
+            down: DeviceBuffer::upload(gpu, "experts.down_proj", down, &[slots, h, i])?,
+            hidden_size: h,
+            intermediate_size: i,
+            n_slots: slots,
+        })
+    }
+
+    /// Bytes of the expert weights.
+    pub fn bytes(&self) -> usize {
+        2 * (self.gate_up.len() + self.down.len())
+    }
+}
+
+/// The work lists and the activation of one batch of `rows` permuted rows.
+#[derive(Debug)]
+pub struct GemmWorkspace {
+    /// Permuted rows `R`.
+    pub rows: usize,
+    /// Items the decode list holds.
+    pub decode_capacity: usize,
+    /// Items the tiled list holds.
+    pub tiled_capacity: usize,
+    /// Decode items, 4 words each (slot, first row, rows, 0).
+    pub decode_items: DeviceBuffer<u32>,
+    /// Tiled items, 4 words each.
+    pub tiled_items: DeviceBuffer<u32>,
+    /// `[decode items, tiled items, overflow flag]`.
+    pub item_counts: DeviceBuffer<u32>,
+    /// The SwiGLU activation `[R, I]` (bf16).
+    pub act: DeviceBuffer<bf16>,
+    options: GemmOptions,
+}
+
+impl GemmWorkspace {
+    /// The options the lists were sized for.
+    pub fn options(&self) -> GemmOptions {
+        self.options
+    }
+
+    /// Reads `(decode items, tiled items)` (waits), failing if a list overflowed.
+    pub fn read_item_counts(&self) -> Result<(usize, usize), CudaError> {
+        let counts = self.item_counts.download()?;
+        if counts[2] != 0 {
+            return Err(MoeError::Unsupported(format!(
+                "expert schedule overflow: item lists of {} / {} items were too small (a bug)",
+                self.decode_capacity, self.tiled_capacity
+            ))
+            .into());
+        }
+        Ok((counts[0] as usize, counts[1] as usize))
+    }
+}
+
+/// One kernel argument.
+#[derive(Clone, Copy, Debug)]
+enum Arg {
+    Ptr(u64),
+    U32(u32),
+}
+
+fn grid_y(what: &str, n: usize) -> Result<u32, CudaError> {
+    if n > MAX_GRID_Y {
+        return Err(MoeError::Unsupported(format!("{what}: {n} work items exceed the grid limit {MAX_GRID_Y}")).into());
+    }
+    Ok(n as u32)
+}
+
+/// The expert GEMM kernels, compiled for and loaded on one device.
+pub struct ExpertGemm {
+    gpu: Arc<GpuContext>,
+    options: GemmOptions,
+    schedule: CudaFunction,
+    up_decode: CudaFunction,
+    down_decode: CudaFunction,
+    up_tiled: CudaFunction,
+    down_tiled: CudaFunction,
+}
+
+impl std::fmt::Debug for ExpertGemm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpertGemm").field("gpu", &self.gpu).field("options", &self.options).finish_non_exhaustive()
+    }
+}
+
+impl ExpertGemm {
+    /// Compiles (NVRTC, cached) and loads the kernels `options` needs on `gpu`. `wgmma`
+    /// needs an `sm_90a` device.
+    pub fn new(gpu: &Arc<GpuContext>, options: GemmOptions) -> Result<Self, CudaError> {
+        if options.tiled == TiledKernel::Wgmma && gpu.arch() != "sm_90a" {
+            return Err(MoeError::Unsupported(format!(
+                "the wgmma expert kernels need an sm_90a device; {} is {}",
+                gpu.info().name,
+                gpu.arch()
+            ))
+            .into());
+        }
+        let (up_tiled, down_tiled, shared) = match options.tiled {
+            TiledKernel::Wgmma => (
+                gpu.function(&WGMMA, "moe_expert_up_wgmma")?,
+                gpu.function(&WGMMA, "moe_expert_down_wgmma")?,
+                WG_SHARED_BYTES,
+            ),
+            TiledKernel::Mma => {
+                (gpu.function(&MMA, "moe_expert_up_mma")?, gpu.function(&MMA, "moe_expert_down_mma")?, MMA_SHARED_BYTES)
+            }
+        };
+        for f in [&up_tiled, &down_tiled] {
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
+        }
+        Ok(ExpertGemm {
+            gpu: gpu.clone(),
+            options,
+            schedule: gpu.function(&SCHEDULE, "moe_expert_schedule")?,
+            up_decode: gpu.function(&DECODE, "moe_expert_up_decode")?,
+            down_decode: gpu.function(&DECODE, "moe_expert_down_decode")?,
+            up_tiled,
+            down_tiled,
+        })
+    }
+
+    /// The options.
+    pub fn options(&self) -> GemmOptions {
+        self.options
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Arc<GpuContext> {
+        &self.gpu
+    }
+
+    /// Buffers for a batch of `rows` permuted rows of `weights`' shape.
+    pub fn workspace(&self, weights: &DeviceExpertWeights, rows: usize) -> Result<GemmWorkspace, CudaError> {
+        let (decode_capacity, tiled_capacity) = self.options.capacities(rows, weights.n_slots);
+        grid_y("decode items", decode_capacity)?;
+        grid_y("tiled items", tiled_capacity)?;
+        let gpu = &self.gpu;
+        Ok(GemmWorkspace {
+            rows,
+            decode_capacity,
+            tiled_capacity,
+            decode_items: DeviceBuffer::zeros(gpu, &[decode_capacity, ITEM_WORDS])?,
+            tiled_items: DeviceBuffer::zeros(gpu, &[tiled_capacity, ITEM_WORDS])?,
+            item_counts: DeviceBuffer::zeros(gpu, &[3])?,
+            act: DeviceBuffer::zeros(gpu, &[rows, weights.intermediate_size])?,
+            options: self.options,
+        })
+    }
+
+    /// Queues `func` on the stream.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameter list in order and type, and every pointer
+    /// must address a live buffer of this context large enough for what the kernel reads
+    /// and writes at this grid (the callers check shapes first).
+    unsafe fn launch(
+        &self,
+        func: &CudaFunction,
+        grid: (u32, u32),
+        block: u32,
+        shared: usize,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        let mut builder = self.gpu.stream().launch_builder(func);
+        for arg in args {
+            match arg {
+                Arg::Ptr(v) => builder.arg(v),
+                Arg::U32(v) => builder.arg(v),
+            };
+        }
+        let cfg =
+            LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared as u32 };
+        // SAFETY: forwarded to the caller (see the contract above).
+        unsafe { builder.launch(cfg) }?;
+        Ok(())
+    }
+
+    fn check(&self, weights: &DeviceExpertWeights, ws: &GemmWorkspace) -> Result<(), CudaError> {
+        check_shape(weights.hidden_size, weights.intermediate_size)?;
+        if ws.options != self.options {
+            return Err(MoeError::Unsupported("this GEMM workspace was sized for other options".into()).into());
+        }
+        ws.act.expect_shape("activation", &[ws.rows, weights.intermediate_size])?;
+        if ws.rows > u32::MAX as usize {
+            return Err(MoeError::Overflow(format!("{} permuted rows do not fit 32-bit rows", ws.rows)).into());
+        }
+        Ok(())
+    }
+
+    /// Queues the schedule: work items of every slot of `expert_offsets [n_slots + 1]`.
+    pub fn schedule(&self, expert_offsets: &DeviceBuffer<u32>, ws: &mut GemmWorkspace) -> Result<(), CudaError> {
+        let n_slots = expert_offsets.len().saturating_sub(1);
+        let (decode_max_rows, tile_rows) = self.options.schedule_args();
+        let args = [
+            Arg::Ptr(expert_offsets.device_ptr()),
+            Arg::U32(n_slots as u32),
+            Arg::U32(decode_max_rows),
+            Arg::U32(tile_rows),
+            Arg::U32(ws.decode_capacity as u32),
+            Arg::U32(ws.tiled_capacity as u32),
+            Arg::Ptr(ws.decode_items.device_ptr()),
+            Arg::Ptr(ws.tiled_items.device_ptr()),
+            Arg::Ptr(ws.item_counts.device_ptr()),
+        ];
+        // SAFETY: matches `moe_expert_schedule`; expert_offsets has n_slots + 1 entries, the
+        // item lists hold their capacities (it never writes past them), item_counts 3 words.
+        unsafe { self.launch(&self.schedule, (1, 1), 32, 0, &args) }
+    }
+
+    /// Queues GEMM 1 + SwiGLU: `ws.act [R, I]` from `x [R, H]` (bf16, permuted order).
+    /// Needs [`ExpertGemm::schedule`] queued first on the same `expert_offsets`.
+    pub fn up(&self, weights: &DeviceExpertWeights, x: &DeviceTensor, ws: &mut GemmWorkspace) -> Result<(), CudaError> {
+        self.check(weights, ws)?;
+        let (h, i) = (weights.hidden_size, weights.intermediate_size);
+        let DeviceTensor::Bf16(x) = x else {
+            return Err(MoeError::Unsupported("the CUDA expert kernels take bf16 gathered rows".into()).into());
+        };
+        x.expect_shape("permuted hidden", &[ws.rows, h])?;
+        let args = |items: &DeviceBuffer<u32>| {
+            [
+                Arg::Ptr(x.device_ptr()),
+                Arg::Ptr(weights.gate_up.device_ptr()),
+                Arg::Ptr(items.device_ptr()),
+                Arg::Ptr(ws.item_counts.device_ptr()),
+                Arg::U32(h as u32),
+                Arg::U32(i as u32),
+                Arg::Ptr(ws.act.device_ptr()),
+            ]
+        };
+        if ws.decode_capacity > 0 {
+            let grid = ((i / DECODE_UP_COLUMNS) as u32, ws.decode_capacity as u32);
+            // SAFETY: matches `moe_expert_up_decode(x, gate_up, items, item_counts, H, I,
+            // act)`; x [R, H], act [R, I], gate_up [n_slots, 2I, H] (shapes checked); the
+            // schedule wrote items with slot < n_slots and rows inside 0..R; H % 128 and
+            // I % 32 hold (check_shape), so every column block and k step is in bounds.
+            unsafe { self.launch(&self.up_decode, grid, DECODE_THREADS, 0, &args(&ws.decode_items)) }?;
+        }
+        if ws.tiled_capacity > 0 {
+            let (columns, threads, shared) = match self.options.tiled {
+                TiledKernel::Wgmma => (WG_UP_COLUMNS, WG_THREADS, WG_SHARED_BYTES),
+                TiledKernel::Mma => (MMA_UP_COLUMNS, MMA_THREADS, MMA_SHARED_BYTES),
+            };
+            let grid = ((i / columns) as u32, ws.tiled_capacity as u32);
+            // SAFETY: as above for the tiled kernel (same parameters); I % 128 covers both
+            // column widths, H % 64 both k tiles; the dynamic shared memory is the kernel's
+            // own size, allowed by the attribute set in `new`.
+            unsafe { self.launch(&self.up_tiled, grid, threads, shared, &args(&ws.tiled_items)) }?;
+        }
+        Ok(())
+    }
+
+    /// Queues GEMM 2 with the routing weight: `y [R, H] = row_weights[r] * (act down^T)`.
+    pub fn down(
+        &self,
+        weights: &DeviceExpertWeights,
+        row_weights: &DeviceBuffer<f32>,
+        ws: &GemmWorkspace,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<(), CudaError> {
+        self.check(weights, ws)?;
+        let (h, i) = (weights.hidden_size, weights.intermediate_size);
+        row_weights.expect_shape("row weights", &[ws.rows])?;
+        y.expect_shape("expert output rows", &[ws.rows, h])?;
+        let args = |items: &DeviceBuffer<u32>| {
+            [
+                Arg::Ptr(ws.act.device_ptr()),
+                Arg::Ptr(weights.down.device_ptr()),
+                Arg::Ptr(row_weights.device_ptr()),
+                Arg::Ptr(items.device_ptr()),
+                Arg::Ptr(ws.item_counts.device_ptr()),
+                Arg::U32(h as u32),
+                Arg::U32(i as u32),
+                Arg::Ptr(y.device_ptr()),
+            ]
+        };
+        if ws.decode_capacity > 0 {
+            let grid = ((h / DECODE_DOWN_COLUMNS) as u32, ws.decode_capacity as u32);
+            // SAFETY: matches `moe_expert_down_decode(act, down, row_weights, items,
+            // item_counts, H, I, y)`; act [R, I], y [R, H], row_weights [R], down
+            // [n_slots, H, I] (checked); items as in `up`; H % 64 and I % 128 hold.
+            unsafe { self.launch(&self.down_decode, grid, DECODE_THREADS, 0, &args(&ws.decode_items)) }?;
+        }
+        if ws.tiled_capacity > 0 {
+            let (columns, threads, shared) = match self.options.tiled {
+                TiledKernel::Wgmma => (WG_DOWN_COLUMNS, WG_THREADS, WG_SHARED_BYTES),
+                TiledKernel::Mma => (MMA_DOWN_COLUMNS, MMA_THREADS, MMA_SHARED_BYTES),
+            };
+            let grid = ((h / columns) as u32, ws.tiled_capacity as u32);
+            // SAFETY: as above for the tiled kernel; H % 256 covers both column widths.
+            unsafe { self.launch(&self.down_tiled, grid, threads, shared, &args(&ws.tiled_items)) }?;
+        }
+        Ok(())
+    }
+
+    /// Queues the whole grouped step: schedule, GEMM 1, GEMM 2 (no host sync).
+    pub fn run(
+        &self,
+        weights: &DeviceExpertWeights,
+        expert_offsets: &DeviceBuffer<u32>,
+        x: &DeviceTensor,
+        row_weights: &DeviceBuffer<f32>,
+        ws: &mut GemmWorkspace,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<(), CudaError> {
+        expert_offsets.expect_shape("expert_offsets", &[weights.n_slots + 1])?;
+        if x.dtype() != Dtype::Bf16 {
+            return Err(MoeError::Unsupported("the CUDA expert kernels take bf16 gathered rows".into()).into());
+        }
+        self.schedule(expert_offsets, ws)?;
+        self.up(weights, x, ws)?;
+        self.down(weights, row_weights, ws, y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(batch_invariant: bool, decode_max_rows: usize) -> GemmOptions {
+        GemmOptions { decode_max_rows, tiled: TiledKernel::Mma, batch_invariant }
+    }
+
+    /// The items the schedule kernel writes, computed on the host (its documented rule).
+    fn items(opts: &GemmOptions, counts: &[usize]) -> (usize, usize) {
+        let (limit, tile) = opts.schedule_args();
+        let (mut decode, mut tiled) = (0, 0);
+        for &c in counts {
+            if c == 0 {
+            } else if c <= limit as usize {
+                decode += 1;
+            } else if tile > 0 {
+                tiled += c.div_ceil(tile as usize);
+            } else {
+                decode += c.div_ceil(DECODE_ITEM_ROWS);
+            }
+        }
+        (decode, tiled)
+    }
+
+    #[test]
+    fn capacities_hold_every_schedule() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for opts in [options(false, 64), options(false, 0), options(false, 7), options(true, 64)] {
+            for _ in 0..2000 {
+                let n_slots = rng.random_range(1..140);
+                let rows = rng.random_range(0..3000);
+                // Random counts summing to `rows`, sometimes all in one slot.
+                let mut counts = vec![0usize; n_slots];
+                if rng.random_bool(0.2) {
+                    counts[rng.random_range(0..n_slots)] = rows;
+                } else {
+                    for _ in 0..rows {
+                        counts[rng.random_range(0..n_slots)] += 1;
+                    }
+                }
+                let (decode, tiled) = items(&opts, &counts);
+                let (dc, tc) = opts.capacities(rows, n_slots);
+                assert!(decode <= dc && tiled <= tc, "{opts:?} {counts:?}: {decode}/{tiled} items, room {dc}/{tc}");
+            }
+        }
+    }
+
+    #[test]
+    fn small_batches_launch_no_tiled_kernel() {
+        // T = 1 of dots.llm1: 8 rows over 130 slots, one row each.
+        assert_eq!(options(false, 64).capacities(8, 130), (8, 0));
+        assert_eq!(options(false, 64).capacities(0, 130), (0, 0));
+        assert_eq!(options(true, 64).capacities(0, 130), (0, 0));
+        assert_eq!(options(false, 0).capacities(8, 130), (0, 1 + 8));
+    }
+
+    #[test]
+    fn shapes() {
+        assert!(check_shape(4096, 1408).is_ok());
+        assert!(check_shape(7168, 2048).is_ok());
+        assert!(check_shape(4096 + 64, 1408).is_err());
+        assert!(check_shape(4096, 1408 + 32).is_err());
+        assert!(check_shape(0, 128).is_err());
+    }
+}

@@ -1,0 +1,249 @@
+//! The whole MoE layer on the GPU: route, permute, gather, the grouped expert GEMMs
+//! (shared experts fused as slots), combine — queued on one stream with no host sync, so
+//! that a batch shape can be captured once in a CUDA graph and replayed ([`LayerGraph`]).
+//!
+//! ```text
+//! moe_router_logits, moe_router_select, moe_permute_scatter   (MoeKernels::route)
+//! moe_gather_*_to_bf16                                         x [R, H] bf16
+//! moe_expert_schedule, moe_expert_up_*, moe_expert_down_*      (ExpertGemm::run) y [R, H]
+//! moe_combine                                                  out [T, H] f32
+//! ```
+//!
+//! It implements the contract of [`crate::moe::MoeLayer`] under [`Precision::Bf16`] (the
+//! gathered rows and the activation rounded to bf16, f32 accumulation) with bf16 expert
+//! weights; [`CudaMoeLayer::new`] refuses anything else with a typed error. Weights are
+//! uploaded once, in the contract's layout (4.5 GB for dots.llm1).
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaGraph;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+
+use crate::config::MoeConfig;
+use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
+use crate::cuda::context::GpuContext;
+use crate::cuda::error::CudaError;
+use crate::cuda::expert_gemm::{DeviceExpertWeights, ExpertGemm, GemmOptions, GemmWorkspace};
+use crate::cuda::moe::MoeKernels;
+use crate::cuda::workspace::{DeviceRouter, MoeWorkspace};
+use crate::error::{MoeError, check_len};
+use crate::moe::{MoeLayer, Precision};
+use crate::tensor::{Dtype, TensorView};
+
+/// One MoE layer resident on a GPU.
+#[derive(Debug)]
+pub struct CudaMoeLayer {
+    config: MoeConfig,
+    kernels: MoeKernels,
+    gemm: ExpertGemm,
+    router: DeviceRouter,
+    weights: DeviceExpertWeights,
+}
+
+/// Every device buffer of one batch of `tokens` tokens: input, intermediates, output.
+#[derive(Debug)]
+pub struct LayerWorkspace {
+    /// Tokens `T`.
+    pub tokens: usize,
+    /// The input `hidden [T, H]` (f32 or bf16, fixed when the workspace is made).
+    pub hidden: DeviceTensor,
+    /// Routing and permutation buffers.
+    pub routing: MoeWorkspace,
+    /// The gathered rows `x [R, H]`, bf16, permuted order (`R = T * (k + S)`).
+    pub x: DeviceTensor,
+    /// Work items and the activation `[R, I]`.
+    pub gemm: GemmWorkspace,
+    /// Weighted expert rows `y [R, H]` (f32, permuted order).
+    pub expert_rows: DeviceBuffer<f32>,
+    /// The layer output `[T, H]` (f32).
+    pub output: DeviceBuffer<f32>,
+}
+
+impl LayerWorkspace {
+    /// Poisons every intermediate and the output (`0xff` bytes: NaN, `u32::MAX`), so that
+    /// an element no kernel writes shows in the result. The input is left alone.
+    pub fn poison(&mut self) -> Result<(), CudaError> {
+        self.routing.poison()?;
+        self.x.poison()?;
+        self.gemm.decode_items.poison()?;
+        self.gemm.tiled_items.poison()?;
+        self.gemm.item_counts.poison()?;
+        self.gemm.act.poison()?;
+        self.expert_rows.poison()?;
+        self.output.poison()
+    }
+
+    /// Copies `hidden [T, H]` from the host into the input buffer (same element type).
+    pub fn set_input(&mut self, hidden: TensorView<'_>) -> Result<(), CudaError> {
+        match (&mut self.hidden, hidden) {
+            (DeviceTensor::F32(d), TensorView::F32(h)) => d.copy_from_host("hidden", h),
+            (DeviceTensor::Bf16(d), TensorView::Bf16(h)) => d.copy_from_host("hidden", h),
+            (d, h) => Err(MoeError::Unsupported(format!(
+                "this workspace takes {:?} hidden states, got {:?}",
+                d.dtype(),
+                h.dtype()
+            ))
+            .into()),
+        }
+    }
+
+    /// Downloads the output `[T, H]` (waits), after checking the routing status (a
+    /// non-finite router logit is an error, as on the CPU) and the work lists.
+    pub fn read_output(&self) -> Result<Vec<f32>, CudaError> {
+        self.routing.check_status()?;
+        if self.tokens > 0 {
+            self.gemm.read_item_counts()?;
+        }
+        self.output.download()
+    }
+}
+
+impl CudaMoeLayer {
+    /// Uploads `layer` to `gpu` and loads the kernels `options` need. The layer must use
+    /// [`Precision::Bf16`] and bf16 expert weights of a shape the kernels take
+    /// ([`crate::cuda::expert_gemm::check_shape`]).
+    pub fn new(gpu: &Arc<GpuContext>, layer: &MoeLayer, options: GemmOptions) -> Result<Self, CudaError> {
+        if layer.precision() != Precision::Bf16 {
+            return Err(MoeError::Unsupported(
+                "the CUDA layer implements Precision::Bf16 (bf16 gathered rows and activation); set it on the layer"
+                    .into(),
+            )
+            .into());
+        }
+        let weights = DeviceExpertWeights::upload(gpu, layer.weights())?;
+        Ok(CudaMoeLayer {
+            config: layer.config().clone(),
+            kernels: MoeKernels::new(gpu)?,
+            gemm: ExpertGemm::new(gpu, options)?,
+            router: DeviceRouter::from_layer(gpu, layer)?,
+            weights,
+        })
+    }
+
+    /// [`CudaMoeLayer::new`] with the fastest options for the device.
+    pub fn with_default_options(gpu: &Arc<GpuContext>, layer: &MoeLayer) -> Result<Self, CudaError> {
+        Self::new(gpu, layer, GemmOptions::for_device(gpu))
+    }
+
+    /// The layer's shape.
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    /// The GEMM options.
+    pub fn options(&self) -> GemmOptions {
+        self.gemm.options()
+    }
+
+    /// The expert weights on the device.
+    pub fn weights(&self) -> &DeviceExpertWeights {
+        &self.weights
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Arc<GpuContext> {
+        self.kernels.gpu()
+    }
+
+    /// Buffers for `tokens` tokens whose hidden states are `dtype`.
+    pub fn workspace(&self, tokens: usize, dtype: Dtype) -> Result<LayerWorkspace, CudaError> {
+        let (h, slots) = (self.config.hidden_size, self.config.slots_per_token());
+        let rows = tokens
+            .checked_mul(slots)
+            .filter(|r| r.checked_mul(h).is_some())
+            .ok_or_else(|| MoeError::Overflow(format!("{tokens} tokens x {slots} slots x {h}")))?;
+        let gpu = self.gpu();
+        Ok(LayerWorkspace {
+            tokens,
+            hidden: DeviceTensor::zeros(gpu, dtype, &[tokens, h])?,
+            routing: MoeWorkspace::for_router(gpu, &self.router, tokens)?,
+            x: DeviceTensor::zeros(gpu, Dtype::Bf16, &[rows, h])?,
+            gemm: self.gemm.workspace(&self.weights, rows)?,
+            expert_rows: DeviceBuffer::zeros(gpu, &[rows, h])?,
+            output: DeviceBuffer::zeros(gpu, &[tokens, h])?,
+        })
+    }
+
+    /// Queues the whole layer on `ws.hidden`: nine launches (ten with both GEMM regimes),
+    /// no host sync, nothing allocated: capturable in a CUDA graph.
+    pub fn enqueue(&self, ws: &mut LayerWorkspace) -> Result<(), CudaError> {
+        let h = self.config.hidden_size;
+        if ws.tokens == 0 {
+            return Ok(());
+        }
+        self.kernels.route(&self.router, &ws.hidden, &mut ws.routing)?;
+        self.kernels.gather(&ws.hidden, h, &ws.routing, &mut ws.x)?;
+        self.gemm.run(
+            &self.weights,
+            &ws.routing.expert_offsets,
+            &ws.x,
+            &ws.routing.row_weights,
+            &mut ws.gemm,
+            &mut ws.expert_rows,
+        )?;
+        self.kernels.combine(&ws.expert_rows, h, &ws.routing, &mut ws.output)
+    }
+
+    /// The layer's output `[T, H]` for host `hidden [T, H]`: a fresh workspace, upload,
+    /// [`CudaMoeLayer::enqueue`], download (waits).
+    pub fn forward(&self, hidden: TensorView<'_>, tokens: usize) -> Result<Vec<f32>, CudaError> {
+        check_len("hidden", &[tokens, self.config.hidden_size], hidden.len())?;
+        let mut ws = self.workspace(tokens, hidden.dtype())?;
+        ws.set_input(hidden)?;
+        self.enqueue(&mut ws)?;
+        ws.read_output()
+    }
+
+    /// Captures [`CudaMoeLayer::enqueue`] on `ws` in a CUDA graph, for replay with new
+    /// inputs of the same shape ([`LayerGraph::replay`]): the decode path without launch
+    /// overhead.
+    pub fn capture(&self, mut ws: LayerWorkspace) -> Result<LayerGraph<'_>, CudaError> {
+        let stream = self.gpu().stream().clone();
+        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let queued = self.enqueue(&mut ws);
+        // End the capture whatever happened, so the stream is usable again.
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+        queued?;
+        let graph = graph?.ok_or_else(|| CudaError::Driver("stream capture returned no graph".into()))?;
+        graph.upload()?;
+        Ok(LayerGraph { layer: self, graph, ws })
+    }
+}
+
+/// A captured layer for one batch shape: its workspace and the graph of its launches.
+pub struct LayerGraph<'a> {
+    layer: &'a CudaMoeLayer,
+    graph: CudaGraph,
+    ws: LayerWorkspace,
+}
+
+impl std::fmt::Debug for LayerGraph<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerGraph").field("tokens", &self.ws.tokens).finish_non_exhaustive()
+    }
+}
+
+impl LayerGraph<'_> {
+    /// The workspace (input, intermediates, output).
+    pub fn workspace(&self) -> &LayerWorkspace {
+        &self.ws
+    }
+
+    /// Copies a new input `[T, H]` into the captured input buffer.
+    pub fn set_input(&mut self, hidden: TensorView<'_>) -> Result<(), CudaError> {
+        self.ws.set_input(hidden)
+    }
+
+    /// Queues one replay of the whole layer (no host sync).
+    pub fn replay(&self) -> Result<(), CudaError> {
+        Ok(self.graph.launch()?)
+    }
+
+    /// Replays on `hidden` and downloads the output (waits).
+    pub fn forward(&mut self, hidden: TensorView<'_>) -> Result<Vec<f32>, CudaError> {
+        check_len("hidden", &[self.ws.tokens, self.layer.config.hidden_size], hidden.len())?;
+        self.set_input(hidden)?;
+        self.replay()?;
+        self.ws.read_output()
+    }
+}
