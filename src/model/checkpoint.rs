@@ -324,6 +324,21 @@ impl Checkpoint {
         }
     }
 
+    /// Reads every page of a mapped `weight` once (after asking the OS to read ahead), so
+    /// that the first forward pass does not pay for page faults; the load time then says
+    /// what loading really costs. A no-op for owned weights.
+    pub fn prefetch(&self, weight: &Weight) {
+        if let Storage::Mapped { file, start, elems, dtype } = &weight.storage {
+            let len = elems * dtype.size();
+            let map = &self.files[*file].map;
+            #[cfg(unix)]
+            let _ = map.advise_range(memmap2::Advice::WillNeed, *start, len);
+            const PAGE: usize = 4096;
+            let touched = map[*start..*start + len].iter().step_by(PAGE).fold(0u8, |acc, &b| acc ^ b);
+            std::hint::black_box(touched);
+        }
+    }
+
     /// Tells the OS that this process no longer needs the mapped pages of `weight` (after
     /// they were copied elsewhere, like the MoE experts): its resident memory drops, and a
     /// later read simply maps the file again. A no-op for owned weights and off Unix.

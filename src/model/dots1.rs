@@ -177,6 +177,18 @@ impl Dots1Model {
         } else {
             ckpt.weight("lm_head.weight", &[v, h])?
         };
+        // Fault in the weights used in place on every step (not the embeddings: only the
+        // rows of the tokens seen are ever read).
+        for layer in &layers {
+            let a = &layer.attn;
+            for w in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
+                ckpt.prefetch(w);
+            }
+            if let Mlp::Dense { gate, up, down } = &layer.mlp {
+                [gate, up, down].into_iter().for_each(|w| ckpt.prefetch(w));
+            }
+        }
+        ckpt.prefetch(&lm_head);
         bar.finish_and_clear();
 
         let warnings = ckpt
@@ -389,17 +401,20 @@ fn build_moe_layer(ckpt: &mut Checkpoint, cfg: &Dots1Config, n: usize) -> Result
     let dtype = if all_bf16 { Dtype::Bf16 } else { Dtype::F32 };
     let mut builder = MoeLayerBuilder::new(moe_cfg, dtype)?;
     builder.router(ckpt.view(&gate), bias.as_ref().map(|b| ckpt.view(b)))?;
-    for (e, [g, u, d]) in experts.iter().enumerate() {
+    ckpt.release(&gate);
+    // Each expert lives in the layer's own copy once written: let its mapped pages go at
+    // once, so the checkpoint's expert bytes and the copy are never resident together.
+    for (e, weights) in experts.iter().enumerate() {
+        let [g, u, d] = weights;
         builder.expert(e, ckpt.view(g), ckpt.view(u), ckpt.view(d))?;
+        weights.iter().for_each(|w| ckpt.release(w));
     }
-    if let Some([g, u, d]) = &shared {
+    if let Some(weights) = &shared {
+        let [g, u, d] = weights;
         builder.shared(ckpt.view(g), ckpt.view(u), ckpt.view(d))?;
+        weights.iter().for_each(|w| ckpt.release(w));
     }
     let mut layer = builder.build()?;
     layer.set_precision(Precision::F32);
-    // The experts now live in the layer's own copy: let their mapped pages go.
-    for w in experts.iter().chain(shared.iter()).flatten().chain(std::iter::once(&gate)) {
-        ckpt.release(w);
-    }
     Ok(layer)
 }
