@@ -9,11 +9,12 @@
 //! Without the `cuda` feature the API is the same: [`Backend::cuda`] returns
 //! [`BackendError::Unavailable`].
 //!
-//! What runs where on CUDA: routing (logits and selection), the permutation, the gather
-//! and the combine run as CUDA kernels. The expert GEMMs have no CUDA kernel yet, so
-//! [`Backend::forward`] on CUDA runs them with the CPU kernels between the gather and the
-//! combine (downloading the gathered rows, uploading the expert rows); the result follows
-//! the same contract.
+//! What runs where on CUDA: every step is a CUDA kernel when the layer is one the expert
+//! GEMM kernels take (bf16 weights, [`crate::moe::Precision::Bf16`], their shape
+//! multiples): [`Backend::forward`] then runs [`crate::cuda::layer::CudaMoeLayer`]. For any
+//! other layer (f32 weights, [`crate::moe::Precision::F32`]) routing, permutation, gather
+//! and combine run on the GPU and the expert GEMMs on the CPU kernels in between; the
+//! result follows the same contract either way.
 
 use half::bf16;
 
@@ -92,6 +93,25 @@ impl Backend {
             Backend::Cpu => "cpu".into(),
             #[cfg(feature = "cuda")]
             Backend::Cuda(b) => b.name(),
+        }
+    }
+
+    /// Where [`Backend::forward`] runs `layer`'s steps: `cpu`, `cuda` (the whole layer on
+    /// the GPU) or `cuda+cpu-gemm` (the expert GEMMs on the CPU; see the module docs).
+    pub fn forward_path(&self, layer: &MoeLayer) -> &'static str {
+        match self {
+            Backend::Cpu => {
+                let _ = layer;
+                "cpu"
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(b) => {
+                if b.runs_whole_layer(layer) {
+                    "cuda"
+                } else {
+                    "cuda+cpu-gemm"
+                }
+            }
         }
     }
 
@@ -225,6 +245,8 @@ mod cuda_backend {
 
     use super::BackendError;
     use crate::config::{MoeConfig, RouterConfig};
+    use crate::cuda::expert_gemm::check_shape;
+    use crate::cuda::layer::CudaMoeLayer;
     use crate::cuda::{DeviceBuffer, DeviceRouter, DeviceTensor, GpuContext, MoeKernels, MoeWorkspace, nvrtc};
     use crate::error::{MoeError, check_len};
     use crate::moe::{MoeLayer, MoeTrace, Permutation, Precision, Routing, grouped_experts};
@@ -386,6 +408,17 @@ mod cuda_backend {
             Ok(out.download()?)
         }
 
+        /// Whether [`super::Backend::forward`] runs all of `layer` on the GPU
+        /// ([`CudaMoeLayer`]: bf16 expert weights, [`Precision::Bf16`], a shape the expert
+        /// kernels take). Otherwise the expert GEMMs run on the CPU between the GPU's gather
+        /// and combine.
+        pub fn runs_whole_layer(&self, layer: &MoeLayer) -> bool {
+            let cfg = layer.config();
+            layer.precision() == Precision::Bf16
+                && layer.weights().dtype() == Dtype::Bf16
+                && check_shape(cfg.hidden_size, cfg.moe_intermediate_size).is_ok()
+        }
+
         pub(super) fn forward_trace(
             &self,
             layer: &MoeLayer,
@@ -394,6 +427,23 @@ mod cuda_backend {
         ) -> Result<MoeTrace, BackendError> {
             let cfg = layer.config();
             let (h, k) = (cfg.hidden_size, cfg.router.top_k);
+            check_len("hidden", &[tokens, h], hidden.len())?;
+            if self.runs_whole_layer(layer) {
+                // Uploads the layer's weights on every call: an engine keeps a CudaMoeLayer.
+                let gpu_layer = CudaMoeLayer::with_default_options(&self.gpu, layer)?;
+                let mut ws = gpu_layer.workspace(tokens, hidden.dtype())?;
+                ws.set_input(hidden)?;
+                gpu_layer.enqueue(&mut ws)?;
+                let output = ws.read_output()?;
+                return Ok(MoeTrace {
+                    routing: ws.routing.read_routing(k)?,
+                    slot_ids: ws.routing.slot_ids.download()?,
+                    slot_weights: ws.routing.slot_weights.download()?,
+                    permutation: ws.routing.read_permutation()?,
+                    expert_rows: ws.expert_rows.download()?,
+                    output,
+                });
+            }
             tokens.checked_mul(cfg.slots_per_token()).and_then(|p| p.checked_mul(h)).ok_or_else(|| {
                 MoeError::Overflow(format!("{tokens} tokens x {} slots x {h}", cfg.slots_per_token()))
             })?;
@@ -415,7 +465,7 @@ mod cuda_backend {
             let slot_weights = ws.slot_weights.download()?;
             let permutation = ws.read_permutation()?;
             let weights = row_weights(&permutation, &slot_weights);
-            // The expert GEMMs: CPU kernels until the grouped GEMM has a CUDA kernel.
+            // The expert GEMMs on the CPU kernels (this layer is not one the GPU's take).
             let expert_rows = match x_perm {
                 DeviceTensor::Bf16(b) => {
                     let x = b.download()?;

@@ -20,6 +20,10 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Write the logits of one full forward pass over --tokens to a safetensors file.
     Logits(cli::logits::LogitsArgs),
+    /// Compile every CUDA kernel (NVRTC) and print registers, shared memory and spills.
+    Kernels(cli::kernels::KernelsArgs),
+    /// Report the GPU driver, NVRTC and devices this machine has (exits 0 without a GPU).
+    Doctor(cli::doctor::DoctorArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,6 +32,8 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => cli::bench::run(args),
         Command::Generate(args) => cli::generate::run(args),
         Command::Logits(args) => cli::logits::run(args),
+        Command::Kernels(args) => cli::kernels::run(args),
+        Command::Doctor(args) => cli::doctor::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -142,9 +142,11 @@ fn margin(cfg: &RouterConfig, logits: &[f32], bias: &[f32]) -> f32 {
 
 #[test]
 fn the_layer_runs_through_the_same_call() {
+    // H 256, I 128: a shape the CUDA expert kernels take, so on a GPU the bf16 layer runs
+    // whole on the GPU and the others with the CPU's expert GEMMs (Backend::forward_path).
     let cfg = MoeConfig {
-        hidden_size: 64,
-        moe_intermediate_size: 32,
+        hidden_size: 256,
+        moe_intermediate_size: 128,
         n_shared_experts: 2,
         router: RouterConfig { n_experts: 16, top_k: 4, ..RouterConfig::dots1() },
     };
@@ -172,7 +174,7 @@ fn the_layer_runs_through_the_same_call() {
                 }
                 let cpu = layer.forward_trace(TensorView::F32(&x), tokens).unwrap();
                 for b in backends("the_layer_runs_through_the_same_call") {
-                    let what = format!("{} {dtype:?} {precision:?} T={tokens}", b.name());
+                    let what = format!("{} ({}) {dtype:?} {precision:?} T={tokens}", b.name(), b.forward_path(&layer));
                     let got = b.forward_trace(&layer, TensorView::F32(&x), tokens).unwrap();
                     assert_eq!(got.routing.expert_ids, cpu.routing.expert_ids, "{what}");
                     assert_eq!(got.slot_ids, cpu.slot_ids, "{what}");

@@ -2,7 +2,9 @@
 //! `run(args) -> CliResult`.
 
 pub mod bench;
+pub mod doctor;
 pub mod generate;
+pub mod kernels;
 pub mod logits;
 
 /// What every subcommand returns: any error, printed by `main` as `error: ...`.

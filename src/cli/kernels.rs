@@ -1,0 +1,81 @@
+//! `dots-moe kernels`: compile every CUDA kernel with NVRTC and print ptxas's report
+//! (registers, shared memory, spills) per kernel; `--time` also times them on the GPU.
+
+use clap::Args;
+
+use super::CliResult;
+
+/// Arguments of `dots-moe kernels`.
+#[derive(Args, Debug)]
+pub struct KernelsArgs {
+    /// Target architecture (`sm_90a`, `sm_80`, ...). Default: the GPU's own, else `sm_90a`.
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Print a JSON list of objects with the fields `name`, `arch`, `registers`,
+    /// `shared_bytes`, `spill_store_bytes`, `spill_load_bytes`.
+    #[arg(long)]
+    pub json: bool,
+    /// Also time the kernels on GPU 0 (CUDA events, median), as a table.
+    #[arg(long)]
+    pub time: bool,
+    /// Batch sizes (tokens) for `--time`, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 16, 256, 4096])]
+    pub tokens: Vec<usize>,
+    /// Timed runs per region for `--time`.
+    #[arg(long, default_value_t = 200)]
+    pub iterations: usize,
+}
+
+/// Runs the subcommand.
+#[cfg(feature = "cuda")]
+pub fn run(args: KernelsArgs) -> CliResult {
+    use dots_moe::cuda::moe::{rank_shared_bytes, scatter_shared_bytes, select_shared_bytes};
+    use dots_moe::cuda::{GpuContext, bench, context, nvrtc, source};
+
+    let arch = match &args.arch {
+        Some(arch) => arch.clone(),
+        None => context::device_info(0).map(|d| d.arch).unwrap_or_else(|_| "sm_90a".to_string()),
+    };
+    let mut kernels = Vec::new();
+    for src in source::ALL {
+        kernels.extend(nvrtc::compile(src, &arch)?.kernels.iter().cloned());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&kernels)?);
+    } else {
+        let (major, minor) = nvrtc::version()?;
+        println!("NVRTC {major}.{minor}, target {arch}, options {}", nvrtc::options(&arch).join(" "));
+        println!(
+            "{:<28} {:>9} {:>11} {:>12} {:>11} {:>11}",
+            "kernel", "registers", "smem bytes", "stack bytes", "spill st B", "spill ld B"
+        );
+        for k in &kernels {
+            println!(
+                "{:<28} {:>9} {:>11} {:>12} {:>11} {:>11}",
+                k.name, k.registers, k.shared_bytes, k.stack_frame_bytes, k.spill_store_bytes, k.spill_load_bytes
+            );
+        }
+        println!(
+            "dynamic shared memory at dots.llm1 shapes (E 128, 8 slots, 130 slot ids): select {} B, rank {} B, scatter {} B",
+            select_shared_bytes(128, 8, 130),
+            rank_shared_bytes(8, 130),
+            scatter_shared_bytes(130)
+        );
+    }
+    if args.time {
+        let gpu = GpuContext::new(0)?;
+        let timings = bench::time_moe_kernels(&gpu, &args.tokens, args.iterations.max(1))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&timings)?);
+        } else {
+            print!("{}", bench::format_table(&gpu, &timings));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the subcommand.
+#[cfg(not(feature = "cuda"))]
+pub fn run(_args: KernelsArgs) -> CliResult {
+    Err("dots-moe was built without the `cuda` feature".into())
+}
