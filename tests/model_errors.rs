@@ -312,3 +312,13 @@ fn generation_checks_the_prompt_and_stops_at_the_context_limit() {
     let err = generate(&model, &[7; 4], &options(10), |_| Err(ModelError::EmptyInput)).unwrap_err();
     assert!(matches!(err, ModelError::EmptyInput));
 }
+
+#[test]
+fn cache_of_another_model_is_rejected() {
+    let a = Dots1Model::load(&fixture("sharded")).unwrap();
+    let b = Dots1Model::load(&fixture("bf16")).unwrap();
+    let mut cache = b.new_cache();
+    let err = a.forward(&[1, 2], &mut cache, dots_moe::model::LogitsFor::Last).unwrap_err();
+    assert!(matches!(err, ModelError::CacheMismatch { .. }), "{err:?}");
+    assert!(cache.is_empty());
+}

@@ -23,6 +23,8 @@ use super::ops::{Rope, linear, rms_norm_rows};
 pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
+    /// Width of one cached key or value row (`kv_heads * head_dim`).
+    kv_width: usize,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -34,9 +36,14 @@ struct LayerCache {
 }
 
 impl KvCache {
-    /// An empty cache for `layers` layers.
-    pub fn new(layers: usize) -> Self {
-        KvCache { layers: vec![LayerCache::default(); layers], len: 0 }
+    /// An empty cache for `layers` layers whose key and value rows are `kv_width` wide.
+    pub fn new(layers: usize, kv_width: usize) -> Self {
+        KvCache { layers: vec![LayerCache::default(); layers], len: 0, kv_width }
+    }
+
+    /// Layers and row width this cache was made for.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.layers.len(), self.kv_width)
     }
 
     /// Positions cached.
@@ -69,10 +76,10 @@ impl KvCache {
     }
 
     /// Drops the positions a failed step appended past `len` (keeps the cache consistent).
-    pub(crate) fn rollback(&mut self, kv_width: usize) {
+    pub(crate) fn rollback(&mut self) {
         for layer in &mut self.layers {
-            layer.keys.truncate(self.len * kv_width);
-            layer.values.truncate(self.len * kv_width);
+            layer.keys.truncate(self.len * self.kv_width);
+            layer.values.truncate(self.len * self.kv_width);
         }
     }
 }

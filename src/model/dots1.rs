@@ -248,7 +248,7 @@ impl Dots1Model {
 
     /// An empty KV cache for this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        KvCache::new(self.layers.len(), self.attn_shape.kv_width())
     }
 
     /// Logits `[T, vocab]` of one full forward pass over `tokens` (no cache kept).
@@ -265,7 +265,7 @@ impl Dots1Model {
             Ok(Some(hidden)) => hidden,
             Ok(None) => return Err(ModelError::EmptyInput),
             Err(e) => {
-                cache.rollback(self.attn_shape.kv_width());
+                cache.rollback();
                 return Err(e);
             }
         };
@@ -325,6 +325,10 @@ impl Dots1Model {
         stop_at: Option<usize>,
     ) -> Result<Option<Vec<f32>>, ModelError> {
         self.check_tokens(tokens, cache.len())?;
+        let want = (self.layers.len(), self.attn_shape.kv_width());
+        if cache.shape() != want {
+            return Err(ModelError::CacheMismatch { expected: want, actual: cache.shape() });
+        }
         let (t, h) = (tokens.len(), self.cfg.hidden_size);
         let embed = self.ckpt.view(&self.embed);
         let mut hidden = vec![0.0f32; t * h];

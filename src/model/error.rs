@@ -91,6 +91,14 @@ pub enum ModelError {
         /// The model's limit.
         max: usize,
     },
+    /// A KV cache made for another model shape was passed in.
+    #[error("KV cache of (layers, kv width) {actual:?} does not fit this model's {expected:?}")]
+    CacheMismatch {
+        /// (layers, kv_heads * head_dim) of this model.
+        expected: (usize, usize),
+        /// What the cache was made for.
+        actual: (usize, usize),
+    },
     /// An empty token sequence where at least one token is needed.
     #[error("no input tokens")]
     EmptyInput,
