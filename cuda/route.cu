@@ -1,15 +1,19 @@
 // route.cu: step 1 of the MoE contract (src/moe/route.rs), fused with the first half of
 // the permutation (src/moe/permute.rs). Compiled with common.cu prepended.
 //
-// moe_router_logits_<x>_<w>   logits [T, E] = fp32(x [T, H]) . fp32(w [E, H])^T
-//   grid (ceil(T / LOGIT_TOKENS), ceil(E / LOGIT_WARPS)), block LOGIT_WARPS * 32 threads.
-//   One warp owns one expert row of w and LOGIT_TOKENS tokens. Lane l reads the 8-element
-//   (16-byte for bf16) chunks l, l + 32, ... of the row and of each token, keeps one f32
-//   accumulator per token (fmaf in element order), then the lanes are summed by a fixed
-//   xor butterfly. The order of every sum depends on H only: bit-identical run to run and
-//   whatever else shares the batch. With H % 8 != 0 it falls back to one element a lane.
-//   Bytes: E * H * sizeof(w) from memory (each token block re-reads it from L2) +
-//   T * H * sizeof(x) + 4 T E written. FLOPs: 2 T E H.
+// moe_router_logits_<x>_<w>_e<EB>   logits [T, E] = fp32(x [T, H]) . fp32(w [E, H])^T
+//   grid (ceil(T / LOGIT_TOKENS), ceil(E / EB)), block LOGIT_THREADS (4 warps).
+//   One CTA owns LOGIT_TOKENS tokens x EB experts (EB = 1 for small batches: one CTA per
+//   expert row, so a decode step reads the 1 MB router weight with E CTAs in parallel;
+//   EB = 4 for large ones: each x chunk is reused for 4 experts). All 128 threads split H:
+//   thread i owns the 8-element chunks i, i + 128, ... (16-byte loads for bf16, two float4
+//   for f32; contiguous across the CTA) and keeps one f32 accumulator per (token, expert)
+//   (fmaf in element order). The partials are summed by a fixed xor butterfly inside each
+//   warp, then warp 0 + 1 + 2 + 3 in that order. That order depends on H only, not on EB
+//   or T: the logits are bit-identical run to run and whatever else shares the batch.
+//   With H % 8 != 0 the chunks are single elements.
+//   Bytes: E H sizeof(w) (re-read from L2 by each token block) + T H sizeof(x) (re-read
+//   from L2 by each expert block) + 4 T E written. FLOPs: 2 T E H.
 //
 // moe_router_select          logits [T, E] -> slot_ids, slot_weights [T, S], pair_ranks [T S],
 //                            tile_counts [n_tiles, n_slots], tile_status [n_tiles]
@@ -27,73 +31,109 @@
 //   such token, 0 when the tile is clean. Bytes: 4 T E read, 12 T S + 4 n_tiles n_slots
 //   written. FLOPs: about 10 T E.
 
-#define LOGIT_WARPS 4
+#define LOGIT_THREADS 128
+#define LOGIT_WARPS (LOGIT_THREADS / 32)
 #define LOGIT_TOKENS 8
 
-template <typename TX, typename TW>
+template <typename TX, typename TW, int EB>
 __device__ __forceinline__ void router_logits(const TX* __restrict__ x, const TW* __restrict__ w,
                                               float* __restrict__ logits, u32 tokens, u32 experts,
                                               u64 hidden, u32 vectorized) {
+    __shared__ float partial[LOGIT_WARPS][LOGIT_TOKENS * EB];
     const u32 lane = threadIdx.x & 31u;
-    const u32 expert = blockIdx.y * LOGIT_WARPS + (threadIdx.x >> 5);
+    const u32 warp = threadIdx.x >> 5;
     const u64 t0 = (u64)blockIdx.x * LOGIT_TOKENS;
-    if (expert >= experts || t0 >= tokens) return;  // whole warps only; no block barrier below
-    const u32 n = (u32)min((u64)LOGIT_TOKENS, (u64)tokens - t0);
-    const TW* w_row = w + (u64)expert * hidden;
+    const u32 e0 = blockIdx.y * EB;
+    const u32 nt = (u32)min((u64)LOGIT_TOKENS, (u64)tokens - t0);
+    const u32 ne = min((u32)EB, experts - e0);
     const TX* x_rows = x + t0 * hidden;
-    float acc[LOGIT_TOKENS];
+    const TW* w_rows = w + (u64)e0 * hidden;
+    float acc[LOGIT_TOKENS][EB];
 #pragma unroll
-    for (int i = 0; i < LOGIT_TOKENS; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < LOGIT_TOKENS; ++i) {
+#pragma unroll
+        for (int e = 0; e < EB; ++e) acc[i][e] = 0.0f;
+    }
     if (vectorized) {
-#pragma unroll 2
-        for (u64 k = (u64)lane * 8; k < hidden; k += 256) {
-            float wv[8];
-            load8_f32(w_row + k, wv);
+#pragma unroll 4
+        for (u64 k = (u64)threadIdx.x * 8; k < hidden; k += LOGIT_THREADS * 8) {
+            float wv[EB][8];
+#pragma unroll
+            for (int e = 0; e < EB; ++e) {
+                if ((u32)e < ne) {
+                    load8_f32(w_rows + (u64)e * hidden + k, wv[e]);
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) wv[e][j] = 0.0f;
+                }
+            }
 #pragma unroll
             for (int i = 0; i < LOGIT_TOKENS; ++i) {
-                if ((u32)i < n) {
+                if ((u32)i < nt) {
                     float xv[8];
                     load8_f32(x_rows + (u64)i * hidden + k, xv);
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[i] = fmaf(xv[j], wv[j], acc[i]);
+                    for (int e = 0; e < EB; ++e) {
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) acc[i][e] = fmaf(xv[j], wv[e][j], acc[i][e]);
+                    }
                 }
             }
         }
     } else {
-        for (u64 k = lane; k < hidden; k += 32) {
-            const float wv = load1_f32(w_row + k);
+        for (u64 k = threadIdx.x; k < hidden; k += LOGIT_THREADS) {
+            float wv[EB];
+#pragma unroll
+            for (int e = 0; e < EB; ++e) wv[e] = (u32)e < ne ? load1_f32(w_rows + (u64)e * hidden + k) : 0.0f;
 #pragma unroll
             for (int i = 0; i < LOGIT_TOKENS; ++i) {
-                if ((u32)i < n) acc[i] = fmaf(load1_f32(x_rows + (u64)i * hidden + k), wv, acc[i]);
+                if ((u32)i < nt) {
+                    const float xv = load1_f32(x_rows + (u64)i * hidden + k);
+#pragma unroll
+                    for (int e = 0; e < EB; ++e) acc[i][e] = fmaf(xv, wv[e], acc[i][e]);
+                }
             }
         }
     }
 #pragma unroll
     for (int i = 0; i < LOGIT_TOKENS; ++i) {
 #pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) {
-            acc[i] += __shfl_xor_sync(FULL_MASK, acc[i], offset);
+        for (int e = 0; e < EB; ++e) {
+#pragma unroll
+            for (int offset = 16; offset > 0; offset >>= 1) {
+                acc[i][e] += __shfl_xor_sync(FULL_MASK, acc[i][e], offset);
+            }
+            if (lane == 0) partial[warp][i * EB + e] = acc[i][e];
         }
     }
-    if (lane == 0) {
+    __syncthreads();
+    if (threadIdx.x < LOGIT_TOKENS * EB) {
+        const u32 i = threadIdx.x / EB;
+        const u32 e = threadIdx.x % EB;
+        if (i < nt && e < ne) {
+            float sum = partial[0][threadIdx.x];
 #pragma unroll
-        for (int i = 0; i < LOGIT_TOKENS; ++i) {
-            if ((u32)i < n) logits[(t0 + i) * experts + expert] = acc[i];
+            for (int v = 1; v < LOGIT_WARPS; ++v) sum += partial[v][threadIdx.x];
+            logits[(t0 + i) * experts + e0 + e] = sum;
         }
     }
 }
 
-#define ROUTER_LOGITS(NAME, TX, TW)                                                            \
-    extern "C" __global__ void __launch_bounds__(LOGIT_WARPS * 32)                             \
+#define ROUTER_LOGITS(NAME, TX, TW, EB)                                                        \
+    extern "C" __global__ void __launch_bounds__(LOGIT_THREADS)                                \
         NAME(const TX* __restrict__ x, const TW* __restrict__ w, float* __restrict__ logits,   \
              u32 tokens, u32 experts, u64 hidden, u32 vectorized) {                            \
-        router_logits<TX, TW>(x, w, logits, tokens, experts, hidden, vectorized);               \
+        router_logits<TX, TW, EB>(x, w, logits, tokens, experts, hidden, vectorized);           \
     }
 
-ROUTER_LOGITS(moe_router_logits_f32_f32, float, float)
-ROUTER_LOGITS(moe_router_logits_f32_bf16, float, u16)
-ROUTER_LOGITS(moe_router_logits_bf16_f32, u16, float)
-ROUTER_LOGITS(moe_router_logits_bf16_bf16, u16, u16)
+ROUTER_LOGITS(moe_router_logits_f32_f32_e1, float, float, 1)
+ROUTER_LOGITS(moe_router_logits_f32_bf16_e1, float, u16, 1)
+ROUTER_LOGITS(moe_router_logits_bf16_f32_e1, u16, float, 1)
+ROUTER_LOGITS(moe_router_logits_bf16_bf16_e1, u16, u16, 1)
+ROUTER_LOGITS(moe_router_logits_f32_f32_e4, float, float, 4)
+ROUTER_LOGITS(moe_router_logits_f32_bf16_e4, float, u16, 4)
+ROUTER_LOGITS(moe_router_logits_bf16_f32_e4, u16, float, 4)
+ROUTER_LOGITS(moe_router_logits_bf16_bf16_e4, u16, u16, 4)
 
 // Shared memory of moe_router_select, in this order (4-byte words unless said):
 //   choice      [TILE_WARPS * E]   f32, per warp

@@ -112,6 +112,9 @@ impl Program {
 fn as_u32(b: &[u8]) -> Vec<u32> {
     b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()
 }
+fn bits_of(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
 fn as_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
 }
@@ -320,7 +323,7 @@ fn ties_go_to_the_lower_index_and_bad_logits_are_reported() {
 fn logits_match_the_cpu() {
     let Some(emu) = emulator() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    for (tokens, e, h) in [(1usize, 5usize, 64usize), (3, 9, 72), (17, 6, 70), (9, 4, 13)] {
+    for (tokens, e, h) in [(1usize, 5usize, 64usize), (3, 9, 72), (17, 6, 70), (9, 4, 13), (5, 9, 2056)] {
         for (x_bf16, w_bf16) in [(false, false), (false, true), (true, false), (true, true)] {
             let x: Vec<f32> = (0..tokens * h).map(|_| rng.random_range(-1.0..1.0)).collect();
             let w: Vec<f32> = (0..e * h).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -332,29 +335,33 @@ fn logits_match_the_cpu() {
             let mut p = Program::default();
             let xi = if x_bf16 { p.buf(&xb) } else { p.buf(&x) };
             let wi = if w_bf16 { p.buf(&wb) } else { p.buf(&w) };
-            let out = p.poisoned(4 * tokens * e);
+            let outs = [p.poisoned(4 * tokens * e), p.poisoned(4 * tokens * e)];
             let name = format!(
                 "moe_router_logits_{}_{}",
                 if x_bf16 { "bf16" } else { "f32" },
                 if w_bf16 { "bf16" } else { "f32" }
             );
-            p.launch(
-                &name,
-                (tokens.div_ceil(8), e.div_ceil(4)),
-                128,
-                0,
-                &[
-                    A::Buf(xi),
-                    A::Buf(wi),
-                    A::Buf(out),
-                    A::U32(tokens as u32),
-                    A::U32(e as u32),
-                    A::U64(h as u64),
-                    A::U32(u32::from(h % 8 == 0)),
-                ],
-            );
-            let got = as_f32(&p.run(&emu)[out]);
-            for (i, (&g, &c)) in got.iter().zip(&cpu).enumerate() {
+            for (eb, &out) in [1usize, 4].iter().zip(&outs) {
+                p.launch(
+                    &format!("{name}_e{eb}"),
+                    (tokens.div_ceil(8), e.div_ceil(*eb)),
+                    128,
+                    0,
+                    &[
+                        A::Buf(xi),
+                        A::Buf(wi),
+                        A::Buf(out),
+                        A::U32(tokens as u32),
+                        A::U32(e as u32),
+                        A::U64(h as u64),
+                        A::U32(u32::from(h % 8 == 0)),
+                    ],
+                );
+            }
+            let b = p.run(&emu);
+            let (e1, e4) = (as_f32(&b[outs[0]]), as_f32(&b[outs[1]]));
+            assert_eq!(bits_of(&e1), bits_of(&e4), "{name}: one and four experts per CTA must sum in the same order");
+            for (i, (&g, &c)) in e1.iter().zip(&cpu).enumerate() {
                 assert!((g - c).abs() <= 1e-5 * (1.0 + c.abs()), "{name} T={tokens} E={e} H={h} [{i}]: {g} vs {c}");
             }
         }

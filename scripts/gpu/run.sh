@@ -44,6 +44,10 @@ printf '%s\n' "${rows[@]}"
 echo "--- kernels (ptxas, device arch)"
 grep -E '^(NVRTC|moe_)' "$results/kernels.txt" | awk '{ if ($1 == "NVRTC") print; else printf "%-28s %3s regs  spills %s/%s B\n", $1, $2, $5, $6 }'
 echo "--- timings"
-cat "$results/timing.txt"
+if grep -q '^MoE kernels on' "$results/timing.txt"; then
+    sed -n '/^MoE kernels on/,$p' "$results/timing.txt"
+else
+    cat "$results/timing.txt"
+fi
 [ "$failed" = 0 ] && echo "ALL OK" || echo "SOMETHING FAILED (see above and $results)"
 exit "$failed"

@@ -13,7 +13,7 @@ pub struct DoctorArgs {}
 /// Runs the subcommand.
 #[cfg(feature = "cuda")]
 pub fn run(_args: DoctorArgs) -> CliResult {
-    use dots_moe::cuda::{context, nvrtc, source};
+    use dots_moe::cuda::{context, nvrtc};
 
     println!("dots-moe {} (cuda feature on)", env!("CARGO_PKG_VERSION"));
     let mut device_arch = None;
@@ -52,8 +52,10 @@ pub fn run(_args: DoctorArgs) -> CliResult {
             .unwrap_or_default();
         println!("NVRTC: found, version {version}; targets: {archs}");
         let arch = device_arch.unwrap_or_else(|| "sm_90a".to_string());
-        let compiled: Result<usize, _> =
-            source::ALL.iter().map(|s| nvrtc::compile(s, &arch).map(|c| c.kernels.len())).sum();
+        let compiled: Result<usize, _> = super::kernels::kernel_files(&arch)
+            .into_iter()
+            .map(|s| nvrtc::compile(s, &arch).map(|c| c.kernels.len()))
+            .sum();
         match compiled {
             Ok(n) => println!("kernels: all {n} compile for {arch}"),
             Err(e) => println!("kernels: do not compile for {arch}: {e}"),

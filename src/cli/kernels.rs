@@ -26,18 +26,30 @@ pub struct KernelsArgs {
     pub iterations: usize,
 }
 
+/// Every kernel file that targets `arch`: the MoE steps and the portable expert GEMMs
+/// everywhere, the `wgmma` expert GEMMs on `sm_90a` only.
+#[cfg(feature = "cuda")]
+pub fn kernel_files(arch: &str) -> Vec<&'static dots_moe::cuda::source::KernelSource> {
+    use dots_moe::cuda::source;
+    let mut files: Vec<_> = source::ALL.iter().chain(source::EXPERT_GEMM_PORTABLE).collect();
+    if arch == "sm_90a" {
+        files.extend(source::EXPERT_GEMM_HOPPER);
+    }
+    files
+}
+
 /// Runs the subcommand.
 #[cfg(feature = "cuda")]
 pub fn run(args: KernelsArgs) -> CliResult {
     use dots_moe::cuda::moe::{rank_shared_bytes, scatter_shared_bytes, select_shared_bytes};
-    use dots_moe::cuda::{GpuContext, bench, context, nvrtc, source};
+    use dots_moe::cuda::{GpuContext, bench, context, nvrtc};
 
     let arch = match &args.arch {
         Some(arch) => arch.clone(),
         None => context::device_info(0).map(|d| d.arch).unwrap_or_else(|_| "sm_90a".to_string()),
     };
     let mut kernels = Vec::new();
-    for src in source::ALL {
+    for src in kernel_files(&arch) {
         kernels.extend(nvrtc::compile(src, &arch)?.kernels.iter().cloned());
     }
     if args.json {
@@ -46,12 +58,12 @@ pub fn run(args: KernelsArgs) -> CliResult {
         let (major, minor) = nvrtc::version()?;
         println!("NVRTC {major}.{minor}, target {arch}, options {}", nvrtc::options(&arch).join(" "));
         println!(
-            "{:<28} {:>9} {:>11} {:>12} {:>11} {:>11}",
-            "kernel", "registers", "smem bytes", "stack bytes", "spill st B", "spill ld B"
+            "{:<28} {:>9} {:>13} {:>8} {:>11} {:>11}",
+            "kernel", "registers", "static smem B", "stack B", "spill st B", "spill ld B"
         );
         for k in &kernels {
             println!(
-                "{:<28} {:>9} {:>11} {:>12} {:>11} {:>11}",
+                "{:<28} {:>9} {:>13} {:>8} {:>11} {:>11}",
                 k.name, k.registers, k.shared_bytes, k.stack_frame_bytes, k.spill_store_bytes, k.spill_load_bytes
             );
         }

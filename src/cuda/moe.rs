@@ -37,7 +37,10 @@ use crate::tensor::Dtype;
 pub const TILE_TOKENS: usize = 32;
 const TILE_THREADS: u32 = 256;
 const TILE_WARPS: usize = 8;
-const LOGIT_WARPS: u32 = 4;
+const LOGIT_THREADS: u32 = 128;
+/// Up to this many tokens the router logits run one CTA per expert (`_e1`), above it one
+/// CTA per 4 experts (`_e4`); both sum in the same order.
+const LOGIT_E1_MAX_TOKENS: usize = 64;
 const LOGIT_TOKENS: u32 = 8;
 const GATHER_THREADS: u32 = 256;
 const COMBINE_THREADS: u32 = 256;
@@ -94,7 +97,7 @@ enum Arg {
 /// The MoE kernels, compiled for and loaded on one device.
 pub struct MoeKernels {
     gpu: std::sync::Arc<GpuContext>,
-    logits: [CudaFunction; 4],
+    logits: [[CudaFunction; 4]; 2],
     select: CudaFunction,
     rank: CudaFunction,
     scatter: CudaFunction,
@@ -120,10 +123,18 @@ impl MoeKernels {
         Ok(MoeKernels {
             gpu: gpu.clone(),
             logits: [
-                f(&source::ROUTE, "moe_router_logits_f32_f32")?,
-                f(&source::ROUTE, "moe_router_logits_f32_bf16")?,
-                f(&source::ROUTE, "moe_router_logits_bf16_f32")?,
-                f(&source::ROUTE, "moe_router_logits_bf16_bf16")?,
+                [
+                    f(&source::ROUTE, "moe_router_logits_f32_f32_e1")?,
+                    f(&source::ROUTE, "moe_router_logits_f32_bf16_e1")?,
+                    f(&source::ROUTE, "moe_router_logits_bf16_f32_e1")?,
+                    f(&source::ROUTE, "moe_router_logits_bf16_bf16_e1")?,
+                ],
+                [
+                    f(&source::ROUTE, "moe_router_logits_f32_f32_e4")?,
+                    f(&source::ROUTE, "moe_router_logits_f32_bf16_e4")?,
+                    f(&source::ROUTE, "moe_router_logits_bf16_f32_e4")?,
+                    f(&source::ROUTE, "moe_router_logits_bf16_bf16_e4")?,
+                ],
             ],
             select: f(&source::ROUTE, "moe_router_select")?,
             rank: f(&source::PERMUTE, "moe_permute_rank")?,
@@ -190,13 +201,19 @@ impl MoeKernels {
         if tokens == 0 || e == 0 {
             return Ok(());
         }
+        if tokens > u32::MAX as usize {
+            return Err(
+                MoeError::Overflow(format!("{tokens} tokens do not fit the router kernel's 32-bit count")).into()
+            );
+        }
         let aligned = [hidden.device_ptr(), gate.device_ptr()].iter().all(|p| p.is_multiple_of(16));
         let vectorized = u32::from(h.is_multiple_of(8) && aligned);
+        let experts_per_cta = if tokens <= LOGIT_E1_MAX_TOKENS { 1 } else { 4 };
         let grid = (
             grid_dim("router logits", tokens.div_ceil(LOGIT_TOKENS as usize), MAX_GRID_X)?,
-            grid_dim("router logits", e.div_ceil(LOGIT_WARPS as usize), MAX_GRID_Y)?,
+            grid_dim("router logits", e.div_ceil(experts_per_cta), MAX_GRID_Y)?,
         );
-        let func = &self.logits[dtype_index(hidden.dtype(), gate.dtype())];
+        let func = &self.logits[usize::from(experts_per_cta == 4)][dtype_index(hidden.dtype(), gate.dtype())];
         let args = [
             Arg::Ptr(hidden.device_ptr()),
             Arg::Ptr(gate.device_ptr()),
@@ -208,8 +225,8 @@ impl MoeKernels {
         ];
         // SAFETY: matches `router_logits(x, w, logits, tokens, experts, hidden, vectorized)`;
         // x is [T, H], w [E, H], logits [T, E] (checked above); T and E fit u32 (E is
-        // validated by RouterConfig, T by the grid limit times 8).
-        unsafe { self.launch(func, grid, LOGIT_WARPS * 32, 0, &args) }
+        // validated by RouterConfig, T above); grid and block are the kernel's mapping.
+        unsafe { self.launch(func, grid, LOGIT_THREADS, 0, &args) }
     }
 
     fn check_router(router: &DeviceRouter, ws: &MoeWorkspace) -> Result<(), CudaError> {

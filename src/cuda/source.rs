@@ -31,10 +31,14 @@ pub const ROUTE: KernelSource = KernelSource {
     name: "route.cu",
     text: include_str!("../../cuda/route.cu"),
     entry_points: &[
-        "moe_router_logits_f32_f32",
-        "moe_router_logits_f32_bf16",
-        "moe_router_logits_bf16_f32",
-        "moe_router_logits_bf16_bf16",
+        "moe_router_logits_f32_f32_e1",
+        "moe_router_logits_f32_bf16_e1",
+        "moe_router_logits_bf16_f32_e1",
+        "moe_router_logits_bf16_bf16_e1",
+        "moe_router_logits_f32_f32_e4",
+        "moe_router_logits_f32_bf16_e4",
+        "moe_router_logits_bf16_f32_e4",
+        "moe_router_logits_bf16_bf16_e4",
         "moe_router_select",
     ],
 };

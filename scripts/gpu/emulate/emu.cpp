@@ -73,10 +73,14 @@ static std::map<std::string, Kernel> kernels() {
     std::map<std::string, Kernel> k;
 #define LOGITS(NAME, TX, TW) \
     k[#NAME] = [](auto& a, auto& b) { NAME(P(TX, 0), P(TW, 1), P(float, 2), U32(3), U32(4), U64(5), U32(6)); };
-    LOGITS(moe_router_logits_f32_f32, float, float)
-    LOGITS(moe_router_logits_f32_bf16, float, u16)
-    LOGITS(moe_router_logits_bf16_f32, u16, float)
-    LOGITS(moe_router_logits_bf16_bf16, u16, u16)
+    LOGITS(moe_router_logits_f32_f32_e1, float, float)
+    LOGITS(moe_router_logits_f32_bf16_e1, float, u16)
+    LOGITS(moe_router_logits_bf16_f32_e1, u16, float)
+    LOGITS(moe_router_logits_bf16_bf16_e1, u16, u16)
+    LOGITS(moe_router_logits_f32_f32_e4, float, float)
+    LOGITS(moe_router_logits_f32_bf16_e4, float, u16)
+    LOGITS(moe_router_logits_bf16_f32_e4, u16, float)
+    LOGITS(moe_router_logits_bf16_bf16_e4, u16, u16)
     k["moe_router_select"] = [](auto& a, auto& b) {
         moe_router_select(P(float, 0), P(float, 1), U32(2), U32(3), U32(4), U32(5), U32(6), U32(7), U32(8), U32(9),
                           F32(10), P(u32, 11), P(float, 12), P(u32, 13), P(u32, 14), P(u64, 15));
