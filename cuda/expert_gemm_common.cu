@@ -42,6 +42,10 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
 }
 
+// The PTX wrappers below are replaced by C++ models when the kernel files run on the CPU
+// (tests/emulate_gemm: DOTS_MOE_EMULATE defined); NVRTC compiles them as written.
+#ifndef DOTS_MOE_EMULATE
+
 // ---- memory ---------------------------------------------------------------------------
 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
@@ -105,3 +109,5 @@ __device__ __forceinline__ void mma_16816(float c[4], u32 a0, u32 a1, u32 a2, u3
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+
+#endif  // DOTS_MOE_EMULATE

@@ -70,9 +70,10 @@ __device__ __forceinline__ void load_weight_steps(WeightSteps<U>& w, const uint4
     }
 }
 
-// acc[t] += W (16 rows: row_lo = rows 0..7, row_hi = rows 8..15) x B (item rows 8t..8t+7),
-// over the whole K. `rows_b` points at item row g (lane's row in tile 0), column 8q; tile t
-// is `8 * t * ldb` elements further; rows >= rows_valid read as zero. The weight loads of
+// acc[t] += W (16 rows: row_lo = this lane's row g of rows 0..7, row_hi = its row g + 8) x
+// B (item rows 8t..8t+7), over the whole K. `rows_b` points at item row g (the lane's row in
+// tile 0); tile t is `8 * t * ldb` elements further; rows >= rows_valid read as zero. All
+// three pointers are at column 0: the lane's 8-element column offset 8q is added here. The weight loads of
 // the next U steps are issued before the MMAs of the current U steps (double buffer in
 // registers): U = DECODE_UNROLL steps for 1 or 2 tiles, half as many for 4 tiles and a
 // quarter for 8, which keeps every NT within DECODE_MIN_CTAS' register budget (no spills).
@@ -84,7 +85,7 @@ __device__ __forceinline__ void decode_dot(float acc[NT][4], const u16* row_lo, 
     const u32 g = lane >> 2;
     const uint4* a_lo = reinterpret_cast<const uint4*>(row_lo) + (lane & 3u);
     const uint4* a_hi = reinterpret_cast<const uint4*>(row_hi) + (lane & 3u);
-    const uint4* b_base = reinterpret_cast<const uint4*>(rows_b);
+    const uint4* b_base = reinterpret_cast<const uint4*>(rows_b) + (lane & 3u);
     const u64 b_tile = ldb;  // 8 rows of ldb elements, in 16-byte units
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
@@ -119,9 +120,9 @@ __device__ __forceinline__ void up_decode_warp(const u16* gate_up_slot, const u1
                                                GemmItem item, u32 n0) {
     const u32 lane = threadIdx.x & 31u;
     const u32 g = lane >> 2, q = lane & 3u;
-    const u16* gate_row = gate_up_slot + (u64)(n0 + g) * hidden + 8 * q;
-    const u16* up_row = gate_up_slot + (u64)(inter + n0 + g) * hidden + 8 * q;
-    const u16* rows_b = x + ((u64)item.row_begin + g) * hidden + 8 * q;
+    const u16* gate_row = gate_up_slot + (u64)(n0 + g) * hidden;
+    const u16* up_row = gate_up_slot + (u64)(inter + n0 + g) * hidden;
+    const u16* rows_b = x + ((u64)item.row_begin + g) * hidden;
     float acc[NT][4];
     decode_dot<NT>(acc, gate_row, up_row, rows_b, hidden, hidden, item.rows);
 #pragma unroll
@@ -139,9 +140,9 @@ __device__ __forceinline__ void down_decode_warp(const u16* down_slot, const u16
                                                  float* y, u32 hidden, u32 inter, GemmItem item, u32 n0) {
     const u32 lane = threadIdx.x & 31u;
     const u32 g = lane >> 2, q = lane & 3u;
-    const u16* row_lo = down_slot + (u64)(n0 + g) * inter + 8 * q;
-    const u16* row_hi = down_slot + (u64)(n0 + g + 8) * inter + 8 * q;
-    const u16* rows_b = act + ((u64)item.row_begin + g) * inter + 8 * q;
+    const u16* row_lo = down_slot + (u64)(n0 + g) * inter;
+    const u16* row_hi = down_slot + (u64)(n0 + g + 8) * inter;
+    const u16* rows_b = act + ((u64)item.row_begin + g) * inter;
     float acc[NT][4];
     decode_dot<NT>(acc, row_lo, row_hi, rows_b, inter, inter, item.rows);
 #pragma unroll

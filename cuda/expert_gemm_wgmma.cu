@@ -78,6 +78,8 @@ __device__ __forceinline__ u64 wgmma_desc(u32 smem_addr) {
     return (u64)((smem_addr & 0x3FFFFu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
 }
 
+#ifndef DOTS_MOE_EMULATE  // C++ models of these PTX wrappers: tests/emulate_gemm
+
 __device__ __forceinline__ void wgmma_fence() {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
@@ -137,6 +139,8 @@ __device__ __forceinline__ void wgmma_m64n256k16(float d[128], u64 desc_a, u64 d
           "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "l"(desc_a), "l"(desc_b), "r"(1));
 }
+
+#endif  // DOTS_MOE_EMULATE
 
 // Queues the copies of one stage: A = item rows 0..WG_BM (zeros from a_valid on) of
 // `a_rows`, B = weight rows (0..127 from b_lo, 128..255 from b_hi), k0..k0 + WG_BK.

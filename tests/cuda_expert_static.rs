@@ -10,7 +10,7 @@
 //! Needs `libnvrtc.so.13` on the library path (pip `nvidia-cuda-nvrtc==13.0.88`); the SASS
 //! check also needs `cuobjdump` and `nvdisasm` (pip `nvidia-cuda-cuobjdump==13.2.51` and
 //! `nvidia-cuda-nvdisasm==13.2.51`, found through `DOTS_MOE_CUOBJDUMP`, then
-//! `.venv-cuda-tools` or `.venv-cuda` of this checkout, then `PATH`). Each missing tool
+//! `.venv-cuda-tools` or `.venv-cuda` of this checkout, then `/usr/local/cuda/bin`, then `PATH`). Each missing tool
 //! skips its test, unless `DOTS_MOE_REQUIRE_NVRTC=1`, which makes it a failure.
 #![cfg(feature = "cuda")]
 
@@ -187,8 +187,10 @@ fn cuobjdump() -> Result<PathBuf, String> {
             }
         }
     }
+    // A CUDA toolkit (the GPU host's), then PATH.
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
+    std::iter::once(PathBuf::from("/usr/local/cuda/bin"))
+        .chain(std::env::split_paths(&path))
         .map(|d| d.join("cuobjdump"))
         .find(|p| p.is_file())
         .ok_or_else(|| "no cuobjdump (pip nvidia-cuda-cuobjdump==13.2.51 + nvidia-cuda-nvdisasm==13.2.51)".into())

@@ -1,0 +1,306 @@
+//! GPU-vs-CPU tests of the grouped expert GEMMs alone (steps 3 and 4 of the contract):
+//! `dots_moe::cuda::expert_gemm::ExpertGemm` against `dots_moe::moe::grouped_experts`
+//! under `Precision::Bf16`, on fresh random inputs, for every way the work can be split
+//! (decode and tiled by row count, all tiled with `mma.sync`, all tiled with `wgmma` on
+//! sm_90a, batch-invariant).
+//!
+//! - sizes: the row counts of T = 1, 3, 17, 256 and 4099 tokens under uniform routing; a
+//!   skewed batch (one slot with most rows, many empty); counts on every regime boundary
+//!   (8/9, 16/17, 32/33, 64/65 rows of the decode tiles, 128/129 of the tiled ones);
+//! - relative error `||gpu - cpu|| / ||cpu|| <= 1e-2` for the weighted rows `y` and the
+//!   activation (a test-local reference of GEMM 1);
+//! - outputs poisoned (NaN) before every run: an element no kernel writes fails;
+//! - two runs bit-identical; in the batch-invariant mode a row computed alone equals the
+//!   same row inside a batch, bit for bit;
+//! - the shared slots sum to the unfused shared MLP (width `S * I`).
+//!
+//! Without a GPU every test reports that it was skipped; `DOTS_MOE_REQUIRE_GPU=1` makes
+//! that a failure.
+#![cfg(feature = "cuda")]
+
+mod gemm_support;
+
+use std::sync::Arc;
+
+use dots_moe::config::{MoeConfig, RouterConfig};
+use dots_moe::cpu::Isa;
+use dots_moe::cuda::expert_gemm::{DeviceExpertWeights, ExpertGemm, GemmOptions};
+use dots_moe::cuda::{DeviceBuffer, DeviceTensor, GpuContext};
+use dots_moe::moe::{MoeWeights, Permutation, Precision, grouped_experts};
+use dots_moe::tensor::{Dtype, TensorView};
+use gemm_support::{all_options, assert_close, bits, random_bf16, rng};
+use half::bf16;
+use rand::Rng;
+use rand::seq::index::sample;
+use rayon::prelude::*;
+
+const H: usize = 512;
+const I: usize = 256;
+const E: usize = 16;
+const K: usize = 4;
+const S: usize = 2;
+const N_SLOTS: usize = E + S;
+
+fn config() -> MoeConfig {
+    MoeConfig {
+        hidden_size: H,
+        moe_intermediate_size: I,
+        n_shared_experts: S,
+        router: RouterConfig { n_experts: E, top_k: K, ..RouterConfig::dots1() },
+    }
+}
+
+/// One grouped step's inputs: rows sorted by slot.
+struct Case {
+    counts: Vec<usize>,
+    perm: Permutation,
+    x: Vec<bf16>,
+    row_weights: Vec<f32>,
+}
+
+impl Case {
+    fn rows(&self) -> usize {
+        self.perm.rows()
+    }
+
+    /// Rows `counts[e]` for slot `e`, random x in ±1, random routing weights (1.0 for the
+    /// shared slots).
+    fn from_counts(counts: &[usize], seed: u64) -> Case {
+        assert_eq!(counts.len(), N_SLOTS);
+        let rows: usize = counts.iter().sum();
+        let mut offsets = vec![0u32];
+        for &c in counts {
+            offsets.push(offsets.last().unwrap() + c as u32);
+        }
+        let identity: Vec<u32> = (0..rows as u32).collect();
+        let perm = Permutation {
+            tokens: rows,
+            slots_per_token: 1,
+            expert_offsets: offsets,
+            row_pairs: identity.clone(),
+            pair_rows: identity,
+        };
+        let mut r = rng(seed);
+        let x = random_bf16(&mut r, rows * H, 1.0);
+        let mut row_weights = Vec::with_capacity(rows);
+        for (e, &c) in counts.iter().enumerate() {
+            for _ in 0..c {
+                row_weights.push(if e >= E { 1.0 } else { r.random_range(0.05f32..2.5) });
+            }
+        }
+        Case { counts: counts.to_vec(), perm, x, row_weights }
+    }
+}
+
+/// Per-slot row counts of `tokens` tokens routed uniformly (k distinct experts each) plus
+/// the shared slots.
+fn uniform_counts(tokens: usize, seed: u64) -> Vec<usize> {
+    let mut r = rng(seed);
+    let mut counts = vec![0usize; N_SLOTS];
+    for _ in 0..tokens {
+        for e in sample(&mut r, E, K) {
+            counts[e] += 1;
+        }
+    }
+    for c in &mut counts[E..] {
+        *c = tokens;
+    }
+    counts
+}
+
+/// One slot with most rows, half the slots empty.
+fn skewed_counts() -> Vec<usize> {
+    let mut counts = vec![0usize; N_SLOTS];
+    counts[3] = 1500;
+    counts[5] = 40;
+    counts[11] = 1;
+    counts[E] = 700;
+    counts[E + 1] = 700;
+    counts
+}
+
+/// Every regime boundary: decode tiles of 8 / 16 / 32 / 64 rows, tiles of 128 rows.
+fn boundary_counts() -> Vec<usize> {
+    vec![0, 1, 7, 8, 9, 16, 17, 32, 33, 63, 64, 65, 127, 128, 129, 300, 2, 1]
+}
+
+fn weights() -> MoeWeights {
+    MoeWeights::synthetic(&config(), Dtype::Bf16, 42).unwrap()
+}
+
+/// The CPU reference: weighted rows `y [R, H]`.
+fn cpu_rows(weights: &MoeWeights, case: &Case) -> Vec<f32> {
+    grouped_experts(weights, TensorView::Bf16(&case.x), &case.perm, &case.row_weights, Precision::Bf16, Isa::detect())
+        .unwrap()
+}
+
+/// GEMM 1 + SwiGLU by the contract's formula, plainly: `a [R, I]` as f32 (bf16 values).
+fn cpu_activation(weights: &MoeWeights, case: &Case) -> Vec<f32> {
+    let TensorView::Bf16(gate_up) = weights.gate_up() else { panic!("bf16 weights") };
+    let slot_of_row: Vec<usize> =
+        case.counts.iter().enumerate().flat_map(|(e, &c)| std::iter::repeat_n(e, c)).collect();
+    let mut act = vec![0.0f32; case.rows() * I];
+    act.par_chunks_mut(I).enumerate().for_each(|(r, out)| {
+        let x = &case.x[r * H..(r + 1) * H];
+        let slot = &gate_up[slot_of_row[r] * 2 * I * H..];
+        for (i, o) in out.iter_mut().enumerate() {
+            let dot = |row: usize| -> f32 {
+                x.iter().zip(&slot[row * H..(row + 1) * H]).map(|(a, b)| a.to_f32() * b.to_f32()).sum()
+            };
+            let (g, u) = (dot(i), dot(I + i));
+            *o = bf16::from_f32(g / (1.0 + (-g).exp()) * u).to_f32();
+        }
+    });
+    act
+}
+
+/// What one GPU run returns.
+struct GpuRun {
+    act: Vec<f32>,
+    y: Vec<f32>,
+    items: (usize, usize),
+}
+
+fn run_gpu(gpu: &Arc<GpuContext>, dev: &DeviceExpertWeights, options: GemmOptions, case: &Case) -> GpuRun {
+    let gemm = ExpertGemm::new(gpu, options).unwrap();
+    let rows = case.rows();
+    let mut ws = gemm.workspace(dev, rows).unwrap();
+    let offsets = DeviceBuffer::upload(gpu, "expert_offsets", &case.perm.expert_offsets, &[N_SLOTS + 1]).unwrap();
+    let x = DeviceTensor::upload(gpu, "x", TensorView::Bf16(&case.x), &[rows, H]).unwrap();
+    let row_weights = DeviceBuffer::upload(gpu, "row_weights", &case.row_weights, &[rows]).unwrap();
+    let mut y = DeviceBuffer::<f32>::zeros(gpu, &[rows, H]).unwrap();
+    for buffer in [&mut ws.decode_items, &mut ws.tiled_items, &mut ws.item_counts] {
+        buffer.poison().unwrap();
+    }
+    ws.act.poison().unwrap();
+    y.poison().unwrap();
+    gemm.run(dev, &offsets, &x, &row_weights, &mut ws, &mut y).unwrap();
+    let items = ws.read_item_counts().unwrap();
+    let act = ws.act.download().unwrap().iter().map(|v| v.to_f32()).collect();
+    GpuRun { act, y: y.download().unwrap(), items }
+}
+
+/// The items the schedule must have made, by its documented rule.
+fn expected_items(options: &GemmOptions, counts: &[usize]) -> (usize, usize) {
+    let (mut decode, mut tiled) = (0, 0);
+    for &c in counts.iter().filter(|&&c| c > 0) {
+        if options.batch_invariant {
+            decode += c.div_ceil(64);
+        } else if c <= options.decode_max_rows.min(64) {
+            decode += 1;
+        } else {
+            tiled += c.div_ceil(128);
+        }
+    }
+    (decode, tiled)
+}
+
+fn check_case(gpu: &Arc<GpuContext>, weights: &MoeWeights, dev: &DeviceExpertWeights, name: &str, case: &Case) {
+    let want_y = cpu_rows(weights, case);
+    let want_act = cpu_activation(weights, case);
+    for (label, options) in all_options(gpu) {
+        let run = run_gpu(gpu, dev, options, case);
+        assert_eq!(run.items, expected_items(&options, &case.counts), "{name} / {label}: work items");
+        assert_close(&format!("{name} / {label}: activation"), &run.act, &want_act);
+        assert_close(&format!("{name} / {label}: weighted rows"), &run.y, &want_y);
+    }
+}
+
+fn setup(test: &str) -> Option<(Arc<GpuContext>, MoeWeights, DeviceExpertWeights)> {
+    let gpu = gemm_support::gpu(test)?;
+    let weights = weights();
+    let dev = DeviceExpertWeights::upload(&gpu, &weights).unwrap();
+    Some((gpu, weights, dev))
+}
+
+#[test]
+fn gemm_matches_cpu_at_every_size() {
+    let Some((gpu, weights, dev)) = setup("gemm_matches_cpu_at_every_size") else { return };
+    for tokens in [1, 3, 17, 256, 4099] {
+        let case = Case::from_counts(&uniform_counts(tokens, tokens as u64), 100 + tokens as u64);
+        check_case(&gpu, &weights, &dev, &format!("T = {tokens}"), &case);
+    }
+}
+
+#[test]
+fn gemm_matches_cpu_with_skewed_and_boundary_counts() {
+    let Some((gpu, weights, dev)) = setup("gemm_matches_cpu_with_skewed_and_boundary_counts") else { return };
+    check_case(&gpu, &weights, &dev, "skewed", &Case::from_counts(&skewed_counts(), 7));
+    check_case(&gpu, &weights, &dev, "boundaries", &Case::from_counts(&boundary_counts(), 8));
+}
+
+#[test]
+fn gemm_is_bit_identical_run_to_run() {
+    let Some((gpu, _weights, dev)) = setup("gemm_is_bit_identical_run_to_run") else { return };
+    for case in [Case::from_counts(&boundary_counts(), 9), Case::from_counts(&uniform_counts(256, 1), 10)] {
+        for (label, options) in all_options(&gpu) {
+            let a = run_gpu(&gpu, &dev, options, &case);
+            let b = run_gpu(&gpu, &dev, options, &case);
+            assert!(bits(&a.y) == bits(&b.y), "{label}: weighted rows differ between two runs");
+            assert!(bits(&a.act) == bits(&b.act), "{label}: activations differ between two runs");
+        }
+    }
+}
+
+#[test]
+fn batch_invariant_rows_do_not_depend_on_the_batch() {
+    let Some((gpu, _weights, dev)) = setup("batch_invariant_rows_do_not_depend_on_the_batch") else { return };
+    let options = GemmOptions::for_device(&gpu).batch_invariant();
+    let batch = Case::from_counts(&boundary_counts(), 11);
+    let full = run_gpu(&gpu, &dev, options, &batch);
+    let mut r = rng(12);
+    // Rows of slots with 1, 9, 65, 129 and 300 rows (several chunks), computed alone.
+    for slot in [1usize, 4, 11, 14, 15] {
+        let begin = batch.perm.expert_offsets[slot] as usize;
+        let row = begin + r.random_range(0..batch.counts[slot]);
+        let mut counts = vec![0usize; N_SLOTS];
+        counts[slot] = 1;
+        let mut alone = Case::from_counts(&counts, 0);
+        alone.x.copy_from_slice(&batch.x[row * H..(row + 1) * H]);
+        alone.row_weights[0] = batch.row_weights[row];
+        let single = run_gpu(&gpu, &dev, options, &alone);
+        assert!(
+            bits(&single.y) == bits(&full.y[row * H..(row + 1) * H]),
+            "slot {slot}, row {row}: alone and inside the batch differ"
+        );
+        assert!(bits(&single.act) == bits(&full.act[row * I..(row + 1) * I]), "slot {slot}, row {row}: activation");
+    }
+}
+
+#[test]
+fn shared_slots_equal_the_unfused_shared_mlp() {
+    let Some((gpu, weights, dev)) = setup("shared_slots_equal_the_unfused_shared_mlp") else { return };
+    let tokens = 70;
+    let mut counts = vec![0usize; N_SLOTS];
+    counts[E..].iter_mut().for_each(|c| *c = tokens);
+    let mut case = Case::from_counts(&counts, 13);
+    // The same token rows in both shared slots.
+    let (first, rest) = case.x.split_at_mut(tokens * H);
+    rest.copy_from_slice(first);
+    // The unfused shared MLP of width S * I, from the checkpoint-shaped tensors the slots
+    // were split from: gate / up [S I, H] (slot rows stacked), down [H, S I].
+    let (TensorView::Bf16(gate_up), TensorView::Bf16(down)) = (weights.gate_up(), weights.down()) else { panic!() };
+    let f = |v: bf16| v.to_f32();
+    let mut want = vec![0.0f32; tokens * H];
+    want.par_chunks_mut(H).enumerate().for_each(|(t, out)| {
+        let x = &case.x[t * H..(t + 1) * H];
+        let mut a = vec![0.0f32; S * I];
+        for (j, aj) in a.iter_mut().enumerate() {
+            let (slot, i) = (E + j / I, j % I);
+            let base = slot * 2 * I * H;
+            let dot =
+                |row: usize| -> f32 { x.iter().zip(&gate_up[base + row * H..]).map(|(p, q)| f(*p) * f(*q)).sum() };
+            let (g, u) = (dot(i), dot(I + i));
+            *aj = bf16::from_f32(g / (1.0 + (-g).exp()) * u).to_f32();
+        }
+        for (h, o) in out.iter_mut().enumerate() {
+            // down_shared[h][j] = slot (E + j / I)'s down[h][j % I].
+            *o = (0..S * I).map(|j| a[j] * f(down[(E + j / I) * H * I + h * I + j % I])).sum();
+        }
+    });
+    for (label, options) in all_options(&gpu) {
+        let run = run_gpu(&gpu, &dev, options, &case);
+        let fused: Vec<f32> = (0..tokens * H).map(|i| run.y[i] + run.y[tokens * H + i]).collect();
+        assert_close(&format!("{label}: fused shared slots vs unfused shared MLP"), &fused, &want);
+    }
+}
