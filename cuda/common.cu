@@ -147,3 +147,33 @@ __device__ void rank_tile(const u32* ids, u32 n_pairs, u32 n_slots, u32* warp_co
     }
     for (u32 i = threadIdx.x; i < n_slots; i += TILE_THREADS) counts[i] = running[i];
 }
+
+// Exclusive scan of the per-slot counts `offsets[0..n_slots)` (shared) into row offsets, in
+// place; `offsets[n_slots]` becomes the total. Warp 0 scans (lane l owns a contiguous run
+// of slots); integer sums, so the order is no question. All TILE_THREADS threads call it;
+// it ends with a barrier.
+__device__ __forceinline__ void scan_slot_counts(u32* offsets, u32 n_slots) {
+    if (threadIdx.x < 32) {
+        const u32 lane = threadIdx.x;
+        const u32 per_lane = (n_slots + 31) / 32;
+        const u32 begin = min(lane * per_lane, n_slots);
+        const u32 end = min(begin + per_lane, n_slots);
+        u32 own = 0;
+        for (u32 e = begin; e < end; ++e) own += offsets[e];
+        u32 inclusive = own;
+#pragma unroll
+        for (int offset = 1; offset < 32; offset <<= 1) {
+            const u32 other = __shfl_up_sync(FULL_MASK, inclusive, offset);
+            if (lane >= (u32)offset) inclusive += other;
+        }
+        u32 running = inclusive - own;
+        for (u32 e = begin; e < end; ++e) {
+            const u32 c = offsets[e];
+            offsets[e] = running;
+            running += c;
+        }
+        __syncwarp();
+        if (lane == 31) offsets[n_slots] = inclusive;
+    }
+    __syncthreads();
+}

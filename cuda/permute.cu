@@ -14,7 +14,7 @@
 //
 // moe_permute_scatter   -> expert_offsets [n_slots + 1], row_pairs [T S], pair_rows [T S],
 //                          row_weights [T S] (optional: slot_weights in row order)
-//   grid n_tiles, block TILE_THREADS, shared 4 (2 n_slots + 33) bytes. Every CTA reads the
+//   grid max(n_tiles, 1), block TILE_THREADS, shared 4 (2 n_slots + 1) bytes. Every CTA reads the
 //   whole tile_counts table (L2-resident: 4 n_tiles n_slots bytes) to get, for each slot,
 //   the pairs of earlier tiles and the slot totals; warp 0 scans the totals into
 //   expert_offsets (CTA 0 writes them). Each thread then places pairs of its tile:
@@ -69,7 +69,6 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
     extern __shared__ __align__(16) unsigned char smem[];
     u32* base = reinterpret_cast<u32*>(smem);  // [n_slots]: earlier tiles' pairs, then row base
     u32* total = base + n_slots;               // [n_slots + 1]: slot totals, then offsets
-    __shared__ u32 chunk_sums[32];
 
     const u32 tile = blockIdx.x;
     for (u32 e = threadIdx.x; e < n_slots; e += TILE_THREADS) {
@@ -85,31 +84,7 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
     }
     __syncthreads();
 
-    // Exclusive scan of the totals by warp 0: lane l owns a contiguous run of slots.
-    if (threadIdx.x < 32) {
-        const u32 lane = threadIdx.x;
-        const u32 per_lane = (n_slots + 31) / 32;
-        const u32 begin = min(lane * per_lane, n_slots);
-        const u32 end = min(begin + per_lane, n_slots);
-        u32 own = 0;
-        for (u32 e = begin; e < end; ++e) own += total[e];
-        u32 inclusive = own;
-#pragma unroll
-        for (int offset = 1; offset < 32; offset <<= 1) {
-            const u32 other = __shfl_up_sync(FULL_MASK, inclusive, offset);
-            if (lane >= (u32)offset) inclusive += other;
-        }
-        u32 running = inclusive - own;
-        for (u32 e = begin; e < end; ++e) {
-            const u32 c = total[e];
-            total[e] = running;
-            running += c;
-        }
-        if (lane == 31) chunk_sums[0] = inclusive;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) total[n_slots] = chunk_sums[0];
-    __syncthreads();
+    scan_slot_counts(total, n_slots);
     if (tile == 0) {
         for (u32 e = threadIdx.x; e <= n_slots; e += TILE_THREADS) expert_offsets[e] = total[e];
     }

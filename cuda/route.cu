@@ -25,7 +25,10 @@
 //   rounds of warp arg-max with ties to the lower index, weights from the unbiased scores,
 //   normalised with sum + 1e-20 (sum in slot order) and scaled. Shared slots E..E+S-1 follow
 //   with weight 1.0. Then the whole block ranks the tile's pairs (rank_tile): these per-tile
-//   counts are the router's per-expert counts; no separate counting pass is needed.
+//   counts are the router's per-expert counts; no separate counting pass is needed. With a
+//   single tile (T <= TILE_TOKENS, decode) and fuse_scatter set, the CTA also writes
+//   expert_offsets, row_pairs, pair_rows and row_weights (moe_permute_scatter's job), so
+//   routing plus permutation is two launches at decode.
 //   A token with a non-finite logit is still routed (its bad logits read as 0.0) so every
 //   id stays in range; tile_status records (token << 32 | expert) + 1 of the tile's first
 //   such token, 0 when the tile is clean. Bytes: 4 T E read, 12 T S + 4 n_tiles n_slots
@@ -148,7 +151,9 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
                       u32 topk_group, u32 softmax, u32 norm_topk_prob, float scale,
                       u32* __restrict__ slot_ids, float* __restrict__ slot_weights,
                       u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts,
-                      u64* __restrict__ tile_status) {
+                      u64* __restrict__ tile_status, u32 fuse_scatter,
+                      u32* __restrict__ expert_offsets, u32* __restrict__ row_pairs,
+                      u32* __restrict__ pair_rows, float* __restrict__ row_weights) {
     extern __shared__ __align__(16) unsigned char smem[];
     const u32 S = top_k + n_shared;
     const u32 n_slots = experts + n_shared;
@@ -290,4 +295,21 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
     }
     rank_tile(ids, n_pairs, n_slots, warp_counts, running, pair_ranks + pair_base,
               tile_counts + (u64)tile * n_slots);
+
+    // One tile (T <= TILE_TOKENS, decode): this CTA has every count, so it finishes the
+    // permutation itself (what moe_permute_scatter does for many tiles): one launch less.
+    if (fuse_scatter) {
+        u32* offsets = warp_counts;  // free after rank_tile; TILE_WARPS * n_slots >= n_slots + 1
+        for (u32 e = threadIdx.x; e < n_slots; e += TILE_THREADS) offsets[e] = running[e];
+        __syncthreads();
+        scan_slot_counts(offsets, n_slots);
+        for (u32 e = threadIdx.x; e <= n_slots; e += TILE_THREADS) expert_offsets[e] = offsets[e];
+        for (u32 i = threadIdx.x; i < n_pairs; i += TILE_THREADS) {
+            const u32 p = (u32)pair_base + i;
+            const u32 row = offsets[ids[i]] + pair_ranks[p];
+            row_pairs[row] = p;
+            pair_rows[p] = row;
+            row_weights[row] = weights[i];
+        }
+    }
 }

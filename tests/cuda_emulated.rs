@@ -119,8 +119,8 @@ fn as_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
-/// Emulated `router_select` + `permute_scatter` (as `MoeKernels::router_select` then
-/// `permute_scatter`) from given logits. Returns (slot_ids, slot_weights, permutation,
+/// Emulated `router_select` (+ `permute_scatter` beyond one tile), as `MoeKernels::route`
+/// runs them, from given logits. Returns (slot_ids, slot_weights, permutation,
 /// row_weights, tile_status).
 fn emulate_select(
     emu: &PathBuf,
@@ -168,10 +168,18 @@ fn emulate_select(
                 A::Buf(ranks),
                 A::Buf(counts),
                 A::Buf(status),
+                A::U32(u32::from(n_tiles == 1)),
+                A::Buf(offsets),
+                A::Buf(row_pairs),
+                A::Buf(pair_rows),
+                A::Buf(row_weights),
             ],
         );
     }
-    scatter(&mut p, ids, weights, ranks, counts, tokens, s, n_slots, [offsets, row_pairs, pair_rows, row_weights]);
+    // As MoeKernels::route: one tile scatters inside the selection.
+    if n_tiles != 1 {
+        scatter(&mut p, ids, weights, ranks, counts, tokens, s, n_slots, [offsets, row_pairs, pair_rows, row_weights]);
+    }
     let out = p.run(emu);
     let perm = Permutation {
         tokens,

@@ -165,7 +165,7 @@ fn router_cases() -> Vec<RouterCase> {
     ]
 }
 
-/// Selection (+ scatter) on the GPU from given logits; returns the workspace.
+/// Selection (+ scatter beyond one tile) on the GPU from given logits; returns the workspace.
 fn gpu_select(
     gpu: &GpuContext,
     kernels: &MoeKernels,
@@ -180,7 +180,10 @@ fn gpu_select(
     ws.poison().unwrap();
     ws.logits.copy_from_host("logits", logits).unwrap();
     kernels.router_select(&router, &mut ws).unwrap();
-    kernels.permute_scatter(&mut ws).unwrap();
+    // As MoeKernels::route: a single tile is scattered by the selection itself.
+    if dots_moe::cuda::moe::tiles(tokens) != 1 {
+        kernels.permute_scatter(&mut ws).unwrap();
+    }
     ws
 }
 

@@ -261,8 +261,9 @@ impl MoeKernels {
     }
 
     /// Queues the selection from `ws.logits`: slot ids and weights, the pairs' ranks and the
-    /// per-tile counts, and the status. Then [`MoeKernels::permute_scatter`] finishes the
-    /// permutation.
+    /// per-tile counts, and the status. With one tile (`T <= TILE_TOKENS`) it also writes the
+    /// permutation; otherwise [`MoeKernels::permute_scatter`] finishes it (calling it after a
+    /// one-tile selection rewrites the same values).
     pub fn router_select(&self, router: &DeviceRouter, ws: &mut MoeWorkspace) -> Result<(), CudaError> {
         Self::check_router(router, ws)?;
         ws.status_source = StatusSource::Router;
@@ -289,11 +290,18 @@ impl MoeKernels {
             Arg::Ptr(ws.pair_ranks.device_ptr()),
             Arg::Ptr(ws.tile_counts.device_ptr()),
             Arg::Ptr(ws.tile_status.device_ptr()),
+            Arg::U32(u32::from(tiles(tokens) == 1)),
+            Arg::Ptr(ws.expert_offsets.device_ptr()),
+            Arg::Ptr(ws.row_pairs.device_ptr()),
+            Arg::Ptr(ws.pair_rows.device_ptr()),
+            Arg::Ptr(ws.row_weights.device_ptr()),
         ];
         let grid = (grid_dim("router selection", tiles(tokens), MAX_GRID_X)?, 1);
         // SAFETY: matches `moe_router_select`'s parameters; the workspace was sized for
-        // this router and T (checked), the bias is [E] or null, `shared` is the kernel's
-        // layout for these sizes and within the default limit.
+        // this router and T (checked): ids, weights, ranks, row_pairs, pair_rows and
+        // row_weights hold T*S, tile_counts n_tiles*n_slots, expert_offsets n_slots+1; the
+        // bias is [E] or null; `shared` is the kernel's layout for these sizes, within the
+        // default limit.
         unsafe { self.launch(&self.select, grid, TILE_THREADS, shared, &args) }
     }
 
@@ -356,12 +364,13 @@ impl MoeKernels {
         unsafe { self.launch(&self.scatter, grid, TILE_THREADS, shared, &args) }
     }
 
-    /// Routes and permutes: logits, selection, scatter (three launches, no host sync).
+    /// Routes and permutes: logits, selection, scatter (three launches; two for one tile,
+    /// where the selection scatters too; no host sync).
     pub fn route(&self, router: &DeviceRouter, hidden: &DeviceTensor, ws: &mut MoeWorkspace) -> Result<(), CudaError> {
         let tokens = ws.tokens;
         self.router_logits(router, hidden, tokens, &mut ws.logits)?;
         self.router_select(router, ws)?;
-        self.permute_scatter(ws)
+        if tiles(tokens) == 1 { Ok(()) } else { self.permute_scatter(ws) }
     }
 
     /// Permutes the slot ids (and weights) already in the workspace: rank, scatter.

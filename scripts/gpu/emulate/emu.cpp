@@ -83,7 +83,8 @@ static std::map<std::string, Kernel> kernels() {
     LOGITS(moe_router_logits_bf16_bf16_e4, u16, u16)
     k["moe_router_select"] = [](auto& a, auto& b) {
         moe_router_select(P(float, 0), P(float, 1), U32(2), U32(3), U32(4), U32(5), U32(6), U32(7), U32(8), U32(9),
-                          F32(10), P(u32, 11), P(float, 12), P(u32, 13), P(u32, 14), P(u64, 15));
+                          F32(10), P(u32, 11), P(float, 12), P(u32, 13), P(u32, 14), P(u64, 15), U32(16),
+                          P(u32, 17), P(u32, 18), P(u32, 19), P(float, 20));
     };
     k["moe_permute_rank"] = [](auto& a, auto& b) {
         moe_permute_rank(P(u32, 0), U32(1), U32(2), U32(3), P(u32, 4), P(u32, 5), P(u64, 6));
