@@ -6,7 +6,7 @@
 //! - [`weights`]: every tensor the config implies, with its shape; `generation_config.json`.
 //! - [`dots1`]: [`Dots1Model`]: embedding, attention ([`attention`]), dense MLP or the MoE
 //!   layer of [`crate::moe`], final norm, `lm_head`; all activations f32.
-//! - [`generate`], [`sampling`], [`tokenizer`]: prefill plus cached decode, greedy or
+//! - [`mod@generate`], [`sampling`], [`tokenizer`]: prefill plus cached decode, greedy or
 //!   seeded sampling, `tokenizer.json` and the inst chat format.
 //!
 //! The reference is `transformers` 4.57 (`Dots1ForCausalLM`); the golden tests in
