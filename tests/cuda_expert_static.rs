@@ -144,11 +144,11 @@ fn the_wrapper_launches_with_the_kernels_sizes() {
     assert_eq!(m["MMA_THREADS"], MMA_THREADS as usize);
     assert_eq!((m["MMA_BN"] / 2, m["MMA_BN"]), (MMA_UP_COLUMNS, MMA_DOWN_COLUMNS));
     assert_eq!(m["MMA_STAGES"] * (m["MMA_BM"] + m["MMA_BN"]) * m["MMA_BK"] * 2, MMA_SHARED_BYTES);
-    assert!(MMA_SHARED_BYTES <= 48 * 1024, "the portable kernels must run without a shared-memory opt-in");
+    const { assert!(MMA_SHARED_BYTES <= 48 * 1024, "the portable kernels must run without a shared-memory opt-in") };
     assert_eq!(w["WG_THREADS"], WG_THREADS as usize);
     assert_eq!((w["WG_BN"] / 2, w["WG_BN"]), (WG_UP_COLUMNS, WG_DOWN_COLUMNS));
     assert_eq!(w["WG_STAGES"] * (w["WG_BM"] + w["WG_BN"]) * w["WG_BK"] * 2 + w["WG_ALIGN"], WG_SHARED_BYTES);
-    assert!(WG_SHARED_BYTES <= 227 * 1024, "above the H100/H200 limit per CTA");
+    const { assert!(WG_SHARED_BYTES <= 227 * 1024, "above the H100/H200 limit per CTA") };
     // The wrapper's shape rule covers every kernel's column block and k step.
     for columns in [DECODE_UP_COLUMNS, MMA_UP_COLUMNS, WG_UP_COLUMNS] {
         assert_eq!(expert_gemm::INTER_MULTIPLE % columns, 0);
