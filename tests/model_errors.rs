@@ -322,3 +322,33 @@ fn cache_of_another_model_is_rejected() {
     assert!(matches!(err, ModelError::CacheMismatch { .. }), "{err:?}");
     assert!(cache.is_empty());
 }
+
+#[test]
+fn misaligned_tensors_are_copied_not_mapped() {
+    // A hand-written file whose f32 tensor starts at byte 6 of the data: not 4-aligned.
+    let s = Scratch::new("misaligned");
+    let mut header =
+        r#"{"a":{"dtype":"BF16","shape":[3],"data_offsets":[0,6]},"b":{"dtype":"F32","shape":[2],"data_offsets":[6,14]}}"#
+            .to_string();
+    while (8 + header.len()) % 8 != 0 {
+        header.push(' ');
+    }
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    for v in [1.0f32, 2.0, 3.0] {
+        bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+    }
+    for v in [4.5f32, -6.25] {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(s.path().join("model.safetensors"), &bytes).unwrap();
+    let mut ckpt = dots_moe::model::Checkpoint::open(s.path()).unwrap();
+    let a = ckpt.weight("a", &[3]).unwrap();
+    let b = ckpt.weight("b", &[2]).unwrap();
+    assert!(a.is_mapped());
+    assert!(!b.is_mapped());
+    assert_eq!(ckpt.view(&a).to_f32_vec(), vec![1.0, 2.0, 3.0]);
+    assert_eq!(ckpt.view(&b).to_f32_vec(), vec![4.5, -6.25]);
+    assert!(matches!(ckpt.weight("b", &[3]), Err(ModelError::TensorShape { .. })));
+    assert!(ckpt.unused().is_empty());
+}
