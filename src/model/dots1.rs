@@ -111,10 +111,9 @@ impl Dots1Model {
         let config_path = dir.join("config.json");
         let cfg = Dots1Config::from_file(&config_path)?;
         let config_text = std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
-        let sliding = sliding_window_layers(&config_text, cfg.num_hidden_layers);
-        if !sliding.is_empty() {
+        if let Some(sliding) = sliding_window_layers(&config_text, cfg.num_hidden_layers) {
             return Err(ModelError::Unsupported(format!(
-                "config.json asks for sliding-window attention in layers {sliding:?}; only full attention is implemented (dots.llm1 uses none)"
+                "config.json asks for sliding-window attention in layers {sliding}; only full attention is implemented (dots.llm1 uses none)"
             )));
         }
         let generation = GenerationConfig::load(dir)?;
