@@ -2,8 +2,10 @@
 //! decode, mma.sync, wgmma) are compiled as C++ against `tests/emulate_gemm` (one thread per
 //! CUDA thread; C++ models of `mma.sync`, `ldmatrix`, `cp.async` and `wgmma` with its
 //! matrix descriptors and 128-byte swizzle, written from the PTX ISA; AddressSanitizer on)
-//! and compared with the contract computed in double precision, in every mode: decode and
-//! tiled by count with each tiled kernel, all tiled, batch-invariant.
+//! and compared with the contract computed in double precision, in four modes: decode and
+//! `wgmma` tiles by row count, all tiled with `mma.sync`, all tiled with `wgmma`, and
+//! batch-invariant (decode chunks). Row counts cover every decode tile class (1, 9, 20, 33
+//! rows) and one- and two-tile slots; K = 512 makes both shared-memory stage rings wrap.
 //!
 //! What it checks: index arithmetic, fragment layouts, the work schedule, the SwiGLU and
 //! routing-weight epilogues, bounds (ASan), unwritten outputs (poisoned). What it cannot:
@@ -74,7 +76,7 @@ fn expert_kernels_match_the_contract_under_emulation() {
     std::fs::write(dir.join("kernels.inc"), kernels_inc()).unwrap();
     let binary = dir.join("gemm_emu");
     let built = Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-g", "-pthread", "-fno-strict-aliasing", "-ffp-contract=off"])
+        .args(["-std=c++20", "-O2", "-g", "-pthread", "-fno-strict-aliasing", "-ffp-contract=off"])
         .arg("-fsanitize=address")
         .arg("-I")
         .arg(&dir)
@@ -93,5 +95,5 @@ fn expert_kernels_match_the_contract_under_emulation() {
         "the emulated kernels disagree with the contract:\n{stdout}{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    assert_eq!(stdout.matches(" ok\n").count(), 5, "expected five modes to pass:\n{stdout}");
+    assert_eq!(stdout.matches(" ok\n").count(), 4, "expected four modes to pass:\n{stdout}");
 }

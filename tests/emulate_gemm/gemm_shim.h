@@ -102,6 +102,7 @@ inline unsigned char* smem_at(unsigned a) {
 }  // namespace emu
 
 inline void __syncthreads() { emu::block->bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp->bar.arrive_and_wait(); }
 template <class T>
 T __shfl_xor_sync(unsigned, T v, int offset) { return emu::exchange(v, emu::lane ^ (unsigned)offset); }
 template <class T>
