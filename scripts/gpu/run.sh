@@ -35,6 +35,10 @@ done
 if ! "$here/dots-moe" kernels --time --tokens 1,16,256,4096 --iterations 200 > "$results/timing.txt" 2>&1; then
     failed=1
 fi
+# The whole MoE layer at real dots.llm1 shapes, graph-replayed, beside the H200 floor.
+if ! "$here/dots-moe" bench --backend cuda --tokens 1,16,64,256,1024,4096,16384 --json > "$results/layer.json" 2> "$results/layer.err"; then
+    failed=1
+fi
 
 echo
 echo "==================== dots-moe GPU results ($(date -u +%Y-%m-%dT%H:%MZ)) ===================="
@@ -49,5 +53,12 @@ if grep -q '^MoE kernels on' "$results/timing.txt"; then
 else
     cat "$results/timing.txt"
 fi
+echo "--- whole layer (dots-moe bench --backend cuda; floor = 4.3 TB/s, 790 TFLOP/s)"
+python3 - "$results/layer.json" <<'PY' || cat "$results/layer.err"
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    print(f"{r['tokens']:>6} tokens  {r['median_us']:>10.1f} us  {r['gb_per_s']:>8.1f} GB/s  "
+          f"{r['tflop_per_s']:>7.1f} TFLOP/s  floor {r['floor_us']:>9.1f} us  floor/time {r['floor_ratio']:.2f}")
+PY
 [ "$failed" = 0 ] && echo "ALL OK" || echo "SOMETHING FAILED (see above and $results)"
 exit "$failed"

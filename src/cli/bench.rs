@@ -68,7 +68,7 @@ pub fn run(args: BenchArgs) -> CliResult {
     let bar = progress("measuring this machine's floor (copy bandwidth, matmul rate)");
     let floor = bench::measure_floor(1 << 30);
     bar.finish_and_clear();
-    if !args.json {
+    if !args.json && args.backend != BackendChoice::Cuda {
         println!(
             "floor: copy {:.1} GB/s (read + written), read {:.1} GB/s, bf16 matmul {:.1} GFLOP/s",
             floor.copy_bytes_per_s / 1e9,
@@ -78,24 +78,28 @@ pub fn run(args: BenchArgs) -> CliResult {
     }
 
     let mut rows: Vec<BenchRow> = Vec::new();
-    let mut weight_bytes = 0usize;
-    if matches!(args.backend, BackendChoice::Cpu | BackendChoice::All) {
-        let bar = progress("building a seeded synthetic dots.llm1 MoE layer (4.5 GB of bf16 weights)");
-        let layer = MoeLayer::new(MoeWeights::synthetic(&cfg, Dtype::Bf16, args.seed)?);
-        bar.finish_and_clear();
-        weight_bytes = layer.weights().bytes();
+    let wants_cpu = matches!(args.backend, BackendChoice::Cpu | BackendChoice::All);
+    let wants_cuda = matches!(args.backend, BackendChoice::Cuda | BackendChoice::All);
+    if args.backend == BackendChoice::Cuda {
+        cuda::check_available().map_err(|reason| format!("cuda backend: not available: {reason}"))?;
+    }
+    let bar = progress("building a seeded synthetic dots.llm1 MoE layer (4.5 GB of bf16 weights)");
+    let layer = MoeLayer::new(MoeWeights::synthetic(&cfg, Dtype::Bf16, args.seed)?);
+    bar.finish_and_clear();
+    let weight_bytes = layer.weights().bytes();
+    if wants_cpu {
         rows.extend(time_cpu(&layer, &args, &floor)?);
     }
-    if matches!(args.backend, BackendChoice::Cuda | BackendChoice::All) {
-        let reason = "the CUDA MoE layer (grouped expert GEMM) is not available in this build yet";
-        if args.backend == BackendChoice::Cuda {
-            return Err(format!("cuda backend: not available: {reason}").into());
+    if wants_cuda {
+        match cuda::time_cuda(&layer, &args) {
+            Ok(cuda_rows) => rows.extend(cuda_rows),
+            Err(reason) if args.backend == BackendChoice::All => eprintln!("cuda backend: not available: {reason}"),
+            Err(reason) => return Err(format!("cuda backend: not available: {reason}").into()),
         }
-        eprintln!("cuda backend: not available: {reason}");
     }
 
     let peak = bench::peak_rss_bytes();
-    if let (Some(peak), false, true) = (peak, args.json, weight_bytes > 0) {
+    if let (Some(peak), false) = (peak, args.json) {
         println!("peak resident memory: {:.2} GB ({:.2}x the layer's bf16 weights)", peak as f64 / 1e9, peak as f64 / weight_bytes as f64);
     }
     if args.json {
@@ -105,7 +109,7 @@ pub fn run(args: BenchArgs) -> CliResult {
         std::fs::create_dir_all(dir)?;
         let command = std::env::args().collect::<Vec<_>>().join(" ");
         let mut md = report::markdown(&rows, &floor, &command, &machine_name());
-        if let (Some(peak), true) = (peak, weight_bytes > 0) {
+        if let Some(peak) = peak {
             md.push_str(&format!(
                 "\nPeak resident memory of the run: {:.2} GB, {:.2}x the layer's {:.2} GB of bf16 weights.\n",
                 peak as f64 / 1e9,
@@ -122,12 +126,26 @@ pub fn run(args: BenchArgs) -> CliResult {
     Ok(())
 }
 
+/// Prints one result row (the table's header comes first).
+fn print_row(row: &BenchRow, header: bool) {
+    if header {
+        println!("{:>8} {:>8} {:>12} {:>9} {:>9} {:>12} {:>12}", "backend", "tokens", "median", "GB/s", "GFLOP/s", "floor", "floor/time");
+    }
+    println!(
+        "{:>8} {:>8} {:>12} {:>9.1} {:>9.1} {:>12} {:>12.2}",
+        row.backend,
+        row.tokens,
+        report::fmt_us(row.median_us),
+        row.gb_per_s,
+        row.tflop_per_s * 1e3,
+        report::fmt_us(row.floor_us),
+        row.floor_ratio
+    );
+}
+
 fn time_cpu(layer: &MoeLayer, args: &BenchArgs, floor: &MachineFloor) -> Result<Vec<BenchRow>, Box<dyn std::error::Error>> {
     let h = layer.config().hidden_size;
     let mut rows = Vec::new();
-    if !args.json {
-        println!("{:>8} {:>8} {:>12} {:>9} {:>9} {:>12} {:>12}", "backend", "tokens", "median", "GB/s", "GFLOP/s", "floor", "floor/time");
-    }
     for &tokens in &args.tokens {
         let bar = progress(&format!("cpu: timing {tokens} tokens"));
         let hidden = bench::random_hidden(tokens, h, args.seed.wrapping_add(tokens as u64));
@@ -146,16 +164,7 @@ fn time_cpu(layer: &MoeLayer, args: &BenchArgs, floor: &MachineFloor) -> Result<
         }
         let row = BenchRow::new("cpu", tokens, median, &cost, floor);
         if !args.json {
-            println!(
-                "{:>8} {:>8} {:>12} {:>9.1} {:>9.1} {:>12} {:>12.2}",
-                row.backend,
-                row.tokens,
-                report::fmt_us(row.median_us),
-                row.gb_per_s,
-                row.tflop_per_s * 1e3,
-                report::fmt_us(row.floor_us),
-                row.floor_ratio
-            );
+            print_row(&row, rows.is_empty());
         }
         rows.push(row);
     }
@@ -168,4 +177,76 @@ fn machine_name() -> String {
         .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
         .unwrap_or_else(|| "unknown CPU".into());
     format!("{cpu}, {} threads, CPU kernels: {:?}", rayon::current_num_threads(), dots_moe::cpu::Isa::detect())
+}
+
+/// The CUDA side of the bench: the whole layer on the GPU, replayed from a CUDA graph,
+/// timed with CUDA events; the floor is the H200's (PERF.md: 4.3 TB/s, 790 TFLOP/s).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::sync::Arc;
+
+    use dots_moe::bench::{self, BenchRow, MachineFloor};
+    use dots_moe::cuda::GpuContext;
+    use dots_moe::cuda::bench::{H200_COPY_BANDWIDTH, time_region};
+    use dots_moe::cuda::layer::CudaMoeLayer;
+    use dots_moe::moe::MoeLayer;
+    use dots_moe::tensor::{Dtype, TensorView};
+
+    use super::{BenchArgs, print_row, progress};
+
+    /// Peak dense bf16 matrix rate of an H200 (PERF.md).
+    const H200_MATMUL_FLOPS: f64 = 790e12;
+
+    /// Whether GPU 0 can be opened.
+    pub fn check_available() -> Result<(), String> {
+        GpuContext::new(0).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Times `layer` on GPU 0 for every batch size of `args`; `Err` says why CUDA cannot run.
+    pub fn time_cuda(layer: &MoeLayer, args: &BenchArgs) -> Result<Vec<BenchRow>, String> {
+        let gpu: Arc<GpuContext> = GpuContext::new(0).map_err(|e| e.to_string())?;
+        let bar = progress("cuda: uploading the layer and compiling the kernels");
+        let device_layer = CudaMoeLayer::with_default_options(&gpu, layer).map_err(|e| e.to_string())?;
+        bar.finish_and_clear();
+        let floor = MachineFloor {
+            copy_bytes_per_s: H200_COPY_BANDWIDTH,
+            read_bytes_per_s: H200_COPY_BANDWIDTH,
+            matmul_flop_per_s: H200_MATMUL_FLOPS,
+        };
+        let h = layer.config().hidden_size;
+        let mut rows = Vec::new();
+        for &tokens in args.tokens.iter().filter(|&&t| t > 0) {
+            let bar = progress(&format!("cuda: timing {tokens} tokens"));
+            let hidden = bench::random_hidden(tokens, h, args.seed.wrapping_add(tokens as u64));
+            let cost = bench::layer_cost(layer, &layer.route(TensorView::F32(&hidden), tokens).map_err(|e| e.to_string())?);
+            let mut ws = device_layer.workspace(tokens, Dtype::F32).map_err(|e| e.to_string())?;
+            ws.set_input(TensorView::F32(&hidden)).map_err(|e| e.to_string())?;
+            let iterations = if tokens >= 4096 { 20 } else { 50 };
+            let (_eager_us, graph_us) =
+                time_region(&gpu, iterations, || device_layer.enqueue(&mut ws)).map_err(|e| e.to_string())?;
+            bar.finish_and_clear();
+            let row = BenchRow::new("cuda", tokens, std::time::Duration::from_secs_f64(graph_us * 1e-6), &cost, &floor);
+            if !args.json {
+                print_row(&row, rows.is_empty());
+            }
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod cuda {
+    use dots_moe::bench::BenchRow;
+    use dots_moe::moe::MoeLayer;
+
+    /// Without the `cuda` feature there is no CUDA backend.
+    pub fn check_available() -> Result<(), String> {
+        Err("this binary was built without the `cuda` feature".into())
+    }
+
+    /// Without the `cuda` feature there is no CUDA backend.
+    pub fn time_cuda(_layer: &MoeLayer, _args: &super::BenchArgs) -> Result<Vec<BenchRow>, String> {
+        Err("this binary was built without the `cuda` feature".into())
+    }
 }

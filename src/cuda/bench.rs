@@ -55,8 +55,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median GPU time of `region` over `iterations` runs, eager and from a graph.
-fn time_region(
+/// Median GPU time (microseconds) of `region` over `iterations` runs, launched eagerly and
+/// replayed from a CUDA graph captured from it, after warm-up.
+pub fn time_region(
     gpu: &GpuContext,
     iterations: usize,
     mut region: impl FnMut() -> Result<(), CudaError>,
