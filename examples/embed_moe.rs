@@ -4,23 +4,25 @@
 //! `cargo run --release --example embed_moe` (add `-- --real` for the real dots.llm1 shape,
 //! which allocates about 9 GB: the engine's bf16 copy plus the layer's).
 
+use dots_moe::MoeError;
 use dots_moe::config::{MoeConfig, RouterConfig};
 use dots_moe::moe::{MoeLayerBuilder, Precision};
 use dots_moe::tensor::{Dtype, TensorView};
-use dots_moe::MoeError;
 use half::bf16;
 
 /// The engine's own storage of one MoE layer (per-expert tensors, `[out, in]` like
 /// PyTorch `Linear`), here filled with a cheap deterministic pattern.
 struct EngineLayer {
-    router: Vec<bf16>,                // [E, H]
-    bias: Vec<f32>,                   // [E]
-    experts: Vec<[Vec<bf16>; 3]>,     // gate [I, H], up [I, H], down [H, I]
-    shared: [Vec<bf16>; 3],           // gate [S*I, H], up [S*I, H], down [H, S*I]
+    router: Vec<bf16>,            // [E, H]
+    bias: Vec<f32>,               // [E]
+    experts: Vec<[Vec<bf16>; 3]>, // gate [I, H], up [I, H], down [H, I]
+    shared: [Vec<bf16>; 3],       // gate [S*I, H], up [S*I, H], down [H, S*I]
 }
 
 fn pattern(n: usize, seed: usize, scale: f32) -> Vec<bf16> {
-    (0..n).map(|i| bf16::from_f32((((i * 2_654_435_761 + seed * 40_503) % 2001) as f32 / 1000.0 - 1.0) * scale)).collect()
+    (0..n)
+        .map(|i| bf16::from_f32((((i * 2_654_435_761 + seed * 40_503) % 2001) as f32 / 1000.0 - 1.0) * scale))
+        .collect()
 }
 
 impl EngineLayer {
@@ -30,7 +32,9 @@ impl EngineLayer {
         EngineLayer {
             router: pattern(e * h, 1, 4.0 * wh),
             bias: (0..e).map(|x| (x % 7) as f32 * 1e-3).collect(),
-            experts: (0..e).map(|x| [pattern(i * h, 3 * x + 2, wh), pattern(i * h, 3 * x + 3, wh), pattern(h * i, 3 * x + 4, wi)]).collect(),
+            experts: (0..e)
+                .map(|x| [pattern(i * h, 3 * x + 2, wh), pattern(i * h, 3 * x + 3, wh), pattern(h * i, 3 * x + 4, wi)])
+                .collect(),
             shared: [pattern(s * i * h, 7, wh), pattern(s * i * h, 8, wh), pattern(h * s * i, 9, wi)],
         }
     }
@@ -42,7 +46,12 @@ fn main() -> Result<(), MoeError> {
         MoeConfig::dots1()
     } else {
         // The dots.llm1 structure (top-6 sigmoid routing, 2 shared experts) at a small width.
-        MoeConfig { hidden_size: 256, moe_intermediate_size: 96, n_shared_experts: 2, router: RouterConfig { n_experts: 32, ..RouterConfig::dots1() } }
+        MoeConfig {
+            hidden_size: 256,
+            moe_intermediate_size: 96,
+            n_shared_experts: 2,
+            router: RouterConfig { n_experts: 32, ..RouterConfig::dots1() },
+        }
     };
     let engine = EngineLayer::new(&cfg);
 
@@ -65,7 +74,11 @@ fn main() -> Result<(), MoeError> {
     for t in 0..tokens {
         let row = &out[t * cfg.hidden_size..(t + 1) * cfg.hidden_size];
         let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-        println!("token {t}: experts {:?}, weights {:.3?}, |out| = {norm:.4}", routing.ids(t), routing.token_weights(t));
+        println!(
+            "token {t}: experts {:?}, weights {:.3?}, |out| = {norm:.4}",
+            routing.ids(t),
+            routing.token_weights(t)
+        );
     }
     // Bad input is a typed error, not a panic.
     match layer.forward(TensorView::F32(&hidden[1..]), tokens) {

@@ -28,7 +28,9 @@ impl Scoring {
             "softmax" => Ok(Scoring::Softmax),
             other => Err(ConfigError::Invalid {
                 field: "scoring_func",
-                reason: format!("unknown scoring function {other:?} (expected \"noaux_tc\", \"sigmoid\" or \"softmax\")"),
+                reason: format!(
+                    "unknown scoring function {other:?} (expected \"noaux_tc\", \"sigmoid\" or \"softmax\")"
+                ),
             }),
         }
     }
@@ -107,7 +109,10 @@ impl RouterConfig {
             }
         }
         if !self.routed_scaling_factor.is_finite() || self.routed_scaling_factor <= 0.0 {
-            return invalid("routed_scaling_factor", format!("must be finite and positive, got {}", self.routed_scaling_factor));
+            return invalid(
+                "routed_scaling_factor",
+                format!("must be finite and positive, got {}", self.routed_scaling_factor),
+            );
         }
         Ok(())
     }
@@ -302,7 +307,10 @@ impl Dots1Config {
         if let Some(method) = &raw.topk_method
             && !matches!(method.as_str(), "noaux_tc" | "greedy" | "group_limited_greedy")
         {
-            return Err(ConfigError::Invalid { field: "topk_method", reason: format!("unsupported top-k method {method:?}") });
+            return Err(ConfigError::Invalid {
+                field: "topk_method",
+                reason: format!("unsupported top-k method {method:?}"),
+            });
         }
         if raw.num_attention_heads == 0 {
             return Err(ConfigError::Invalid { field: "num_attention_heads", reason: "must be positive".into() });
@@ -356,7 +364,8 @@ impl Dots1Config {
 
     /// Reads, parses and validates `path` (a `config.json`).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io { path: path.to_path_buf(), source: e })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Io { path: path.to_path_buf(), source: e })?;
         Self::from_json(&text)
     }
 
@@ -397,7 +406,10 @@ impl Dots1Config {
             });
         }
         if !self.head_dim.is_multiple_of(2) {
-            return Err(ConfigError::Invalid { field: "head_dim", reason: format!("must be even for RoPE, got {}", self.head_dim) });
+            return Err(ConfigError::Invalid {
+                field: "head_dim",
+                reason: format!("must be even for RoPE, got {}", self.head_dim),
+            });
         }
         if self.first_k_dense_replace > self.num_hidden_layers {
             return Err(ConfigError::Invalid {
@@ -406,15 +418,24 @@ impl Dots1Config {
             });
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(ConfigError::Invalid { field: "rope_theta", reason: format!("must be finite and positive, got {}", self.rope_theta) });
+            return Err(ConfigError::Invalid {
+                field: "rope_theta",
+                reason: format!("must be finite and positive, got {}", self.rope_theta),
+            });
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return Err(ConfigError::Invalid { field: "rms_norm_eps", reason: format!("must be finite and >= 0, got {}", self.rms_norm_eps) });
+            return Err(ConfigError::Invalid {
+                field: "rms_norm_eps",
+                reason: format!("must be finite and >= 0, got {}", self.rms_norm_eps),
+            });
         }
         // Products that size tensors must not overflow.
         let checks = [
             ("vocab_size", self.vocab_size.checked_mul(self.hidden_size)),
-            ("num_attention_heads", self.num_attention_heads.checked_mul(self.head_dim).and_then(|q| q.checked_mul(self.hidden_size))),
+            (
+                "num_attention_heads",
+                self.num_attention_heads.checked_mul(self.head_dim).and_then(|q| q.checked_mul(self.hidden_size)),
+            ),
             ("intermediate_size", self.intermediate_size.checked_mul(self.hidden_size)),
         ];
         for (field, product) in checks {
@@ -456,7 +477,8 @@ mod tests {
 
     #[test]
     fn newer_sigmoid_form_and_softmax_parse() {
-        let newer = DOTS1_CONFIG.replace(r#""scoring_func": "noaux_tc""#, r#""scoring_func": "sigmoid", "topk_method": "noaux_tc""#);
+        let newer = DOTS1_CONFIG
+            .replace(r#""scoring_func": "noaux_tc""#, r#""scoring_func": "sigmoid", "topk_method": "noaux_tc""#);
         assert_eq!(Dots1Config::from_json(&newer).unwrap().router.scoring, Scoring::Sigmoid);
         let softmax = DOTS1_CONFIG.replace("noaux_tc", "softmax");
         assert_eq!(Dots1Config::from_json(&softmax).unwrap().router.scoring, Scoring::Softmax);

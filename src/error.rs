@@ -86,7 +86,11 @@ pub enum MoeError {
 impl MoeError {
     /// A shape error for a flat buffer of `len` elements that should hold `expected`.
     pub fn length(name: impl Into<String>, expected: &[usize], len: usize) -> Self {
-        MoeError::Shape { name: name.into(), expected: expected.to_vec(), actual: format!("a buffer of {len} elements") }
+        MoeError::Shape {
+            name: name.into(),
+            expected: expected.to_vec(),
+            actual: format!("a buffer of {len} elements"),
+        }
     }
 
     /// A shape error between two shapes.

@@ -17,9 +17,9 @@ use rand_chacha::ChaCha8Rng;
 
 struct PlainWeights {
     cfg: MoeConfig,
-    gate: Vec<f32>,             // [E, H]
-    bias: Option<Vec<f32>>,     // [E]
-    experts: Vec<[Vec<f32>; 3]>, // gate [I,H], up [I,H], down [H,I]
+    gate: Vec<f32>,                // [E, H]
+    bias: Option<Vec<f32>>,        // [E]
+    experts: Vec<[Vec<f32>; 3]>,   // gate [I,H], up [I,H], down [H,I]
     shared: Option<[Vec<f32>; 3]>, // gate [S*I,H], up [S*I,H], down [H,S*I]
 }
 
@@ -129,10 +129,20 @@ fn random_weights(cfg: &MoeConfig, dtype: Dtype, seed: u64) -> PlainWeights {
         gate: random_vec(&mut rng, e * h, wh * 2.0, dtype),
         bias: if rng.random_bool(0.7) { Some(random_vec(&mut rng, e, 0.3, Dtype::F32)) } else { None },
         experts: (0..e)
-            .map(|_| [random_vec(&mut rng, i * h, wh, dtype), random_vec(&mut rng, i * h, wh, dtype), random_vec(&mut rng, h * i, wi, dtype)])
+            .map(|_| {
+                [
+                    random_vec(&mut rng, i * h, wh, dtype),
+                    random_vec(&mut rng, i * h, wh, dtype),
+                    random_vec(&mut rng, h * i, wi, dtype),
+                ]
+            })
             .collect(),
         shared: (s > 0).then(|| {
-            [random_vec(&mut rng, s * i * h, wh, dtype), random_vec(&mut rng, s * i * h, wh, dtype), random_vec(&mut rng, h * s * i, wi, dtype)]
+            [
+                random_vec(&mut rng, s * i * h, wh, dtype),
+                random_vec(&mut rng, s * i * h, wh, dtype),
+                random_vec(&mut rng, h * s * i, wi, dtype),
+            ]
         }),
     }
 }
@@ -158,10 +168,17 @@ fn build_layer(p: &PlainWeights, dtype: Dtype) -> MoeLayer {
         Dtype::Bf16 => {
             b.router(TensorView::Bf16(&to_bf16(&p.gate)), p.bias.as_deref().map(TensorView::F32)).unwrap();
             for (e, [g, u, d]) in p.experts.iter().enumerate() {
-                b.expert(e, TensorView::Bf16(&to_bf16(g)), TensorView::Bf16(&to_bf16(u)), TensorView::Bf16(&to_bf16(d))).unwrap();
+                b.expert(
+                    e,
+                    TensorView::Bf16(&to_bf16(g)),
+                    TensorView::Bf16(&to_bf16(u)),
+                    TensorView::Bf16(&to_bf16(d)),
+                )
+                .unwrap();
             }
             if let Some([g, u, d]) = &p.shared {
-                b.shared(TensorView::Bf16(&to_bf16(g)), TensorView::Bf16(&to_bf16(u)), TensorView::Bf16(&to_bf16(d))).unwrap();
+                b.shared(TensorView::Bf16(&to_bf16(g)), TensorView::Bf16(&to_bf16(u)), TensorView::Bf16(&to_bf16(d)))
+                    .unwrap();
             }
         }
     }
@@ -341,7 +358,8 @@ fn fused_shared_equals_unfused_shared_mlp() {
             let row = trace.permutation.pair_rows[t * s + j] as usize;
             fused.iter_mut().zip(&trace.expert_rows[row * h..(row + 1) * h]).for_each(|(f, v)| *f += v);
         }
-        let unfused = mlp(&x[t * h..(t + 1) * h], plain.shared.as_ref().unwrap(), 2 * cfg.moe_intermediate_size, h, false);
+        let unfused =
+            mlp(&x[t * h..(t + 1) * h], plain.shared.as_ref().unwrap(), 2 * cfg.moe_intermediate_size, h, false);
         for (a, b) in fused.iter().zip(&unfused) {
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "token {t}: fused {a} vs unfused {b}");
         }
@@ -403,7 +421,9 @@ fn bad_input_gives_typed_errors() {
     assert!(matches!(MoeLayerBuilder::new(bad, Dtype::F32), Err(MoeError::Config(_))));
     // A tensor of the wrong shape names itself.
     let mut b = MoeLayerBuilder::new(cfg.clone(), Dtype::F32).unwrap();
-    let err = b.expert(3, TensorView::F32(&[0.0; 5]), TensorView::F32(&[0.0; 240]), TensorView::F32(&[0.0; 240])).unwrap_err();
+    let err = b
+        .expert(3, TensorView::F32(&[0.0; 5]), TensorView::F32(&[0.0; 240]), TensorView::F32(&[0.0; 240]))
+        .unwrap_err();
     assert!(err.to_string().contains("experts.3.gate_proj.weight"), "{err}");
     // Missing weights.
     let mut b = MoeLayerBuilder::new(cfg.clone(), Dtype::F32).unwrap();

@@ -19,7 +19,10 @@ pub fn markdown(rows: &[BenchRow], floor: &MachineFloor, command: &str, machine:
         floor.read_bytes_per_s / 1e9,
         floor.matmul_flop_per_s / 1e9
     );
-    let _ = writeln!(s, "Layer: dots.llm1 MoE (H 4096, E 128, I 1408, top-6, 2 shared), seeded synthetic bf16 weights, uniform random inputs.\n");
+    let _ = writeln!(
+        s,
+        "Layer: dots.llm1 MoE (H 4096, E 128, I 1408, top-6, 2 shared), seeded synthetic bf16 weights, uniform random inputs.\n"
+    );
     let _ = writeln!(s, "| backend | tokens | median | GB/s | TFLOP/s | floor | floor / time |");
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
     for r in rows {
@@ -62,13 +65,25 @@ pub fn svg(rows: &[BenchRow]) -> String {
     let (ly0, ly1) = ((ymin / 1.5).log10().floor(), (ymax * 1.5).log10().ceil());
     let px = |t: f64| left + (t.max(1.0).log10() - lx0) / (lx1 - lx0) * (w - left - right);
     let py = |us: f64| top + (ly1 - us.max(1e-3).log10()) / (ly1 - ly0) * (h - top - bottom);
-    let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>", h - bottom, w - right, h - bottom);
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>",
+        h - bottom,
+        w - right,
+        h - bottom
+    );
     let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>", h - bottom);
     let mut decade = ly0;
     while decade <= ly1 {
         let y = py(10f64.powf(decade));
         let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>", w - right);
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>", left - 6.0, y + 4.0, fmt_us(10f64.powf(decade)));
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            left - 6.0,
+            y + 4.0,
+            fmt_us(10f64.powf(decade))
+        );
         decade += 1.0;
     }
     let mut ticks: Vec<usize> = rows.iter().map(|r| r.tokens).collect();
@@ -78,8 +93,18 @@ pub fn svg(rows: &[BenchRow]) -> String {
         let x = px(*t as f64);
         let _ = writeln!(s, "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{t}</text>", h - bottom + 18.0);
     }
-    let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">tokens (log)</text>", (left + w - right) / 2.0, h - 15.0);
-    let _ = writeln!(s, "<text x=\"18\" y=\"{}\" transform=\"rotate(-90 18 {})\" text-anchor=\"middle\">time per layer (log)</text>", h / 2.0, h / 2.0);
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">tokens (log)</text>",
+        (left + w - right) / 2.0,
+        h - 15.0
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"18\" y=\"{}\" transform=\"rotate(-90 18 {})\" text-anchor=\"middle\">time per layer (log)</text>",
+        h / 2.0,
+        h / 2.0
+    );
     let mut backends: Vec<&str> = rows.iter().map(|r| r.backend.as_str()).collect();
     backends.dedup();
     let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
@@ -87,17 +112,40 @@ pub fn svg(rows: &[BenchRow]) -> String {
     for (bi, backend) in backends.iter().enumerate() {
         let color = colors[bi % colors.len()];
         let mine: Vec<&BenchRow> = rows.iter().filter(|r| r.backend == *backend).collect();
-        let line = |f: &dyn Fn(&BenchRow) -> f64| mine.iter().map(|r| format!("{:.1},{:.1}", px(r.tokens as f64), py(f(r)))).collect::<Vec<_>>().join(" ");
-        let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>", line(&|r| r.median_us));
-        let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"{color}\" stroke-dasharray=\"6 4\" points=\"{}\"/>", line(&|r| r.floor_us));
+        let line = |f: &dyn Fn(&BenchRow) -> f64| {
+            mine.iter().map(|r| format!("{:.1},{:.1}", px(r.tokens as f64), py(f(r)))).collect::<Vec<_>>().join(" ")
+        };
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            line(&|r| r.median_us)
+        );
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-dasharray=\"6 4\" points=\"{}\"/>",
+            line(&|r| r.floor_us)
+        );
         for r in &mine {
-            let _ = writeln!(s, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>", px(r.tokens as f64), py(r.median_us));
+            let _ = writeln!(
+                s,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>",
+                px(r.tokens as f64),
+                py(r.median_us)
+            );
         }
         let lx = w - right + 12.0;
-        let _ = writeln!(s, "<line x1=\"{lx}\" y1=\"{legend_y}\" x2=\"{}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\"/>", lx + 24.0);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{lx}\" y1=\"{legend_y}\" x2=\"{}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\"/>",
+            lx + 24.0
+        );
         let _ = writeln!(s, "<text x=\"{}\" y=\"{}\">{backend}</text>", lx + 30.0, legend_y + 4.0);
         legend_y += 18.0;
-        let _ = writeln!(s, "<line x1=\"{lx}\" y1=\"{legend_y}\" x2=\"{}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-dasharray=\"6 4\"/>", lx + 24.0);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{lx}\" y1=\"{legend_y}\" x2=\"{}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-dasharray=\"6 4\"/>",
+            lx + 24.0
+        );
         let _ = writeln!(s, "<text x=\"{}\" y=\"{}\">{backend} floor</text>", lx + 30.0, legend_y + 4.0);
         legend_y += 22.0;
     }
@@ -118,7 +166,15 @@ mod tests {
     use super::*;
 
     fn row(backend: &str, tokens: usize, median_us: f64) -> BenchRow {
-        BenchRow { backend: backend.into(), tokens, median_us, gb_per_s: 1.0, tflop_per_s: 0.1, floor_us: median_us / 2.0, floor_ratio: 0.5 }
+        BenchRow {
+            backend: backend.into(),
+            tokens,
+            median_us,
+            gb_per_s: 1.0,
+            tflop_per_s: 0.1,
+            floor_us: median_us / 2.0,
+            floor_ratio: 0.5,
+        }
     }
 
     #[test]

@@ -50,7 +50,10 @@ pub struct BenchArgs {
 
 fn progress(message: &str) -> ProgressBar {
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     bar.enable_steady_tick(Duration::from_millis(120));
     bar.set_message(message.to_string());
     bar
@@ -100,7 +103,11 @@ pub fn run(args: BenchArgs) -> CliResult {
 
     let peak = bench::peak_rss_bytes();
     if let (Some(peak), false) = (peak, args.json) {
-        println!("peak resident memory: {:.2} GB ({:.2}x the layer's bf16 weights)", peak as f64 / 1e9, peak as f64 / weight_bytes as f64);
+        println!(
+            "peak resident memory: {:.2} GB ({:.2}x the layer's bf16 weights)",
+            peak as f64 / 1e9,
+            peak as f64 / weight_bytes as f64
+        );
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -129,7 +136,10 @@ pub fn run(args: BenchArgs) -> CliResult {
 /// Prints one result row (the table's header comes first).
 fn print_row(row: &BenchRow, header: bool) {
     if header {
-        println!("{:>8} {:>8} {:>12} {:>9} {:>9} {:>12} {:>12}", "backend", "tokens", "median", "GB/s", "GFLOP/s", "floor", "floor/time");
+        println!(
+            "{:>8} {:>8} {:>12} {:>9} {:>9} {:>12} {:>12}",
+            "backend", "tokens", "median", "GB/s", "GFLOP/s", "floor", "floor/time"
+        );
     }
     println!(
         "{:>8} {:>8} {:>12} {:>9.1} {:>9.1} {:>12} {:>12.2}",
@@ -143,7 +153,11 @@ fn print_row(row: &BenchRow, header: bool) {
     );
 }
 
-fn time_cpu(layer: &MoeLayer, args: &BenchArgs, floor: &MachineFloor) -> Result<Vec<BenchRow>, Box<dyn std::error::Error>> {
+fn time_cpu(
+    layer: &MoeLayer,
+    args: &BenchArgs,
+    floor: &MachineFloor,
+) -> Result<Vec<BenchRow>, Box<dyn std::error::Error>> {
     let h = layer.config().hidden_size;
     let mut rows = Vec::new();
     for &tokens in &args.tokens {
@@ -174,7 +188,11 @@ fn time_cpu(layer: &MoeLayer, args: &BenchArgs, floor: &MachineFloor) -> Result<
 fn machine_name() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     format!("{cpu}, {} threads, CPU kernels: {:?}", rayon::current_num_threads(), dots_moe::cpu::Isa::detect())
 }
@@ -218,7 +236,8 @@ mod cuda {
         for &tokens in args.tokens.iter().filter(|&&t| t > 0) {
             let bar = progress(&format!("cuda: timing {tokens} tokens"));
             let hidden = bench::random_hidden(tokens, h, args.seed.wrapping_add(tokens as u64));
-            let cost = bench::layer_cost(layer, &layer.route(TensorView::F32(&hidden), tokens).map_err(|e| e.to_string())?);
+            let cost =
+                bench::layer_cost(layer, &layer.route(TensorView::F32(&hidden), tokens).map_err(|e| e.to_string())?);
             let mut ws = device_layer.workspace(tokens, Dtype::F32).map_err(|e| e.to_string())?;
             ws.set_input(TensorView::F32(&hidden)).map_err(|e| e.to_string())?;
             let iterations = if tokens >= 4096 { 20 } else { 50 };

@@ -75,10 +75,8 @@ pub fn grouped_experts(
         (0..cfg.n_slots()).map(|e| (e, perm.expert_rows(e))).filter(|(_, r)| !r.is_empty()).collect();
 
     // GEMM 1 + SwiGLU: tasks of (slot, intermediate block).
-    let up_tasks: Vec<(usize, std::ops::Range<usize>, usize)> = used
-        .iter()
-        .flat_map(|(e, r)| (0..i).step_by(UP_BLOCK).map(move |i0| (*e, r.clone(), i0)))
-        .collect();
+    let up_tasks: Vec<(usize, std::ops::Range<usize>, usize)> =
+        used.iter().flat_map(|(e, r)| (0..i).step_by(UP_BLOCK).map(move |i0| (*e, r.clone(), i0))).collect();
     let blocks: Vec<Vec<f32>> = up_tasks
         .par_iter()
         .map(|(e, r, i0)| {
@@ -112,10 +110,8 @@ pub fn grouped_experts(
 
     // GEMM 2 with the routing weight in the epilogue: tasks of (slot, hidden block).
     let act = act.view();
-    let down_tasks: Vec<(usize, std::ops::Range<usize>, usize)> = used
-        .iter()
-        .flat_map(|(e, r)| (0..h).step_by(DOWN_BLOCK).map(move |h0| (*e, r.clone(), h0)))
-        .collect();
+    let down_tasks: Vec<(usize, std::ops::Range<usize>, usize)> =
+        used.iter().flat_map(|(e, r)| (0..h).step_by(DOWN_BLOCK).map(move |h0| (*e, r.clone(), h0))).collect();
     let blocks: Vec<Vec<f32>> = down_tasks
         .par_iter()
         .map(|(e, r, h0)| {

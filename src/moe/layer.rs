@@ -131,12 +131,26 @@ impl MoeLayer {
             Precision::Bf16 => {
                 let mut x = vec![half::bf16::ZERO; rows * h];
                 gather_bf16(hidden, h, &permutation, &mut x)?;
-                grouped_experts(&self.weights, TensorView::Bf16(&x), &permutation, &row_weights, self.precision, self.isa)?
+                grouped_experts(
+                    &self.weights,
+                    TensorView::Bf16(&x),
+                    &permutation,
+                    &row_weights,
+                    self.precision,
+                    self.isa,
+                )?
             }
             Precision::F32 => {
                 let mut x = vec![0.0f32; rows * h];
                 gather_f32(hidden, h, &permutation, &mut x)?;
-                grouped_experts(&self.weights, TensorView::F32(&x), &permutation, &row_weights, self.precision, self.isa)?
+                grouped_experts(
+                    &self.weights,
+                    TensorView::F32(&x),
+                    &permutation,
+                    &row_weights,
+                    self.precision,
+                    self.isa,
+                )?
             }
         };
         let mut output = vec![0.0f32; tokens * h];

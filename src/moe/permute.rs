@@ -62,10 +62,18 @@ impl Permutation {
 }
 
 /// Sorts the pairs of `expert_ids [tokens, slots_per_token]` by expert (stable).
-pub fn permute(expert_ids: &[u32], tokens: usize, slots_per_token: usize, n_experts: usize) -> Result<Permutation, MoeError> {
+pub fn permute(
+    expert_ids: &[u32],
+    tokens: usize,
+    slots_per_token: usize,
+    n_experts: usize,
+) -> Result<Permutation, MoeError> {
     check_len("expert_ids", &[tokens, slots_per_token], expert_ids.len())?;
     if expert_ids.len() > u32::MAX as usize || n_experts > u32::MAX as usize - 1 {
-        return Err(MoeError::Overflow(format!("{} (token, slot) pairs do not fit 32-bit row indices", expert_ids.len())));
+        return Err(MoeError::Overflow(format!(
+            "{} (token, slot) pairs do not fit 32-bit row indices",
+            expert_ids.len()
+        )));
     }
     let mut counts = vec![0u32; n_experts];
     for (p, &e) in expert_ids.iter().enumerate() {
@@ -96,7 +104,12 @@ pub fn permute(expert_ids: &[u32], tokens: usize, slots_per_token: usize, n_expe
 }
 
 /// Gathers `hidden [T, H]` rows into permuted order as f32: `out [T*S, H]`.
-pub fn gather_f32(hidden: TensorView<'_>, hidden_size: usize, perm: &Permutation, out: &mut [f32]) -> Result<(), MoeError> {
+pub fn gather_f32(
+    hidden: TensorView<'_>,
+    hidden_size: usize,
+    perm: &Permutation,
+    out: &mut [f32],
+) -> Result<(), MoeError> {
     check_len("hidden", &[perm.tokens, hidden_size], hidden.len())?;
     check_len("permuted hidden", &[perm.rows(), hidden_size], out.len())?;
     if hidden_size == 0 {
@@ -111,7 +124,12 @@ pub fn gather_f32(hidden: TensorView<'_>, hidden_size: usize, perm: &Permutation
 
 /// Gathers `hidden [T, H]` rows into permuted order as bf16 (f32 input rounds to nearest
 /// even): `out [T*S, H]`.
-pub fn gather_bf16(hidden: TensorView<'_>, hidden_size: usize, perm: &Permutation, out: &mut [bf16]) -> Result<(), MoeError> {
+pub fn gather_bf16(
+    hidden: TensorView<'_>,
+    hidden_size: usize,
+    perm: &Permutation,
+    out: &mut [bf16],
+) -> Result<(), MoeError> {
     check_len("hidden", &[perm.tokens, hidden_size], hidden.len())?;
     check_len("permuted hidden", &[perm.rows(), hidden_size], out.len())?;
     if hidden_size == 0 {

@@ -63,7 +63,10 @@ impl Routing {
             let ids = self.ids(t);
             for (j, &id) in ids.iter().enumerate() {
                 if id as usize >= n_experts {
-                    return Err(MoeError::BadRouting { token: t, reason: format!("expert {id} out of range 0..{n_experts}") });
+                    return Err(MoeError::BadRouting {
+                        token: t,
+                        reason: format!("expert {id} out of range 0..{n_experts}"),
+                    });
                 }
                 if ids[..j].contains(&id) {
                     return Err(MoeError::BadRouting { token: t, reason: format!("expert {id} chosen twice") });
@@ -95,7 +98,12 @@ pub fn router_logits(
 
 /// Routes `tokens` tokens from their router `logits` `[T, E]`; `bias` `[E]` is the
 /// score-correction bias (selection only).
-pub fn route_logits(cfg: &RouterConfig, logits: &[f32], tokens: usize, bias: Option<&[f32]>) -> Result<Routing, MoeError> {
+pub fn route_logits(
+    cfg: &RouterConfig,
+    logits: &[f32],
+    tokens: usize,
+    bias: Option<&[f32]>,
+) -> Result<Routing, MoeError> {
     cfg.validate()?;
     let e = cfg.n_experts;
     check_len("router logits", &[tokens, e], logits.len())?;
@@ -159,7 +167,14 @@ impl RouteScratch {
     }
 
     /// Routes one token with finite `logits` into `ids` and `weights` (both `[k]`).
-    fn route_token(&mut self, cfg: &RouterConfig, logits: &[f32], bias: Option<&[f32]>, ids: &mut [u32], weights: &mut [f32]) {
+    fn route_token(
+        &mut self,
+        cfg: &RouterConfig,
+        logits: &[f32],
+        bias: Option<&[f32]>,
+        ids: &mut [u32],
+        weights: &mut [f32],
+    ) {
         let e = cfg.n_experts;
         match cfg.scoring {
             Scoring::Sigmoid => {
@@ -280,7 +295,13 @@ mod tests {
     fn bias_chooses_but_does_not_weigh() {
         let logits = [0.0, 1.0, 2.0, 3.0];
         let bias = [10.0, 0.0, 0.0, 0.0];
-        let r = route_logits(&RouterConfig { norm_topk_prob: false, routed_scaling_factor: 1.0, ..cfg(4, 2) }, &logits, 1, Some(&bias)).unwrap();
+        let r = route_logits(
+            &RouterConfig { norm_topk_prob: false, routed_scaling_factor: 1.0, ..cfg(4, 2) },
+            &logits,
+            1,
+            Some(&bias),
+        )
+        .unwrap();
         assert_eq!(r.expert_ids, vec![0, 3]);
         assert_eq!(r.weights, vec![sigmoid(0.0), sigmoid(3.0)]);
     }

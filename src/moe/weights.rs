@@ -89,7 +89,10 @@ impl MoeWeights {
     /// Bytes of all weights (router, bias, experts, shared experts).
     pub fn bytes(&self) -> usize {
         let elem = |t: &TensorData| t.len() * t.dtype().size();
-        elem(&self.router_gate) + elem(&self.gate_up) + elem(&self.down) + self.router_bias.as_ref().map_or(0, |b| b.len() * 4)
+        elem(&self.router_gate)
+            + elem(&self.gate_up)
+            + elem(&self.down)
+            + self.router_bias.as_ref().map_or(0, |b| b.len() * 4)
     }
 
     /// Bytes of one expert slot's weights.
@@ -109,11 +112,13 @@ impl MoeWeights {
             let bound = (3.0 / fan_in as f32).sqrt();
             match data {
                 TensorData::F32(v) => v.par_chunks_mut(chunk.max(1)).enumerate().for_each(|(c, out)| {
-                    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ salt ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    let mut rng =
+                        ChaCha8Rng::seed_from_u64(seed ^ salt ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                     out.iter_mut().for_each(|x| *x = rng.random_range(-bound..bound));
                 }),
                 TensorData::Bf16(v) => v.par_chunks_mut(chunk.max(1)).enumerate().for_each(|(c, out)| {
-                    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ salt ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    let mut rng =
+                        ChaCha8Rng::seed_from_u64(seed ^ salt ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                     out.iter_mut().for_each(|x| *x = bf16::from_f32(rng.random_range(-bound..bound)));
                 }),
             }
@@ -183,7 +188,13 @@ impl MoeLayerBuilder {
     }
 
     /// Routed expert `e`: `gate [I, H]`, `up [I, H]`, `down [H, I]`.
-    pub fn expert(&mut self, e: usize, gate: TensorView<'_>, up: TensorView<'_>, down: TensorView<'_>) -> Result<&mut Self, MoeError> {
+    pub fn expert(
+        &mut self,
+        e: usize,
+        gate: TensorView<'_>,
+        up: TensorView<'_>,
+        down: TensorView<'_>,
+    ) -> Result<&mut Self, MoeError> {
         let cfg = &self.weights.cfg;
         let (h, i, n) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.router.n_experts);
         if e >= n {
@@ -202,7 +213,12 @@ impl MoeLayerBuilder {
 
     /// The shared experts as one MLP of width `S * I`: `gate [S*I, H]`, `up [S*I, H]`,
     /// `down [H, S*I]`; split into `S` slots of width `I`.
-    pub fn shared(&mut self, gate: TensorView<'_>, up: TensorView<'_>, down: TensorView<'_>) -> Result<&mut Self, MoeError> {
+    pub fn shared(
+        &mut self,
+        gate: TensorView<'_>,
+        up: TensorView<'_>,
+        down: TensorView<'_>,
+    ) -> Result<&mut Self, MoeError> {
         let cfg = &self.weights.cfg;
         let (h, i, s, e) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_shared_experts, cfg.router.n_experts);
         if s == 0 {
