@@ -127,11 +127,13 @@ pub enum TensorData {
 }
 
 impl TensorData {
-    /// A zero-filled tensor of `len` elements.
+    /// A zero-filled tensor of `len` elements. The memory comes zeroed from the
+    /// allocator (untouched pages cost nothing until written), so building a 4.5 GB layer
+    /// does not first write 4.5 GB of zeros.
     pub fn zeros(dtype: Dtype, len: usize) -> Self {
         match dtype {
-            Dtype::F32 => TensorData::F32(vec![0.0; len]),
-            Dtype::Bf16 => TensorData::Bf16(vec![bf16::ZERO; len]),
+            Dtype::F32 => TensorData::F32(bytemuck::zeroed_vec(len)),
+            Dtype::Bf16 => TensorData::Bf16(bytemuck::zeroed_vec(len)),
         }
     }
 
