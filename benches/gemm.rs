@@ -3,14 +3,14 @@
 //!
 //! Weights come from a pool of matrices eight times the 32 MB L3, visited in turn, so
 //! every call reads its weights from DRAM. Besides criterion's figures, a summary table
-//! prints GB/s and GFLOP/s next to this machine's own ceilings, measured in the same run:
+//! prints GB/s and GFLOP/s next to this machine's own ceilings measured in the same run:
 //! copy (bytes read + written) and read bandwidth of a 256 MiB buffer, and register-only
-//! loops of VDPBF16PS / FMA on every rayon thread. The summary makes several passes over
-//! everything and prints the median and the best sample of each figure: on a shared
-//! machine the best is the uncontended one.
+//! loops of VDPBF16PS / FMA on every rayon thread. Each kernel sample is paired with
+//! ceiling samples taken right after it, and the table gives the median of the paired
+//! ratios, which stays meaningful on a machine shared with other jobs.
 //!
 //! `cargo bench --bench gemm` (criterion and the summary), `cargo bench --bench gemm --
-//! summary [passes=N]` (the summary only, N passes, default 3).
+//! summary` (the summary only); `GEMM_BENCH_PASSES=N` sets the summary's passes (3).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -107,203 +107,235 @@ fn bench_gemm(c: &mut Criterion) {
     group.finish();
 }
 
-/// Median and minimum seconds of `runs` calls of `f`, after two warm-up calls. On a
-/// shared machine the minimum is the uncontended figure, the median the typical one.
-fn time_secs(runs: usize, mut f: impl FnMut()) -> (f64, f64) {
-    f();
-    f();
-    let mut t: Vec<f64> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    (t[runs / 2], t[0])
-}
-
-/// Rates `amount / seconds` for (median, best).
-fn rates(amount: f64, (median, best): (f64, f64)) -> (f64, f64) {
-    (amount / median, amount / best)
-}
-
-/// Copy and read bandwidth of a 256 MiB buffer split over rayon's threads, in bytes
-/// per second, one sample per run: copy counts bytes read + written, read the bytes read.
-fn bandwidth_samples(copy: &mut Vec<f64>, read: &mut Vec<f64>) {
-    const RUNS: usize = 8;
-    let len = (256 << 20) / 8;
-    let src: Vec<u64> = (0..len as u64).into_par_iter().collect();
-    let mut dst = vec![0u64; len];
-    let chunk = len.div_ceil(rayon::current_num_threads());
-    let bytes = (len * 8) as f64;
-    for run in 0..=RUNS {
-        let start = Instant::now();
-        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
-        black_box(&dst);
-        let copy_secs = start.elapsed().as_secs_f64();
-        let start = Instant::now();
-        let x = src.par_chunks(chunk).map(|c| c.iter().fold(0, |x, &y| x ^ y)).reduce(|| 0, |x, y| x ^ y);
-        black_box(x);
-        let read_secs = start.elapsed().as_secs_f64();
-        if run > 0 {
-            // Run 0 is the warm-up (it also faults `dst` in).
-            copy.push(2.0 * bytes / copy_secs);
-            read.push(bytes / read_secs);
-        }
-    }
-}
-
-/// Register-only loop: `chains` independent accumulators, `iters` steps of VDPBF16PS (or
-/// f32 FMA), on every rayon thread at once. Returns FLOP/s.
+/// Register-only loops of `CHAINS` independent accumulators: the arithmetic ceiling.
 #[cfg(target_arch = "x86_64")]
-fn peak_flops(bf16_dot: bool) -> f64 {
+mod peak {
     use std::arch::x86_64::*;
-    const CHAINS: usize = 24;
-    const ITERS: usize = 1 << 22;
 
+    /// Independent accumulator chains (enough to cover the latency).
+    pub const CHAINS: usize = 24;
+
+    /// `iters` steps of VDPBF16PS on every chain (64 FLOP each).
     #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl")]
-    fn dot_loop() -> f32 {
-        let x = _mm512_set1_ps(1e-3);
+    pub fn dot_loop(iters: usize) -> f32 {
         // SAFETY: same size, every bit pattern valid in both types.
-        let xb = unsafe { std::mem::transmute::<__m512, __m512bh>(x) };
+        let x = unsafe { std::mem::transmute::<__m512, __m512bh>(_mm512_set1_ps(1e-3)) };
         let mut acc = [_mm512_setzero_ps(); CHAINS];
-        for _ in 0..ITERS {
+        for _ in 0..iters {
             for a in acc.iter_mut() {
-                *a = _mm512_dpbf16_ps(*a, xb, xb);
+                *a = _mm512_dpbf16_ps(*a, x, x);
             }
         }
         acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
     }
 
+    /// `iters` steps of f32 FMA on every chain (32 FLOP each).
     #[target_feature(enable = "avx512f")]
-    fn fma_loop() -> f32 {
+    pub fn fma_loop(iters: usize) -> f32 {
         let x = _mm512_set1_ps(1e-3);
         let mut acc = [_mm512_setzero_ps(); CHAINS];
-        for _ in 0..ITERS {
+        for _ in 0..iters {
             for a in acc.iter_mut() {
                 *a = _mm512_fmadd_ps(x, x, *a);
             }
         }
         acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
     }
+}
 
-    let isa = if bf16_dot { Isa::Avx512Bf16 } else { Isa::Avx512 };
-    if !isa.is_supported() {
-        return f64::NAN;
+/// Ceiling probes run right after every kernel sample, on the same threads and for about
+/// as long, so that both see the same machine: on a shared machine the ratio of a pair
+/// is steadier than the ratio of two medians taken minutes apart.
+struct Ceilings {
+    /// Read and copied from in turn: 256 MiB, far above the L3.
+    src: Vec<u64>,
+    /// Copy destination.
+    dst: Vec<u64>,
+    /// Next offset into `src`.
+    next: usize,
+}
+
+impl Ceilings {
+    fn new() -> Self {
+        let src: Vec<u64> = (0..(256u64 << 20) / 8).into_par_iter().collect();
+        let dst = vec![1u64; (64 << 20) / 8];
+        Ceilings { src, dst, next: 0 }
     }
-    let threads = rayon::current_num_threads();
-    let (_, best) = time_secs(5, || {
-        let s: f32 = (0..threads)
-            .into_par_iter()
-            // SAFETY: the ISA the loop needs was checked above.
-            .map(|_| unsafe { if bf16_dot { dot_loop() } else { fma_loop() } })
-            .sum();
-        black_box(s);
-    });
-    let flops_per_op = if bf16_dot { 64.0 } else { 32.0 };
-    (threads * CHAINS * ITERS) as f64 * flops_per_op / best
+
+    /// The next `bytes` of `src` (wrapping), as a window of u64.
+    fn window(&mut self, bytes: usize) -> std::ops::Range<usize> {
+        let len = (bytes / 8).min(self.dst.len());
+        if self.next + len > self.src.len() {
+            self.next = 0;
+        }
+        self.next += len;
+        self.next - len..self.next
+    }
+
+    /// Seconds to read `bytes` from DRAM, split over rayon's threads.
+    fn read_secs(&mut self, bytes: usize) -> f64 {
+        let window = self.window(bytes);
+        let chunk = window.len().div_ceil(rayon::current_num_threads());
+        let start = Instant::now();
+        let x = self.src[window].par_chunks(chunk).map(|c| c.iter().fold(0, |x, &y| x ^ y)).reduce(|| 0, |x, y| x ^ y);
+        black_box(x);
+        start.elapsed().as_secs_f64()
+    }
+
+    /// Seconds to copy `bytes` (read `bytes`, write `bytes`), split over rayon's threads.
+    fn copy_secs(&mut self, bytes: usize) -> f64 {
+        let window = self.window(bytes);
+        let chunk = window.len().div_ceil(rayon::current_num_threads());
+        let dst = &mut self.dst[..window.len()];
+        let start = Instant::now();
+        dst.par_chunks_mut(chunk).zip(self.src[window].par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+        black_box(&dst);
+        start.elapsed().as_secs_f64()
+    }
+
+    /// Seconds for `flops` FLOP of VDPBF16PS (or f32 FMA) in registers, on every rayon
+    /// thread at once; NaN without the ISA.
+    fn peak_secs(&self, flops: f64, bf16_dot: bool) -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let isa = if bf16_dot { Isa::Avx512Bf16 } else { Isa::Avx512 };
+            if !isa.is_supported() {
+                return f64::NAN;
+            }
+            let per_step = (peak::CHAINS * if bf16_dot { 64 } else { 32 }) as f64;
+            let iters = (flops / per_step / rayon::current_num_threads() as f64).ceil() as usize;
+            let start = Instant::now();
+            // SAFETY: the ISA each loop needs was checked above.
+            let s =
+                rayon::broadcast(|_| unsafe { if bf16_dot { peak::dot_loop(iters) } else { peak::fma_loop(iters) } });
+            black_box(s);
+            start.elapsed().as_secs_f64()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (flops, bf16_dot);
+            f64::NAN
+        }
+    }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-fn peak_flops(_bf16_dot: bool) -> f64 {
-    f64::NAN
-}
-
-/// Median and minimum of time samples (the minimum is the best).
-fn median_best(mut t: Vec<f64>) -> (f64, f64) {
-    t.sort_by(f64::total_cmp);
-    (t[t.len() / 2], t[0])
-}
-
-/// Median and maximum of rate samples (the maximum is the best).
+/// (median, best) of rate samples; the best is the largest.
 fn median_max(mut r: Vec<f64>) -> (f64, f64) {
     r.sort_by(f64::total_cmp);
     (r[r.len() / 2], r[r.len() - 1])
 }
 
-/// The summary table: every case against the ceilings measured in the same run. On a
-/// shared machine, `passes` rounds over all cases (and the ceilings) spread the samples
-/// in time; the medians and bests are over all of them.
+/// Median of ratio samples.
+fn median(mut r: Vec<f64>) -> f64 {
+    r.sort_by(f64::total_cmp);
+    r[r.len() / 2]
+}
+
+/// One kernel sample with its paired ceilings, as rates (per second).
+struct Sample {
+    bytes_rate: f64,
+    flops_rate: f64,
+    copy_rate: f64,
+    read_rate: f64,
+    peak_rate: f64,
+}
+
+/// The summary table. `passes` rounds over all cases spread the samples in time; every
+/// kernel sample is paired with a copy, a read and a peak-loop sample of the same size
+/// taken right after it (see [`Ceilings`]), and the ratios are medians over the pairs.
 fn summary(passes: usize) {
     let threads = rayon::current_num_threads();
+    let mut ceilings = Ceilings::new();
     let mut pools: Vec<((Dtype, usize), Pool)> = Vec::new();
     let all: Vec<Case> = cases().collect();
     let actives: Vec<TensorData> = all.iter().map(|c| filled(c.a_dtype, c.m * K, 99)).collect();
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
-    let (mut copy_s, mut read_s, mut peak_dot, mut peak_fma) = (Vec::new(), Vec::new(), 0.0f64, 0.0f64);
+    let mut samples: Vec<Vec<Sample>> = all.iter().map(|_| Vec::new()).collect();
     for _ in 0..passes {
-        bandwidth_samples(&mut copy_s, &mut read_s);
-        peak_dot = peak_dot.max(peak_flops(true));
-        peak_fma = peak_fma.max(peak_flops(false));
-        for ((case, a), t) in all.iter().zip(&actives).zip(&mut samples) {
+        for ((case, a), case_samples) in all.iter().zip(&actives).zip(&mut samples) {
             let key = (case.w_dtype, case.n);
             if !pools.iter().any(|(k, _)| *k == key) {
                 pools.push((key, Pool::new(case.w_dtype, case.n)));
             }
             let pool = &mut pools.iter_mut().find(|(k, _)| *k == key).expect("pool built above").1;
             let mut out = vec![0.0f32; case.m * case.n];
-            let runs = 2 * pool.mats.len() + 1;
-            let mut f = || {
+            let bf16_dot = case.a_dtype == Dtype::Bf16 && case.w_dtype == Dtype::Bf16;
+            let (bytes, flops) = (case.bytes() as f64, case.flops());
+            for run in 0..=2 * pool.mats.len() {
                 let w = pool.next();
+                let start = Instant::now();
                 par_gemm_nt(a.view(), w.view(), case.m, case.n, K, &mut out, case.n);
                 black_box(&out);
-            };
-            f();
-            for _ in 0..runs {
-                let start = Instant::now();
-                f();
-                t.push(start.elapsed().as_secs_f64());
+                let secs = start.elapsed().as_secs_f64();
+                let copy = ceilings.copy_secs(case.bytes());
+                let read = ceilings.read_secs(case.bytes());
+                let peak = ceilings.peak_secs(flops, bf16_dot);
+                if run > 0 {
+                    case_samples.push(Sample {
+                        bytes_rate: bytes / secs,
+                        flops_rate: flops / secs,
+                        copy_rate: 2.0 * bytes / copy,
+                        read_rate: bytes / read,
+                        peak_rate: flops / peak,
+                    });
+                }
             }
         }
     }
-    let (copy, read) = (median_max(copy_s), median_max(read_s));
+    let every = || samples.iter().flatten();
+    let copy = median_max(every().map(|s| s.copy_rate).collect());
+    let read = median_max(every().map(|s| s.read_rate).collect());
+    let peak_of = |dot: bool| {
+        median_max(
+            all.iter()
+                .zip(&samples)
+                .filter(|(c, _)| (c.a_dtype == Dtype::Bf16 && c.w_dtype == Dtype::Bf16) == dot)
+                .flat_map(|(_, s)| s.iter().map(|s| s.peak_rate))
+                .collect(),
+        )
+    };
+    let (peak_dot, peak_fma) = (peak_of(true), peak_of(false));
+    println!("\n== gemm summary: {:?}, {threads} threads, k = {K}, {passes} passes ==", Isa::detect());
     println!(
-        "\n== gemm summary: {:?}, {threads} threads, k = {K}, {passes} passes; figures median / best ==",
-        Isa::detect()
-    );
-    println!(
-        "copy bandwidth (read + write): {:.1} / {:.1} GB/s; read bandwidth: {:.1} / {:.1} GB/s",
+        "ceilings, median / best of the paired samples: copy (read + write) {:.1} / {:.1} GB/s, \
+         read {:.1} / {:.1} GB/s, VDPBF16PS {:.0} / {:.0} GFLOP/s, f32 FMA {:.0} / {:.0} GFLOP/s",
         copy.0 / 1e9,
         copy.1 / 1e9,
         read.0 / 1e9,
-        read.1 / 1e9
+        read.1 / 1e9,
+        peak_dot.0 / 1e9,
+        peak_dot.1 / 1e9,
+        peak_fma.0 / 1e9,
+        peak_fma.1 / 1e9
     );
     println!(
-        "peaks (register-only loops, best): VDPBF16PS {:.1} GFLOP/s, f32 FMA {:.1} GFLOP/s",
-        peak_dot / 1e9,
-        peak_fma / 1e9
+        "{:<24} {:>3} {:>15} {:>15} {:>8} {:>8} {:>8}",
+        "case", "m", "GB/s med/best", "GFLOP/s", "/copy", "/read", "/peak"
     );
-    println!(
-        "{:<24} {:>3} {:>17} {:>13} {:>13} {:>13} {:>13}",
-        "case", "m", "time (us)", "GB/s", "of copy", "GFLOP/s", "of peak"
-    );
-    for (case, t) in all.iter().zip(samples) {
-        let t = median_best(t);
-        let peak = if case.a_dtype == Dtype::Bf16 && case.w_dtype == Dtype::Bf16 { peak_dot } else { peak_fma };
-        let (gbs, gflops) = (rates(case.bytes() as f64, t), rates(case.flops(), t));
-        let pct = |x: f64, of: f64| 100.0 * x / of;
+    println!("{:<44}(the last three: medians of paired ratios)", "");
+    for (case, s) in all.iter().zip(&samples) {
+        let gbs = median_max(s.iter().map(|s| s.bytes_rate).collect());
+        let gflops = median_max(s.iter().map(|s| s.flops_rate).collect());
+        let of_copy = median(s.iter().map(|s| s.bytes_rate / s.copy_rate).collect());
+        let of_read = median(s.iter().map(|s| s.bytes_rate / s.read_rate).collect());
+        let of_peak = median(s.iter().map(|s| s.flops_rate / s.peak_rate).collect());
         println!(
-            "{:<24} {:>3} {:>8.0} /{:>7.0} {:>6.1} /{:>5.1} {:>5.0}% /{:>4.0}% {:>6.1} /{:>5.1} {:>5.0}% /{:>4.0}%",
+            "{:<24} {:>3} {:>6.1} /{:>6.1} {:>6.1} /{:>6.1} {:>7.0}% {:>7.0}% {:>7.0}%",
             case.name(),
             case.m,
-            t.0 * 1e6,
-            t.1 * 1e6,
             gbs.0 / 1e9,
             gbs.1 / 1e9,
-            pct(gbs.0, copy.0),
-            pct(gbs.1, copy.1),
             gflops.0 / 1e9,
             gflops.1 / 1e9,
-            pct(gflops.0, peak),
-            pct(gflops.1, peak)
+            100.0 * of_copy,
+            100.0 * of_read,
+            100.0 * of_peak
         );
     }
 }
 
 fn main() {
     let summary_only = std::env::args().any(|a| a == "summary");
-    let passes = std::env::args().find_map(|a| a.strip_prefix("passes=").and_then(|p| p.parse().ok())).unwrap_or(3);
+    let passes = std::env::var("GEMM_BENCH_PASSES").ok().and_then(|p| p.parse().ok()).unwrap_or(3);
     if !summary_only {
         let mut c = Criterion::default().configure_from_args();
         bench_gemm(&mut c);

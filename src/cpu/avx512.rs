@@ -123,7 +123,21 @@ fn as_bh(x: __m512i) -> __m512bh {
     unsafe { std::mem::transmute::<__m512i, __m512bh>(x) }
 }
 
-/// One chunk of [`tile_bf16`]: `n <= 32` elements at `off` of every row.
+/// Prefetches the cache line at element `off` of every row in `pf` (rows of the next
+/// cache block of `w`, see `driver::drive`) into L2: one line per row per chunk, the pace
+/// at which the tile itself walks its rows. Into L2 (T1): on Zen 4, T1 measured 10-20%
+/// faster than no prefetch at m = 2..16 with `w` from DRAM, T0 (into L1) slower.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn prefetch<T>(pf: &[*const T], off: usize) {
+    for &row in pf {
+        // Prefetching is only a hint: it never faults, whatever the address.
+        _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(off).cast::<i8>());
+    }
+}
+
+/// One chunk of [`tile_bf16`]: `n <= 32` elements at `off` of every row, and the
+/// prefetch of the lines at `off` of the rows in `pf`.
 ///
 /// # Safety
 /// Every row pointer must be readable for `off + n` elements.
@@ -133,9 +147,11 @@ unsafe fn chunk_bf16<const R: usize, const C: usize>(
     acc: &mut [[__m512; C]; R],
     a: &[*const u16; R],
     w: &[*const u16; C],
+    pf: &[*const u16],
     off: usize,
     n: usize,
 ) {
+    prefetch(pf, off);
     // SAFETY (loads): every row is readable for `off + n` elements (caller).
     let wv: [__m512bh; C] = std::array::from_fn(|c| as_bh(unsafe { load_u16x32(w[c].add(off), n) }));
     for (acc_row, &row) in acc.iter_mut().zip(a) {
@@ -149,16 +165,21 @@ unsafe fn chunk_bf16<const R: usize, const C: usize>(
 /// bf16 x bf16 tile: `out[r][c] = dot(a[r], w[c])`, VDPBF16PS over chunks of 32.
 /// Every row slice must hold at least `k` elements.
 #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl")]
-pub(crate) fn tile_bf16<const R: usize, const C: usize>(a: [&[u16]; R], w: [&[u16]; C], k: usize) -> [[f32; C]; R] {
+pub(crate) fn tile_bf16<const R: usize, const C: usize>(
+    a: [&[u16]; R],
+    w: [&[u16]; C],
+    k: usize,
+    pf: &[*const u16],
+) -> [[f32; C]; R] {
     let (a, w) = (row_ptrs(a, k), row_ptrs(w, k));
     let mut acc = [[_mm512_setzero_ps(); C]; R];
     let full = k / 32 * 32;
     // SAFETY (both): every row holds `k` elements (`row_ptrs`) and `off + n <= k`.
     for off in (0..full).step_by(32) {
-        unsafe { chunk_bf16(&mut acc, &a, &w, off, 32) };
+        unsafe { chunk_bf16(&mut acc, &a, &w, pf, off, 32) };
     }
     if full < k {
-        unsafe { chunk_bf16(&mut acc, &a, &w, full, k - full) };
+        unsafe { chunk_bf16(&mut acc, &a, &w, pf, full, k - full) };
     }
     reduce(&acc)
 }
@@ -174,9 +195,11 @@ unsafe fn chunk_f32_bf16<const R: usize, const C: usize>(
     acc: &mut [[__m512; C]; R],
     a: &[*const f32; R],
     w: &[*const u16; C],
+    pf: &[*const u16],
     off: usize,
     n: usize,
 ) {
+    prefetch(pf, off);
     // SAFETY (loads): readable as the caller guarantees.
     let wv: [(__m512, __m512); C] = std::array::from_fn(|c| bf16x32_even_odd(unsafe { load_u16x32(w[c].add(off), n) }));
     for (acc_row, &row) in acc.iter_mut().zip(a) {
@@ -193,17 +216,22 @@ unsafe fn chunk_f32_bf16<const R: usize, const C: usize>(
 /// ones, zero-padded to [`packed_len`]); `w` rows are plain bf16 with at least `k`
 /// elements.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) fn tile_f32_bf16<const R: usize, const C: usize>(a: [&[f32]; R], w: [&[u16]; C], k: usize) -> [[f32; C]; R] {
+pub(crate) fn tile_f32_bf16<const R: usize, const C: usize>(
+    a: [&[f32]; R],
+    w: [&[u16]; C],
+    k: usize,
+    pf: &[*const u16],
+) -> [[f32; C]; R] {
     let (a, w) = (row_ptrs(a, packed_len(k)), row_ptrs(w, k));
     let mut acc = [[_mm512_setzero_ps(); C]; R];
     let full = k / 32 * 32;
     // SAFETY (both): `w` rows hold `k >= off + n` elements and packed `a` rows
     // `packed_len(k) >= off + 32` (`row_ptrs`).
     for off in (0..full).step_by(32) {
-        unsafe { chunk_f32_bf16(&mut acc, &a, &w, off, 32) };
+        unsafe { chunk_f32_bf16(&mut acc, &a, &w, pf, off, 32) };
     }
     if full < k {
-        unsafe { chunk_f32_bf16(&mut acc, &a, &w, full, k - full) };
+        unsafe { chunk_f32_bf16(&mut acc, &a, &w, pf, full, k - full) };
     }
     reduce(&acc)
 }
@@ -218,9 +246,11 @@ unsafe fn chunk_f32<const R: usize, const C: usize>(
     acc: &mut [[__m512; C]; R],
     a: &[*const f32; R],
     w: &[*const f32; C],
+    pf: &[*const f32],
     off: usize,
     n: usize,
 ) {
+    prefetch(pf, off);
     // SAFETY (loads): every row is readable for `off + n` elements (caller).
     let wv: [__m512; C] = std::array::from_fn(|c| unsafe { load_f32x16(w[c].add(off), n) });
     for (acc_row, &row) in acc.iter_mut().zip(a) {
@@ -233,16 +263,21 @@ unsafe fn chunk_f32<const R: usize, const C: usize>(
 
 /// f32 x f32 tile over chunks of 16. Every row slice must hold at least `k` elements.
 #[target_feature(enable = "avx512f")]
-pub(crate) fn tile_f32<const R: usize, const C: usize>(a: [&[f32]; R], w: [&[f32]; C], k: usize) -> [[f32; C]; R] {
+pub(crate) fn tile_f32<const R: usize, const C: usize>(
+    a: [&[f32]; R],
+    w: [&[f32]; C],
+    k: usize,
+    pf: &[*const f32],
+) -> [[f32; C]; R] {
     let (a, w) = (row_ptrs(a, k), row_ptrs(w, k));
     let mut acc = [[_mm512_setzero_ps(); C]; R];
     let full = k / 16 * 16;
     // SAFETY (both): every row holds `k` elements (`row_ptrs`) and `off + n <= k`.
     for off in (0..full).step_by(16) {
-        unsafe { chunk_f32(&mut acc, &a, &w, off, 16) };
+        unsafe { chunk_f32(&mut acc, &a, &w, pf, off, 16) };
     }
     if full < k {
-        unsafe { chunk_f32(&mut acc, &a, &w, full, k - full) };
+        unsafe { chunk_f32(&mut acc, &a, &w, pf, full, k - full) };
     }
     reduce(&acc)
 }

@@ -88,11 +88,19 @@ pub(crate) const fn lcm(a: usize, b: usize) -> usize {
     a / x * b
 }
 
+/// Most `w` rows one tile call is asked to prefetch (see [`drive`]).
+pub(crate) const MAX_PREFETCH_ROWS: usize = 8;
+
 /// Computes `out[i][j]` for `i` in `rows`, `j` in `cols` with register tiles.
 ///
-/// `tile(ia, jw)` returns the dot products of `a` rows `ia` with `w` rows `jw`;
-/// `row(i, jw)` the same for a single `a` row. Both must compute every element with one
-/// and the same per-element reduction. `blk.nb` must be a multiple of `NR` and `NR1`.
+/// `tile(ia, jw, pf)` returns the dot products of `a` rows `ia` with `w` rows `jw`;
+/// `row(i, jw, pf)` the same for a single `a` row. Both must compute every element with
+/// one and the same per-element reduction. `blk.nb` must be a multiple of `NR` and `NR1`.
+///
+/// `pf` are rows of `w` the call should prefetch, spread over its walk along `k`: when a
+/// cache block of `w` takes several passes (several tile rows of `a`), only the first
+/// pass reads it from memory, so the next block is prefetched during this one, split
+/// evenly over its tile calls. Otherwise the memory would idle during the later passes.
 ///
 /// # Safety
 /// No other thread may access `out` elements in `rows x cols` during the call, and the
@@ -105,8 +113,8 @@ pub(crate) unsafe fn drive<const MR: usize, const NR: usize, const NR1: usize, T
     mut tile: T,
     mut row: R,
 ) where
-    T: FnMut([usize; MR], [usize; NR]) -> [[f32; NR]; MR],
-    R: FnMut(usize, [usize; NR1]) -> [f32; NR1],
+    T: FnMut([usize; MR], [usize; NR], Range<usize>) -> [[f32; NR]; MR],
+    R: FnMut(usize, [usize; NR1], Range<usize>) -> [f32; NR1],
 {
     debug_assert!(blk.nb.is_multiple_of(NR) && blk.nb.is_multiple_of(NR1) && blk.mb.is_multiple_of(MR));
     if rows.is_empty() || cols.is_empty() {
@@ -115,15 +123,27 @@ pub(crate) unsafe fn drive<const MR: usize, const NR: usize, const NR1: usize, T
     let mut i_block = rows.start;
     while i_block < rows.end {
         let i_end = (i_block + blk.mb).min(rows.end);
+        let (full_tiles, single_rows) = ((i_end - i_block) / MR, (i_end - i_block) % MR);
         let mut j_block = cols.start;
         while j_block < cols.end {
             let j_end = (j_block + blk.nb).min(cols.end);
+            let width = j_end - j_block;
+            let next = j_end..(j_end + blk.nb).min(cols.end);
+            let calls = full_tiles * width.div_ceil(NR) + single_rows * width.div_ceil(NR1);
+            let per_call = if full_tiles + single_rows >= 2 { next.len().div_ceil(calls) } else { 0 };
+            let per_call = per_call.min(MAX_PREFETCH_ROWS);
+            let mut call = 0;
+            let mut prefetch = || {
+                let start = (next.start + call * per_call).min(next.end);
+                call += 1;
+                start..(start + per_call).min(next.end)
+            };
             let mut i = i_block;
             while i + MR <= i_end {
                 let ia: [usize; MR] = std::array::from_fn(|r| i + r);
                 for j in (j_block..j_end).step_by(NR) {
                     let jw: [usize; NR] = std::array::from_fn(|c| (j + c).min(j_end - 1));
-                    let t = tile(ia, jw);
+                    let t = tile(ia, jw, prefetch());
                     for (r, t_row) in t.iter().enumerate() {
                         for (c, &v) in t_row.iter().enumerate().take(j_end - j) {
                             // SAFETY: the caller owns `rows x cols` exclusively; `i + r`
@@ -137,7 +157,7 @@ pub(crate) unsafe fn drive<const MR: usize, const NR: usize, const NR1: usize, T
             for i in i..i_end {
                 for j in (j_block..j_end).step_by(NR1) {
                     let jw: [usize; NR1] = std::array::from_fn(|c| (j + c).min(j_end - 1));
-                    let t = row(i, jw);
+                    let t = row(i, jw, prefetch());
                     for (c, &v) in t.iter().enumerate().take(j_end - j) {
                         // SAFETY: as above.
                         unsafe { out.write(i, j + c, v) };

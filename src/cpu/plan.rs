@@ -14,7 +14,7 @@ use half::slice::HalfFloatSliceExt;
 
 #[cfg(target_arch = "x86_64")]
 use super::avx512;
-use super::driver::{Blocking, OutPtr, drive, lcm};
+use super::driver::{Blocking, MAX_PREFETCH_ROWS, OutPtr, drive, lcm};
 use super::{Isa, portable};
 use crate::tensor::TensorView;
 
@@ -181,8 +181,8 @@ impl<'a> Gemm<'a> {
                         cols,
                         blk,
                         out,
-                        |ia, jw| tile_bf16(ia.map(|i| a.row(i)), jw.map(w_row), k),
-                        |i, jw| tile_bf16([a.row(i)], jw.map(w_row), k)[0],
+                        |ia, jw, pf| tile_bf16(ia.map(|i| a.row(i)), jw.map(w_row), k, Prefetch::new(w, k, pf).rows()),
+                        |i, jw, pf| tile_bf16([a.row(i)], jw.map(w_row), k, Prefetch::new(w, k, pf).rows())[0],
                     )
                 }
             }
@@ -201,8 +201,10 @@ impl<'a> Gemm<'a> {
                         cols,
                         blk,
                         out,
-                        |ia, jw| tile_f32_bf16(ia.map(|i| a.row(i)), jw.map(w_row), k),
-                        |i, jw| tile_f32_bf16([a.row(i)], jw.map(w_row), k)[0],
+                        |ia, jw, pf| {
+                            tile_f32_bf16(ia.map(|i| a.row(i)), jw.map(w_row), k, Prefetch::new(w, k, pf).rows())
+                        },
+                        |i, jw, pf| tile_f32_bf16([a.row(i)], jw.map(w_row), k, Prefetch::new(w, k, pf).rows())[0],
                     )
                 }
             }
@@ -221,12 +223,36 @@ impl<'a> Gemm<'a> {
                         cols,
                         blk,
                         out,
-                        |ia, jw| tile_f32(ia.map(|i| a.row(i)), jw.map(w_row), k),
-                        |i, jw| tile_f32([a.row(i)], jw.map(w_row), k)[0],
+                        |ia, jw, pf| tile_f32(ia.map(|i| a.row(i)), jw.map(w_row), k, Prefetch::new(w, k, pf).rows()),
+                        |i, jw, pf| tile_f32([a.row(i)], jw.map(w_row), k, Prefetch::new(w, k, pf).rows())[0],
                     )
                 }
             }
         }
+    }
+}
+
+/// Rows of `w` a tile call prefetches (see `driver::drive`), as pointers.
+#[cfg(target_arch = "x86_64")]
+struct Prefetch<T> {
+    ptrs: [*const T; MAX_PREFETCH_ROWS],
+    len: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<T> Prefetch<T> {
+    /// Rows `rows` (at most [`MAX_PREFETCH_ROWS`]) of `w`, rows of `k` elements.
+    fn new(w: &[T], k: usize, rows: Range<usize>) -> Self {
+        let mut ptrs = [std::ptr::null(); MAX_PREFETCH_ROWS];
+        let len = rows.len().min(MAX_PREFETCH_ROWS);
+        for (p, j) in ptrs.iter_mut().zip(rows) {
+            *p = w[j * k..].as_ptr();
+        }
+        Prefetch { ptrs, len }
+    }
+
+    fn rows(&self) -> &[*const T] {
+        &self.ptrs[..self.len]
     }
 }
 
@@ -252,8 +278,8 @@ unsafe fn drive_portable<'w, W: portable::WeightElem + 'w>(
             cols,
             blk,
             out,
-            |[i], jw| [tile(a_row(i), jw.map(&w_row), k)],
-            |i, jw| tile(a_row(i), jw.map(&w_row), k),
+            |[i], jw, _| [tile(a_row(i), jw.map(&w_row), k)],
+            |i, jw, _| tile(a_row(i), jw.map(&w_row), k),
         )
     }
 }
