@@ -21,6 +21,7 @@ use crate::moe::permute::Permutation;
 
 /// Sums each token's weighted expert rows, in slot order, into `out [T, H]`.
 pub fn combine(expert_out: &[f32], hidden_size: usize, perm: &Permutation, out: &mut [f32]) -> Result<(), MoeError> {
+    perm.validate()?;
     check_len("expert output rows", &[perm.rows(), hidden_size], expert_out.len())?;
     check_len("output", &[perm.tokens, hidden_size], out.len())?;
     if hidden_size == 0 {

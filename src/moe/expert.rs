@@ -64,6 +64,7 @@ pub fn grouped_experts(
 ) -> Result<Vec<f32>, MoeError> {
     let cfg = weights.config();
     let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+    perm.validate()?;
     let rows = perm.rows();
     if perm.n_experts() != cfg.n_slots() {
         return Err(MoeError::shape("expert_offsets", &[cfg.n_slots() + 1], &[perm.expert_offsets.len()]));

@@ -42,7 +42,36 @@ pub struct Permutation {
 impl Permutation {
     /// Number of expert slots.
     pub fn n_experts(&self) -> usize {
-        self.expert_offsets.len() - 1
+        self.expert_offsets.len().saturating_sub(1)
+    }
+
+    /// Checks what [`permute`] guarantees, for a permutation made elsewhere (a GPU
+    /// download, a test, an engine): offsets monotone from 0 to `T * S`, and `row_pairs`
+    /// and `pair_rows` inverse permutations of `0..T * S`. The CPU steps taking a
+    /// permutation call it first, so a malformed one is an error, not a panic.
+    pub fn validate(&self) -> Result<(), MoeError> {
+        let (t, s) = (self.tokens, self.slots_per_token);
+        let pairs = t.checked_mul(s).ok_or_else(|| MoeError::Overflow(format!("{t} tokens x {s} slots")))?;
+        check_len("row_pairs", &[t, s], self.row_pairs.len())?;
+        check_len("pair_rows", &[t, s], self.pair_rows.len())?;
+        let offsets = &self.expert_offsets;
+        let monotone = offsets.windows(2).all(|w| w[0] <= w[1]);
+        if offsets.first() != Some(&0) || !monotone || offsets.last().map(|&o| o as usize) != Some(pairs) {
+            return Err(MoeError::Shape {
+                name: "expert_offsets".into(),
+                expected: vec![self.n_experts() + 1],
+                actual: format!("offsets that do not rise monotonically from 0 to {pairs}"),
+            });
+        }
+        for (r, &p) in self.row_pairs.iter().enumerate() {
+            if self.pair_rows.get(p as usize) != Some(&(r as u32)) {
+                return Err(MoeError::BadRouting {
+                    token: p as usize / s.max(1),
+                    reason: format!("row_pairs[{r}] = {p} and pair_rows are not inverse permutations"),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Permuted rows (`T * S`).
@@ -110,6 +139,7 @@ pub fn gather_f32(
     perm: &Permutation,
     out: &mut [f32],
 ) -> Result<(), MoeError> {
+    perm.validate()?;
     check_len("hidden", &[perm.tokens, hidden_size], hidden.len())?;
     check_len("permuted hidden", &[perm.rows(), hidden_size], out.len())?;
     if hidden_size == 0 {
@@ -130,6 +160,7 @@ pub fn gather_bf16(
     perm: &Permutation,
     out: &mut [bf16],
 ) -> Result<(), MoeError> {
+    perm.validate()?;
     check_len("hidden", &[perm.tokens, hidden_size], hidden.len())?;
     check_len("permuted hidden", &[perm.rows(), hidden_size], out.len())?;
     if hidden_size == 0 {

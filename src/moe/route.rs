@@ -90,7 +90,12 @@ pub fn router_logits(
 ) -> Result<Vec<f32>, MoeError> {
     check_len("hidden", &[tokens, hidden_size], hidden.len())?;
     check_len("mlp.gate.weight", &[n_experts, hidden_size], gate.len())?;
-    let mut logits = vec![0.0f32; tokens * n_experts];
+    // With `hidden_size == 0` both inputs are empty whatever `tokens` and `n_experts` say.
+    let len = tokens
+        .checked_mul(n_experts)
+        .filter(|&n| n <= isize::MAX as usize / 4)
+        .ok_or_else(|| MoeError::Overflow(format!("router logits [{tokens}, {n_experts}]")))?;
+    let mut logits = vec![0.0f32; len];
     // Exact products for every dtype pair (bf16 x bf16 is exact in f32), f32 accumulation.
     cpu::par_gemm_nt(hidden, gate, tokens, n_experts, hidden_size, &mut logits, n_experts);
     Ok(logits)
