@@ -6,18 +6,35 @@
 //! `row_pairs` and `pair_rows` inverse permutations (both compositions the identity),
 //! each expert's rows holding its pairs in ascending order (stable), the gathers copying
 //! (bf16: rounding exactly as `half::bf16::from_f32`) the token row of every permuted
-//! row, and `combine` equal bit for bit to the plain per-token sum in slot order.
+//! row, and `combine` equal bit for bit to the plain per-token sum in slot order. A
+//! corrupted copy of the permutation (entries out of range, rows swapped, offsets moved,
+//! lengths or slot counts changed) is an error in `gather`/`combine` exactly when
+//! `Permutation::validate` rejects it, never a panic.
 #![no_main]
 
 use arbitrary::{Result, Unstructured};
-use dots_moe::moe::{combine, gather_bf16, gather_f32, permute};
+use dots_moe::moe::{Permutation, combine, gather_bf16, gather_f32, permute};
 use dots_moe::{MoeError, TensorView};
 use dots_moe_fuzz::alloc_guard::Limit;
 use dots_moe_fuzz::values::{any_f32, rarely, small_len};
 use half::bf16;
 use libfuzzer_sys::fuzz_target;
 
+/// A change to a valid permutation, as a GPU bug or a careless engine might make one.
+#[derive(Clone, Copy, Debug)]
+enum Corruption {
+    None,
+    PairRow(usize, u32),
+    RowPair(usize, u32),
+    Offset(usize, u32),
+    SwapRows(usize, usize),
+    TruncatePairRows,
+    Slots(usize),
+    Tokens(usize),
+}
+
 struct Case {
+    corruption: Corruption,
     tokens: usize,
     slots: usize,
     n_experts: usize,
@@ -55,7 +72,60 @@ fn draw(u: &mut Unstructured<'_>) -> Result<Case> {
     for _ in 0..len * hidden_size {
         rows.push(any_f32(u)?);
     }
-    Ok(Case { tokens, slots, n_experts, ids, hidden_size, hidden, hidden_bf16: u.arbitrary()?, rows })
+    let corruption = match u.int_in_range(0u8..=15)? {
+        0 => Corruption::PairRow(u.arbitrary()?, u.arbitrary()?),
+        1 => Corruption::RowPair(u.arbitrary()?, u.arbitrary()?),
+        2 => Corruption::Offset(u.arbitrary()?, u.arbitrary()?),
+        3 => Corruption::SwapRows(u.arbitrary()?, u.arbitrary()?),
+        4 => Corruption::TruncatePairRows,
+        5 => Corruption::Slots(u.int_in_range(0..=12)?),
+        6 => Corruption::Tokens(u.int_in_range(0..=30)?),
+        _ => Corruption::None,
+    };
+    Ok(Case { corruption, tokens, slots, n_experts, ids, hidden_size, hidden, hidden_bf16: u.arbitrary()?, rows })
+}
+
+/// A corrupted copy of `perm`: `validate` decides, and every step taking a permutation
+/// must agree with it (an error when invalid, success when still valid), never panic.
+fn check_corrupted(perm: &Permutation, corruption: Corruption, h: usize, hidden: TensorView<'_>, rows: &[f32]) {
+    let mut bad = perm.clone();
+    let pick = |i: usize, len: usize| if len == 0 { None } else { Some(i % len) };
+    match corruption {
+        Corruption::None => return,
+        Corruption::PairRow(i, v) => match pick(i, bad.pair_rows.len()) {
+            Some(i) => bad.pair_rows[i] = v % (bad.pair_rows.len() as u32 + 2),
+            None => return,
+        },
+        Corruption::RowPair(i, v) => match pick(i, bad.row_pairs.len()) {
+            Some(i) => bad.row_pairs[i] = v % (bad.row_pairs.len() as u32 + 2),
+            None => return,
+        },
+        Corruption::Offset(i, v) => match pick(i, bad.expert_offsets.len()) {
+            Some(i) => bad.expert_offsets[i] = v % (bad.row_pairs.len() as u32 + 2),
+            None => return,
+        },
+        Corruption::SwapRows(a, b) => match (pick(a, bad.row_pairs.len()), pick(b, bad.row_pairs.len())) {
+            (Some(a), Some(b)) => bad.row_pairs.swap(a, b),
+            _ => return,
+        },
+        Corruption::TruncatePairRows => {
+            bad.pair_rows.pop();
+        }
+        Corruption::Slots(s) => bad.slots_per_token = s,
+        Corruption::Tokens(t) => bad.tokens = t,
+    }
+    let valid = bad.validate().is_ok();
+    let mut out = vec![0.0f32; bad.rows() * h];
+    let gathered =
+        if hidden.len() == bad.tokens * h { Some(gather_f32(hidden, h, &bad, &mut out).is_ok()) } else { None };
+    let mut combined = vec![0.0f32; bad.tokens * h];
+    let combine_ok =
+        if rows.len() == bad.rows() * h { Some(combine(rows, h, &bad, &mut combined).is_ok()) } else { None };
+    for (step, ok) in [("gather_f32", gathered), ("combine", combine_ok)] {
+        if let Some(ok) = ok {
+            assert_eq!(ok, valid, "{step} on {corruption:?}: ok = {ok}, validate says {valid}");
+        }
+    }
 }
 
 fn same_bits(a: f32, b: f32) -> bool {
@@ -63,7 +133,7 @@ fn same_bits(a: f32, b: f32) -> bool {
 }
 
 fn check(case: &Case) {
-    let Case { tokens, slots, n_experts, ids, hidden_size, hidden, hidden_bf16, rows } = case;
+    let Case { corruption, tokens, slots, n_experts, ids, hidden_size, hidden, hidden_bf16, rows } = case;
     let (t_count, s, e, h) = (*tokens, *slots, *n_experts, *hidden_size);
     let input_bytes = 4 * (ids.len() + hidden.len() + rows.len()) + 4 * e;
     let _limit = Limit::proportional(input_bytes, 8, 64 << 10);
@@ -144,6 +214,9 @@ fn check(case: &Case) {
         let mut short = vec![0.0f32; (pairs * h).saturating_sub(1)];
         assert!(gather_f32(view, h, &perm, &mut short).is_err() || pairs == 0);
     }
+
+    perm.validate().expect("what permute makes is valid");
+    check_corrupted(&perm, *corruption, h, view, rows);
 
     // Combine: the plain per-token sum of its rows, in slot order.
     let mut combined = vec![0.0f32; t_count * h];

@@ -47,8 +47,11 @@ for t in "${targets[@]}"; do
     # (fuzz/corpus/$t) are read, never written.
     mkdir -p "$work/$t" "fuzz/corpus/$t" "fuzz/artifacts/$t"
     log="$work/$t.log"
+    # The outer `timeout`: without a sanitizer runtime, libFuzzer's own per-input timeout
+    # handler allocates in a signal handler and can deadlock; a hang must still end (124).
     set +e
-    cargo fuzz run -s none --target-dir "$target_dir" "$t" "$work/$t" "fuzz/corpus/$t" -- \
+    timeout --kill-after=10 $((seconds + 120)) \
+        cargo fuzz run -s none --target-dir "$target_dir" "$t" "$work/$t" "fuzz/corpus/$t" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -max_len=16384 \
         -print_final_stats=1 >"$log" 2>&1
     rc=$?
