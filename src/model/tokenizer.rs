@@ -40,8 +40,16 @@ impl Tokenizer {
     }
 
     /// Parses the contents of a `tokenizer.json`.
+    ///
+    /// The JSON syntax is checked first: the `tokenizers` crate panics (instead of
+    /// returning an error) on some syntax errors inside the `"decoder"` value, and a
+    /// panic that still escapes it is turned into an error too.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+            .map_err(|e| ModelError::Tokenizer(format!("tokenizer.json is not valid JSON: {e}")))?;
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|_| ModelError::Tokenizer("the tokenizers crate panicked on this tokenizer.json".into()))?;
+        let inner = parsed.map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(Tokenizer { inner })
     }
 
