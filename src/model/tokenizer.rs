@@ -86,11 +86,16 @@ impl Tokenizer {
 /// Turns a stream of token ids into a stream of text pieces.
 ///
 /// Byte-level BPE tokens can end in the middle of a UTF-8 character; a piece is released
-/// only once it decodes to complete characters (no trailing U+FFFD).
+/// only once it decodes to complete characters (no trailing U+FFFD). Each step decodes
+/// only a short window (the ids since the last released piece and the one before it), so
+/// streaming `n` tokens costs O(n), not O(n^2).
 #[derive(Debug, Default)]
 pub struct TextStream {
     ids: Vec<u32>,
-    printed: usize,
+    /// Start of the decode window: ids before it are released and no longer needed.
+    prefix: usize,
+    /// Ids `prefix..read` are released; `read..` are pending.
+    read: usize,
 }
 
 impl TextStream {
@@ -102,21 +107,25 @@ impl TextStream {
     /// Adds `id`; returns the text it completes, if any.
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<Option<String>, ModelError> {
         self.ids.push(id);
-        let text = tokenizer.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.printed || !text.is_char_boundary(self.printed) {
+        let released = tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let text = tokenizer.decode(&self.ids[self.prefix..])?;
+        if text.ends_with('\u{FFFD}') || text.len() <= released.len() || !text.is_char_boundary(released.len()) {
             return Ok(None);
         }
-        let piece = text[self.printed..].to_string();
-        self.printed = text.len();
+        let piece = text[released.len()..].to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Ok(Some(piece))
     }
 
     /// The text not yet released (an incomplete character at the end, decoded lossily).
     pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<Option<String>, ModelError> {
-        let text = tokenizer.decode(&self.ids)?;
-        if text.len() > self.printed && text.is_char_boundary(self.printed) {
-            let piece = text[self.printed..].to_string();
-            self.printed = text.len();
+        let released = tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let text = tokenizer.decode(&self.ids[self.prefix..])?;
+        if text.len() > released.len() && text.is_char_boundary(released.len()) {
+            let piece = text[released.len()..].to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
             return Ok(Some(piece));
         }
         Ok(None)
