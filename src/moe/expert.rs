@@ -33,9 +33,9 @@ use crate::moe::weights::MoeWeights;
 use crate::tensor::TensorView;
 
 /// Intermediate columns (gate rows and the matching up rows) per GEMM 1 task.
-pub const UP_BLOCK: usize = 64;
+pub const UP_BLOCK: usize = 128;
 /// Hidden columns (down rows) per GEMM 2 task.
-pub const DOWN_BLOCK: usize = 128;
+pub const DOWN_BLOCK: usize = 256;
 
 /// The activation between the two GEMMs, `[R, I]`.
 enum Activation {
