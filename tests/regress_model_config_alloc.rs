@@ -7,45 +7,17 @@
 //!
 //! This file is its own test binary, so it can record every allocation.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dots_moe::model::Dots1Model;
 
-/// The system allocator, recording the largest single allocation.
-struct Recording;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
 /// The tests share `LARGEST`: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-// SAFETY: every method forwards to `System` unchanged; recording only touches an atomic.
-unsafe impl GlobalAlloc for Recording {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        // SAFETY: forwarded as is; the caller upholds `GlobalAlloc::alloc`'s contract.
-        unsafe { System.alloc(layout) }
-    }
+mod alloc_support;
 
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above; `ptr` came from `System`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use alloc_support::Recording;
 
 #[global_allocator]
 static GLOBAL: Recording = Recording;
@@ -73,9 +45,9 @@ fn model_dir(name: &str, layers: usize, extra: &str) -> PathBuf {
 /// Loads `dir` and returns the largest single allocation, which must stay under 1 MiB:
 /// the whole directory is under 1 KiB.
 fn largest_allocation_loading(dir: &PathBuf) -> usize {
-    LARGEST.store(0, Ordering::Relaxed);
+    alloc_support::reset();
     let result = Dots1Model::load(dir);
-    let largest = LARGEST.load(Ordering::Relaxed);
+    let largest = alloc_support::largest();
     let _ = std::fs::remove_dir_all(dir);
     assert!(result.is_err(), "a checkpoint without tensors cannot load");
     largest
