@@ -40,15 +40,7 @@ fn benches(c: &mut Criterion) {
         let x = random_hidden(t, h, t as u64);
         let routing = layer.route(TensorView::F32(&x), t).expect("finite inputs");
         let slots = cfg.slots_per_token();
-        let slot_ids: Vec<u32> = (0..t)
-            .flat_map(|i| {
-                routing
-                    .ids(i)
-                    .iter()
-                    .copied()
-                    .chain((0..cfg.n_shared_experts).map(|s| (cfg.router.n_experts + s) as u32))
-            })
-            .collect();
+        let (slot_ids, _) = routing.with_shared_slots(cfg.router.n_experts, cfg.n_shared_experts);
         group.throughput(Throughput::Elements(t as u64));
         group.bench_with_input(BenchmarkId::from_parameter(t), &slot_ids, |b, ids| {
             b.iter(|| {

@@ -50,17 +50,7 @@ fn cpu_slots(
     tokens: usize,
     bias: Option<&[f32]>,
 ) -> (Vec<u32>, Vec<f32>) {
-    let r = route_logits(cfg, logits, tokens, bias).unwrap();
-    let (mut ids, mut w) = (Vec::new(), Vec::new());
-    for t in 0..tokens {
-        ids.extend_from_slice(r.ids(t));
-        w.extend_from_slice(r.token_weights(t));
-        for j in 0..n_shared {
-            ids.push((cfg.n_experts + j) as u32);
-            w.push(1.0);
-        }
-    }
-    (ids, w)
+    route_logits(cfg, logits, tokens, bias).unwrap().with_shared_slots(cfg.n_experts, n_shared)
 }
 
 /// The smallest relative gap that decides the selection of one token (see the module docs):

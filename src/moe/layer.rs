@@ -112,16 +112,7 @@ impl MoeLayer {
             .ok_or_else(|| MoeError::Overflow(format!("{tokens} tokens x {slots} slots x {h}")))?;
         let routing = self.route(hidden, tokens)?;
 
-        let mut slot_ids = Vec::with_capacity(tokens * slots);
-        let mut slot_weights = Vec::with_capacity(tokens * slots);
-        for t in 0..tokens {
-            slot_ids.extend_from_slice(routing.ids(t));
-            slot_weights.extend_from_slice(routing.token_weights(t));
-            for s in 0..cfg.n_shared_experts {
-                slot_ids.push((e + s) as u32);
-                slot_weights.push(1.0);
-            }
-        }
+        let (slot_ids, slot_weights) = routing.with_shared_slots(e, cfg.n_shared_experts);
         debug_assert_eq!(slot_ids.len(), tokens * (k + cfg.n_shared_experts));
         let permutation = permute(&slot_ids, tokens, slots, cfg.n_slots())?;
         let row_weights: Vec<f32> = permutation.row_pairs.iter().map(|&p| slot_weights[p as usize]).collect();

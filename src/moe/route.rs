@@ -52,6 +52,23 @@ impl Routing {
         &self.weights[t * self.top_k..(t + 1) * self.top_k]
     }
 
+    /// The routing with `n_shared` shared slots appended to every token: slot ids
+    /// `[T, k + n_shared]` (the routed ids, then `n_experts..n_experts + n_shared`) and
+    /// slot weights (the routed weights, then 1.0 per shared slot). This is what the
+    /// permutation sorts when shared experts are fused into the grouped step.
+    pub fn with_shared_slots(&self, n_experts: usize, n_shared: usize) -> (Vec<u32>, Vec<f32>) {
+        let slots = self.top_k + n_shared;
+        let mut ids = Vec::with_capacity(self.tokens * slots);
+        let mut weights = Vec::with_capacity(self.tokens * slots);
+        for t in 0..self.tokens {
+            ids.extend_from_slice(self.ids(t));
+            weights.extend_from_slice(self.token_weights(t));
+            ids.extend((0..n_shared).map(|s| (n_experts + s) as u32));
+            weights.extend(std::iter::repeat_n(1.0, n_shared));
+        }
+        (ids, weights)
+    }
+
     /// Checks that the routing is well formed for `n_experts` experts: lengths match,
     /// ids are in range and distinct per token, weights are finite.
     pub fn validate(&self, n_experts: usize) -> Result<(), MoeError> {
