@@ -353,32 +353,86 @@ proptest! {
         layer.set_precision(precision);
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 1);
         let x = random_vec(&mut rng, tokens * h, 1.5, Dtype::F32);
-        for isa in Isa::supported() {
-            layer.set_isa(isa).unwrap();
-            let trace = layer.forward_trace(TensorView::F32(&x), tokens).unwrap();
-            prop_assert_eq!(trace.output.len(), tokens * h);
-            let mut compared = 0;
-            for t in 0..tokens {
-                let (want, ids, margin, flips) = plain_layer(&plain, &x[t * h..(t + 1) * h], bf16_precision);
-                if margin < 1e-4 {
-                    continue; // a near-tie: rounding may legitimately pick the other expert
-                }
-                let got_ids: Vec<usize> = trace.routing.ids(t).iter().map(|&e| e as usize).collect();
-                prop_assert_eq!(&got_ids, &ids, "token {} ({:?})", t, isa);
-                let got = &trace.output[t * h..(t + 1) * h];
-                let scale = want.iter().fold(0.05f32, |m, v| m.max(v.abs()));
-                for ((a, b), flip) in got.iter().zip(&want).zip(&flips) {
-                    // f32 accumulation in another order, plus any activation that may
-                    // round to the other bf16 neighbour.
-                    let tol = 2e-5 * scale + flip;
-                    prop_assert!((a - b).abs() <= tol, "token {} ({:?}): {} vs {} (tol {})", t, isa, a, b, tol);
-                }
-                compared += 1;
-            }
-            // Near-ties are rare: most tokens must have been compared.
-            prop_assert!(tokens < 20 || compared * 2 >= tokens, "only {} of {} tokens compared", compared, tokens);
+        if let Err(e) = compare_with_plain_loop(&plain, &mut layer, &x, tokens, bf16_precision) {
+            prop_assert!(false, "{}", e);
         }
     }
+}
+
+/// Runs `layer` on every supported ISA and compares each token's output with
+/// [`plain_layer`]: same routing, and outputs within f32 accumulation in another order
+/// plus any activation that may round to the other bf16 neighbour.
+fn compare_with_plain_loop(
+    plain: &PlainWeights,
+    layer: &mut MoeLayer,
+    x: &[f32],
+    tokens: usize,
+    bf16_precision: bool,
+) -> Result<(), String> {
+    let h = plain.cfg.hidden_size;
+    for isa in Isa::supported() {
+        layer.set_isa(isa).unwrap();
+        let trace = layer.forward_trace(TensorView::F32(x), tokens).unwrap();
+        if trace.output.len() != tokens * h {
+            return Err(format!("output length {} for {tokens} tokens", trace.output.len()));
+        }
+        let mut compared = 0;
+        for t in 0..tokens {
+            let (want, ids, margin, flips) = plain_layer(plain, &x[t * h..(t + 1) * h], bf16_precision);
+            if margin < 1e-4 {
+                continue; // a near-tie: rounding may legitimately pick the other expert
+            }
+            let got_ids: Vec<usize> = trace.routing.ids(t).iter().map(|&e| e as usize).collect();
+            if got_ids != ids {
+                return Err(format!("token {t} ({isa:?}): routed to {got_ids:?}, want {ids:?}"));
+            }
+            let got = &trace.output[t * h..(t + 1) * h];
+            let scale = want.iter().fold(0.05f32, |m, v| m.max(v.abs()));
+            for (c, ((a, b), flip)) in got.iter().zip(&want).zip(&flips).enumerate() {
+                let tol = 2e-5 * scale + flip;
+                if (a - b).abs() > tol {
+                    return Err(format!("token {t} column {c} ({isa:?}): {a} vs {b} (tol {tol})"));
+                }
+            }
+            compared += 1;
+        }
+        // Near-ties are rare: most tokens must have been compared.
+        if tokens >= 20 && compared * 2 < tokens {
+            return Err(format!("only {compared} of {tokens} tokens compared"));
+        }
+    }
+    Ok(())
+}
+
+/// Shapes large enough to cross every block of the CPU schedule: several intermediate
+/// (`UP_BLOCK`) and hidden (`DOWN_BLOCK`) task blocks with partial last ones, several
+/// L2 cache blocks of rows and of columns per task, leftover tiles of 1, 2 and 3 rows,
+/// and an intermediate size that is not a multiple of the paired tile width.
+#[test]
+fn layer_equals_plain_loop_across_cache_blocks() {
+    let cfg = MoeConfig {
+        hidden_size: 2080,
+        moe_intermediate_size: 301,
+        n_shared_experts: 1,
+        router: RouterConfig { n_experts: 7, top_k: 2, n_group: 1, topk_group: 1, ..RouterConfig::dots1() },
+    };
+    let mut leftovers = [false; 4];
+    for (dtype, bf16_precision, tokens) in
+        [(Dtype::Bf16, true, 303), (Dtype::Bf16, false, 150), (Dtype::F32, false, 61)]
+    {
+        let plain = random_weights(&cfg, dtype, 21);
+        let mut layer = build_layer(&plain, dtype);
+        layer.set_precision(if bf16_precision { Precision::Bf16 } else { Precision::F32 });
+        let mut rng = ChaCha8Rng::seed_from_u64(22);
+        let x = random_vec(&mut rng, tokens * cfg.hidden_size, 1.5, Dtype::F32);
+        let trace = layer.forward_trace(TensorView::F32(&x), tokens).unwrap();
+        for e in 0..cfg.n_slots() {
+            leftovers[trace.permutation.expert_rows(e).len() % 4] = true;
+        }
+        compare_with_plain_loop(&plain, &mut layer, &x, tokens, bf16_precision)
+            .unwrap_or_else(|e| panic!("{dtype:?} weights, bf16 inputs {bf16_precision}: {e}"));
+    }
+    assert!(leftovers[1..].iter().all(|&l| l), "leftover tiles of 1, 2 and 3 rows not all exercised");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -70,9 +70,9 @@ fn draw(u: &mut Unstructured<'_>) -> Result<Case> {
     let n_shared = u.int_in_range(0..=2)?;
     let (mut h, mut i) = (small_len(u, 1, 12)?, small_len(u, 1, 8)?);
     if rarely(u, 8)? {
-        // Cross the kernel blocks (UP_BLOCK = 64 intermediate, DOWN_BLOCK = 128 hidden).
-        h = u.int_in_range(1..=140)?;
-        i = u.int_in_range(1..=70)?;
+        // Cross the task blocks (UP_BLOCK = 128 intermediate, DOWN_BLOCK = 256 hidden).
+        h = u.int_in_range(1..=280)?;
+        i = u.int_in_range(1..=140)?;
         while (n_experts + n_shared) * 3 * i * h > 40_000 {
             i = i.div_ceil(2);
             h = h.div_ceil(2);

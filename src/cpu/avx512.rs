@@ -16,7 +16,9 @@
 //! VDPBF16PS (or `2 R C` FMAs): a 4 x 6 tile issues 10 loads per 24 VDPBF16PS. The tile
 //! shapes were measured on Zen 4 (one core, k = 4096, m = 64, `w` in L3): about 92% of
 //! the VDPBF16PS peak for bf16, 93% (f32 x bf16) and 83% (f32 x f32) of the FMA peak.
-//! Wider tiles measured slower. The rows of a tile stream from L2; `a` rows are 64-byte
+//! Wider tiles measured slower. Two or three rows left over after the tiles of 4 run as
+//! one tile of that height and the same width (about 2x fewer loads per product than
+//! single rows). The rows of a tile stream from L2; `a` rows are 64-byte
 //! aligned with an odd number of cache lines per row (see `plan::AlignedRows`).
 
 use std::arch::x86_64::*;
@@ -27,7 +29,8 @@ pub(crate) const BF16_TILE: [usize; 2] = [4, 6];
 pub(crate) const F32_BF16_TILE: [usize; 2] = [4, 4];
 /// Tile of [`tile_f32`] (4 x 6 measured 40% slower: 16 KiB `w` rows alias in L1).
 pub(crate) const F32_TILE: [usize; 2] = [4, 4];
-/// Tile width of the single-row tiles (decode GEMV and leftover rows).
+/// Tile width of the single-row tiles (decode GEMV, or one row left over after the tiles
+/// of 4; two or three leftover rows run as one tile of the full width).
 pub(crate) const NR1: usize = 8;
 
 /// Sum of the 16 lanes, always in the same order: halves (8 pairs), quarters, pairs.
@@ -280,6 +283,77 @@ pub(crate) fn tile_f32<const R: usize, const C: usize>(
         unsafe { chunk_f32(&mut acc, &a, &w, pf, full, k - full) };
     }
     reduce(&acc)
+}
+
+/// One register-tile kernel: its operand element types and its tile function, so that
+/// the plans can drive every kernel with the same code (`plan::drive_avx512`).
+pub(crate) trait Kernel {
+    /// Element of the prepared `a` rows.
+    type A: bytemuck::Pod;
+    /// Element of the `w` rows.
+    type W;
+    /// `out[r][c] = dot(a[r], w[c])` over `k` (see the module docs for each kernel).
+    ///
+    /// # Safety
+    /// The CPU must support the kernel's instructions.
+    unsafe fn tile<const R: usize, const C: usize>(
+        a: [&[Self::A]; R],
+        w: [&[Self::W]; C],
+        k: usize,
+        pf: &[*const Self::W],
+    ) -> [[f32; C]; R];
+}
+
+/// [`tile_bf16`] (needs `avx512bf16`).
+pub(crate) struct Bf16Dot;
+/// [`tile_f32_bf16`] (needs AVX-512 F/BW).
+pub(crate) struct F32Bf16;
+/// [`tile_f32`] (needs AVX-512 F).
+pub(crate) struct F32F32;
+
+impl Kernel for Bf16Dot {
+    type A = u16;
+    type W = u16;
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const C: usize>(
+        a: [&[u16]; R],
+        w: [&[u16]; C],
+        k: usize,
+        pf: &[*const u16],
+    ) -> [[f32; C]; R] {
+        // SAFETY: the caller guarantees `avx512bf16` and AVX-512 F/BW/VL.
+        unsafe { tile_bf16(a, w, k, pf) }
+    }
+}
+
+impl Kernel for F32Bf16 {
+    type A = f32;
+    type W = u16;
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const C: usize>(
+        a: [&[f32]; R],
+        w: [&[u16]; C],
+        k: usize,
+        pf: &[*const u16],
+    ) -> [[f32; C]; R] {
+        // SAFETY: the caller guarantees AVX-512 F/BW.
+        unsafe { tile_f32_bf16(a, w, k, pf) }
+    }
+}
+
+impl Kernel for F32F32 {
+    type A = f32;
+    type W = f32;
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const C: usize>(
+        a: [&[f32]; R],
+        w: [&[f32]; C],
+        k: usize,
+        pf: &[*const f32],
+    ) -> [[f32; C]; R] {
+        // SAFETY: the caller guarantees AVX-512 F.
+        unsafe { tile_f32(a, w, k, pf) }
+    }
 }
 
 /// Length of a row packed by [`pack_even_odd`]: `k` rounded up to a multiple of 32.

@@ -34,7 +34,8 @@ use rayon::prelude::*;
 
 use crate::tensor::TensorView;
 use driver::OutPtr;
-use plan::Gemm;
+pub(crate) use driver::Sink;
+pub(crate) use plan::{Cols, PackedA};
 
 /// Instruction set the CPU kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -116,11 +117,12 @@ pub fn gemm_nt(
     out: &mut [f32],
     ldo: usize,
 ) {
-    let gemm = Gemm::new(isa, a, w, m, n, k);
+    assert_eq!(w.len(), n * k, "gemm: w.len() != n * k ({n} * {k})");
+    let a = PackedA::new(isa, a, w.dtype(), m, k);
     let out = OutPtr::new(out, m, n, ldo);
     // SAFETY: `out` borrows the caller's `&mut [f32]` for this whole call and this is
     // the only computation writing to it.
-    unsafe { gemm.run(0..m, 0..n, out) };
+    unsafe { a.run(w, Cols::Plain, 0..m, 0..n, &out) };
 }
 
 /// Same contract as [`gemm_nt`], parallel over rayon's pool, with [`Isa::detect`].
@@ -140,12 +142,13 @@ pub fn par_gemm_nt(a: TensorView<'_>, w: TensorView<'_>, m: usize, n: usize, k: 
     /// Granularity of the `m` split: a multiple of every tile height.
     const M_ALIGN: usize = 4;
 
-    let gemm = Gemm::new(Isa::detect(), a, w, m, n, k);
+    assert_eq!(w.len(), n * k, "gemm: w.len() != n * k ({n} * {k})");
+    let a = PackedA::new(Isa::detect(), a, w.dtype(), m, k);
     let out = OutPtr::new(out, m, n, ldo);
     let threads = rayon::current_num_threads();
     if threads <= 1 || m * n * k.max(1) < MIN_PARALLEL_WORK {
         // SAFETY: `out` borrows the caller's `&mut [f32]`; no other writer.
-        unsafe { gemm.run(0..m, 0..n, out) };
+        unsafe { a.run(w, Cols::Plain, 0..m, 0..n, &out) };
         return;
     }
     let m_task = if m > 2 * M_TASK { m.div_ceil(m.div_ceil(M_TASK)).next_multiple_of(M_ALIGN) } else { m };
@@ -159,7 +162,7 @@ pub fn par_gemm_nt(a: TensorView<'_>, w: TensorView<'_>, m: usize, n: usize, k: 
         let cols = tj * n_task..((tj + 1) * n_task).min(n);
         // SAFETY: the tasks' `rows x cols` blocks are disjoint and cover the output
         // once; `out` borrows the caller's `&mut [f32]` until `for_each` returns.
-        unsafe { gemm.run(rows, cols, out) };
+        unsafe { a.run(w, Cols::Plain, rows, cols, &out) };
     });
 }
 
@@ -193,6 +196,12 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
         out.len()
     );
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + (-g).exp()) * u;
+        *o = silu_mul(g, u);
     }
+}
+
+/// `silu(g) * u = g / (1 + exp(-g)) * u`: the one formula every SwiGLU of the crate uses.
+#[inline(always)]
+pub(crate) fn silu_mul(g: f32, u: f32) -> f32 {
+    g / (1.0 + (-g).exp()) * u
 }

@@ -1,11 +1,14 @@
-//! One GEMM call: which kernel runs, `a` prepared for it once (shared by every task),
-//! and the hand-off of register tiles to the kernel.
+//! `a` prepared once for the kernel that will run ([`PackedA`], shared by every task and
+//! every weight matrix it multiplies), and the hand-off of register tiles to the kernel
+//! and of their results to a [`Sink`].
 //!
 //! `a` is small next to the weights (`m * k` against `n * k`), so every AVX-512 plan
 //! copies it into 64-byte aligned rows with a padded stride: a 64-byte load that straddles
 //! two cache lines costs about 15% of the bf16 tile's throughput. The weights are read in
 //! place, once per call (per `a` cache block for `m` beyond a block).
 
+#[cfg(target_arch = "x86_64")]
+use std::array::from_fn;
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::ops::Range;
@@ -14,9 +17,10 @@ use half::slice::HalfFloatSliceExt;
 
 #[cfg(target_arch = "x86_64")]
 use super::avx512;
-use super::driver::{Blocking, MAX_PREFETCH_ROWS, OutPtr, drive, lcm};
+
+use super::driver::{Blocking, MAX_PREFETCH_ROWS, Sink, drive, lcm};
 use super::{Isa, portable};
-use crate::tensor::TensorView;
+use crate::tensor::{Dtype, TensorView};
 
 /// One 64-byte cache line: the unit of [`AlignedRows`] storage, which makes it aligned.
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -82,52 +86,117 @@ impl<T> Drop for AlignedRows<T> {
     }
 }
 
-/// Which kernel runs, with `a` prepared for it.
-enum Plan<'a> {
-    /// Portable kernels; `a` as f32.
-    Portable { a: Cow<'a, [f32]>, w: TensorView<'a> },
-    /// bf16 x bf16 by VDPBF16PS; `a` copied to aligned rows, both as raw bf16 bits.
-    #[cfg(target_arch = "x86_64")]
-    Bf16Dot { a: AlignedRows<u16>, w: &'a [u16] },
-    /// f32 (or exactly widened bf16) `a`, packed even/odd, times bf16 `w` by FMA.
-    #[cfg(target_arch = "x86_64")]
-    F32Bf16 { a: AlignedRows<f32>, w: &'a [u16] },
-    /// f32 (or exactly widened bf16) `a` in aligned rows times f32 `w` by FMA.
-    #[cfg(target_arch = "x86_64")]
-    F32F32 { a: AlignedRows<f32>, w: &'a [f32] },
+/// How the output columns of a GEMM map to rows of `w`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cols {
+    /// Output column `j` is the dot product with `w` row `j`.
+    Plain,
+    /// Output column `j` is the pair of dot products with `w` rows `j` and `second + j`
+    /// (the gate and up rows of a SwiGLU expert), computed in the same register tile so
+    /// that the epilogue sees both.
+    Paired {
+        /// Row offset of the second row of every pair.
+        second: usize,
+    },
 }
 
-/// One validated GEMM call: the plan and `k`.
-pub(crate) struct Gemm<'a> {
-    plan: Plan<'a>,
+impl Cols {
+    /// Rows of `w` per output column.
+    fn per_col(self) -> usize {
+        match self {
+            Cols::Plain => 1,
+            Cols::Paired { .. } => 2,
+        }
+    }
+
+    /// The `C` rows of `w` a tile over output columns `jo` reads: `jo` itself (`Plain`),
+    /// or `C / 2` columns then their paired rows (`Paired`). Columns past `jo.end` repeat
+    /// the last one (see `driver`).
+    #[inline(always)]
+    fn w_rows<const C: usize>(self, jo: &Range<usize>) -> [usize; C] {
+        let col = |c: usize| (jo.start + c).min(jo.end - 1);
+        match self {
+            Cols::Plain => std::array::from_fn(col),
+            Cols::Paired { second } => {
+                std::array::from_fn(|c| if c < C / 2 { col(c) } else { second + col(c - C / 2) })
+            }
+        }
+    }
+
+    /// Hands a tile's results for rows `i0..` and output columns `jo` to `sink`.
+    ///
+    /// # Safety
+    /// As [`Sink::put`] for every element of the tile.
+    #[inline(always)]
+    unsafe fn emit<S: Sink, const R: usize, const C: usize>(
+        self,
+        sink: &S,
+        i0: usize,
+        jo: &Range<usize>,
+        t: &[[f32; C]; R],
+    ) {
+        let n = jo.len();
+        for (r, row) in t.iter().enumerate() {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                match self {
+                    Cols::Plain => sink.put(i0 + r, jo.start, &row[..n], &[]),
+                    Cols::Paired { .. } => sink.put(i0 + r, jo.start, &row[..n], &row[C / 2..C / 2 + n]),
+                }
+            }
+        }
+    }
+}
+
+/// `a` prepared for the kernel that will run.
+enum Prepared<'a> {
+    /// Portable kernels; `a` as f32.
+    Portable(Cow<'a, [f32]>),
+    /// bf16 x bf16 by VDPBF16PS; `a` copied to aligned rows as raw bf16 bits.
+    #[cfg(target_arch = "x86_64")]
+    Bf16Dot(AlignedRows<u16>),
+    /// f32 (or exactly widened bf16) `a`, packed even/odd, times bf16 `w` by FMA.
+    #[cfg(target_arch = "x86_64")]
+    F32Bf16(AlignedRows<f32>),
+    /// f32 (or exactly widened bf16) `a` in aligned rows times f32 `w` by FMA.
+    #[cfg(target_arch = "x86_64")]
+    F32F32(AlignedRows<f32>),
+}
+
+/// The left operand `a [m, k]` of GEMMs against weights of one dtype, prepared once for
+/// the kernel of an ISA and then shared by every task (and every weight matrix) that
+/// multiplies it.
+pub(crate) struct PackedA<'a> {
+    prepared: Prepared<'a>,
+    w_dtype: Dtype,
+    m: usize,
     k: usize,
 }
 
-impl<'a> Gemm<'a> {
-    /// Validates the operand lengths and the ISA, and prepares `a` for the kernel.
-    pub(crate) fn new(isa: Isa, a: TensorView<'a>, w: TensorView<'a>, m: usize, n: usize, k: usize) -> Self {
+impl<'a> PackedA<'a> {
+    /// Prepares `a [m, k]` for weights of `w_dtype` on `isa`.
+    ///
+    /// # Panics
+    /// If `a.len() != m * k` or this CPU cannot run `isa`.
+    pub(crate) fn new(isa: Isa, a: TensorView<'a>, w_dtype: Dtype, m: usize, k: usize) -> Self {
         assert_eq!(a.len(), m * k, "gemm: a.len() != m * k ({m} * {k})");
-        assert_eq!(w.len(), n * k, "gemm: w.len() != n * k ({n} * {k})");
         assert!(isa.is_supported(), "gemm: {isa:?} is not supported by this CPU");
-        let plan = match isa {
-            Isa::Portable => Plan::Portable {
-                a: match a {
-                    TensorView::F32(s) => Cow::Borrowed(s),
-                    TensorView::Bf16(_) => Cow::Owned(a.to_f32_vec()),
-                },
-                w,
-            },
+        let prepared = match isa {
+            Isa::Portable => Prepared::Portable(match a {
+                TensorView::F32(s) => Cow::Borrowed(s),
+                TensorView::Bf16(_) => Cow::Owned(a.to_f32_vec()),
+            }),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 | Isa::Avx512 => match (a, w) {
-                (TensorView::Bf16(a), TensorView::Bf16(w)) if isa == Isa::Avx512Bf16 => {
+            Isa::Avx512Bf16 | Isa::Avx512 => match (a, w_dtype) {
+                (TensorView::Bf16(a), Dtype::Bf16) if isa == Isa::Avx512Bf16 => {
                     let mut rows = AlignedRows::new(m, k);
                     for (i, src) in a.chunks_exact(k.max(1)).enumerate() {
                         rows.row_mut(i)[..k].copy_from_slice(bytemuck::cast_slice(src));
                     }
-                    Plan::Bf16Dot { a: rows, w: bytemuck::cast_slice(w) }
+                    Prepared::Bf16Dot(rows)
                 }
-                (_, TensorView::Bf16(w)) => Plan::F32Bf16 { a: pack_even_odd(a, m, k), w: bytemuck::cast_slice(w) },
-                (_, TensorView::F32(w)) => {
+                (_, Dtype::Bf16) => Prepared::F32Bf16(pack_even_odd(a, m, k)),
+                (_, Dtype::F32) => {
                     let mut rows = AlignedRows::new(m, k);
                     for i in 0..m {
                         let dst = &mut rows.row_mut(i)[..k];
@@ -136,100 +205,152 @@ impl<'a> Gemm<'a> {
                             TensorView::Bf16(s) => s[i * k..(i + 1) * k].convert_to_f32_slice(dst),
                         }
                     }
-                    Plan::F32F32 { a: rows, w }
+                    Prepared::F32F32(rows)
                 }
             },
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx512Bf16 | Isa::Avx512 => unreachable!("checked by is_supported"),
         };
-        Gemm { plan, k }
+        PackedA { prepared, w_dtype, m, k }
     }
 
-    /// Computes `out[rows, cols]`.
+    /// Computes rows `rows` x output columns `cols` of `a * w^T` (columns mapped to rows of
+    /// `w [n, k]` by `mode`) and hands every value to `sink` exactly once.
+    ///
+    /// # Panics
+    /// If `w` is not of the dtype `a` was prepared for or not a whole number of rows of
+    /// `k`, or if `rows` or the `w` rows `cols` maps to are out of range.
     ///
     /// # Safety
-    /// No other thread may access `out` elements in `rows x cols` during the call, and
-    /// the `&mut` borrow `out` was built from must be live.
-    pub(crate) unsafe fn run(&self, rows: Range<usize>, cols: Range<usize>, out: OutPtr) {
+    /// No other thread may access the sink's elements of `rows x cols` during the call,
+    /// and the storage the sink was built from must still be borrowed for it.
+    pub(crate) unsafe fn run<S: Sink>(
+        &self,
+        w: TensorView<'_>,
+        mode: Cols,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        sink: &S,
+    ) {
         let k = self.k;
-        match &self.plan {
-            Plan::Portable { a, w } => {
+        assert_eq!(w.dtype(), self.w_dtype, "gemm: w is not of the dtype a was prepared for");
+        assert!(rows.end <= self.m, "gemm: rows {rows:?} past m = {}", self.m);
+        if rows.is_empty() || cols.is_empty() {
+            return;
+        }
+        if k > 0 {
+            assert_eq!(w.len() % k, 0, "gemm: w.len() is not a multiple of k = {k}");
+            let last = match mode {
+                Cols::Plain => cols.end,
+                Cols::Paired { second } => second + cols.end,
+            };
+            assert!(last <= w.len() / k, "gemm: columns {cols:?} ({mode:?}) past the {} rows of w", w.len() / k);
+        }
+        match &self.prepared {
+            Prepared::Portable(a) => {
                 let a_row = |i: usize| &a[i * k..(i + 1) * k];
-                match *w {
+                match w {
                     // SAFETY (both): forwarded from the caller.
                     TensorView::F32(w) => unsafe {
-                        drive_portable(rows, cols, out, k, 4, a_row, |j| &w[j * k..(j + 1) * k])
+                        drive_portable(rows, cols, mode, sink, k, 4, a_row, |j| &w[j * k..(j + 1) * k])
                     },
                     TensorView::Bf16(w) => unsafe {
-                        drive_portable(rows, cols, out, k, 2, a_row, |j| &w[j * k..(j + 1) * k])
+                        drive_portable(rows, cols, mode, sink, k, 2, a_row, |j| &w[j * k..(j + 1) * k])
                     },
                 }
             }
+            // SAFETY (all three): `PackedA::new` checked that the CPU supports the ISA the
+            // plan was built for (`Isa::Avx512Bf16` for `Bf16Dot`, `Isa::Avx512` or better
+            // for the others), and the `w` dtype was checked above; the sink access is
+            // forwarded from the caller.
             #[cfg(target_arch = "x86_64")]
-            Plan::Bf16Dot { a, w } => {
-                use avx512::{BF16_TILE, NR1, tile_bf16};
-                const MR: usize = BF16_TILE[0];
-                const NR: usize = BF16_TILE[1];
-                let w_row = |j: usize| &w[j * k..(j + 1) * k];
-                let blk = Blocking::for_l2(2 * k, 2 * k, MR, lcm(NR, NR1));
-                // SAFETY (all three): `Gemm::new` checked that the CPU supports
-                // `Isa::Avx512Bf16`, the only ISA that builds this plan; `out` access is
-                // forwarded from the caller.
-                unsafe {
-                    drive::<MR, NR, NR1, _, _>(
-                        rows,
-                        cols,
-                        blk,
-                        out,
-                        |ia, jw, pf| tile_bf16(ia.map(|i| a.row(i)), jw.map(w_row), k, Prefetch::new(w, k, pf).rows()),
-                        |i, jw, pf| tile_bf16([a.row(i)], jw.map(w_row), k, Prefetch::new(w, k, pf).rows())[0],
-                    )
-                }
-            }
+            Prepared::Bf16Dot(a) => unsafe {
+                drive_avx512::<avx512::Bf16Dot, _, { avx512::BF16_TILE[1] }>(
+                    a,
+                    bytemuck::cast_slice(bf16_slice(w)),
+                    k,
+                    2 * k,
+                    mode,
+                    rows,
+                    cols,
+                    sink,
+                )
+            },
             #[cfg(target_arch = "x86_64")]
-            Plan::F32Bf16 { a, w } => {
-                use avx512::{F32_BF16_TILE, NR1, packed_len, tile_f32_bf16};
-                const MR: usize = F32_BF16_TILE[0];
-                const NR: usize = F32_BF16_TILE[1];
-                let w_row = |j: usize| &w[j * k..(j + 1) * k];
-                let blk = Blocking::for_l2(4 * packed_len(k), 2 * k, MR, lcm(NR, NR1));
-                // SAFETY (all three): this plan is built only for `Isa::Avx512` or
-                // better, which `Gemm::new` checked; `out` access is forwarded.
-                unsafe {
-                    drive::<MR, NR, NR1, _, _>(
-                        rows,
-                        cols,
-                        blk,
-                        out,
-                        |ia, jw, pf| {
-                            tile_f32_bf16(ia.map(|i| a.row(i)), jw.map(w_row), k, Prefetch::new(w, k, pf).rows())
-                        },
-                        |i, jw, pf| tile_f32_bf16([a.row(i)], jw.map(w_row), k, Prefetch::new(w, k, pf).rows())[0],
-                    )
-                }
-            }
+            Prepared::F32Bf16(a) => unsafe {
+                let a_bytes = 4 * avx512::packed_len(k);
+                drive_avx512::<avx512::F32Bf16, _, { avx512::F32_BF16_TILE[1] }>(
+                    a,
+                    bytemuck::cast_slice(bf16_slice(w)),
+                    k,
+                    a_bytes,
+                    mode,
+                    rows,
+                    cols,
+                    sink,
+                )
+            },
             #[cfg(target_arch = "x86_64")]
-            Plan::F32F32 { a, w } => {
-                use avx512::{F32_TILE, NR1, tile_f32};
-                const MR: usize = F32_TILE[0];
-                const NR: usize = F32_TILE[1];
-                let w_row = |j: usize| &w[j * k..(j + 1) * k];
-                let blk = Blocking::for_l2(4 * k, 4 * k, MR, lcm(NR, NR1));
-                // SAFETY (all three): this plan is built only for `Isa::Avx512` or
-                // better, which `Gemm::new` checked; `out` access is forwarded.
-                unsafe {
-                    drive::<MR, NR, NR1, _, _>(
-                        rows,
-                        cols,
-                        blk,
-                        out,
-                        |ia, jw, pf| tile_f32(ia.map(|i| a.row(i)), jw.map(w_row), k, Prefetch::new(w, k, pf).rows()),
-                        |i, jw, pf| tile_f32([a.row(i)], jw.map(w_row), k, Prefetch::new(w, k, pf).rows())[0],
-                    )
-                }
-            }
+            Prepared::F32F32(a) => unsafe {
+                let TensorView::F32(w) = w else { unreachable!("dtype checked above") };
+                drive_avx512::<avx512::F32F32, _, { avx512::F32_TILE[1] }>(a, w, k, 4 * k, mode, rows, cols, sink)
+            },
         }
     }
+}
+
+/// The bf16 elements of `w` (its dtype was checked to be bf16).
+#[cfg(target_arch = "x86_64")]
+fn bf16_slice<'w>(w: TensorView<'w>) -> &'w [half::bf16] {
+    match w {
+        TensorView::Bf16(s) => s,
+        TensorView::F32(_) => unreachable!("dtype checked by PackedA::run"),
+    }
+}
+
+/// Tile height of every AVX-512 kernel: 4 rows of `a` (then one tile of the leftover rows).
+#[cfg(target_arch = "x86_64")]
+const MR: usize = 4;
+
+/// Runs kernel `K` over `rows x cols`: full `MR`-row tiles `K::TILE` wide, a leftover
+/// tile of 2 or 3 rows as wide, and a single leftover row (or `m = 1`) `NR1` wide.
+///
+/// # Safety
+/// The CPU must support `K`'s instructions; the sink access is as for [`PackedA::run`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)] // one internal call site per plan
+unsafe fn drive_avx512<K: avx512::Kernel, S: Sink, const NR: usize>(
+    a: &AlignedRows<K::A>,
+    w: &[K::W],
+    k: usize,
+    a_row_bytes: usize,
+    mode: Cols,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    sink: &S,
+) {
+    use avx512::NR1;
+    let p = mode.per_col();
+    let (nr, nr1) = (NR / p, NR1 / p);
+    let widths = [0, nr1, nr, nr, nr];
+    let blk = Blocking::for_l2(a_row_bytes, p * size_of::<K::W>() * k, MR, lcm(nr, nr1));
+    let w_row = |j: usize| &w[j * k..(j + 1) * k];
+    let tile = |ia: Range<usize>, jo: Range<usize>, pf: Range<usize>| {
+        let pf = Prefetch::new(w, k, mode, pf);
+        let (i0, pf) = (ia.start, pf.rows());
+        let a_rows = |r: usize| a.row(i0 + r);
+        // SAFETY (all four): the caller guarantees the CPU features and the sink access.
+        unsafe {
+            match ia.len() {
+                1 => mode.emit(sink, i0, &jo, &K::tile::<1, NR1>([a_rows(0)], mode.w_rows(&jo).map(w_row), k, pf)),
+                2 => mode.emit(sink, i0, &jo, &K::tile::<2, NR>(from_fn(a_rows), mode.w_rows(&jo).map(w_row), k, pf)),
+                3 => mode.emit(sink, i0, &jo, &K::tile::<3, NR>(from_fn(a_rows), mode.w_rows(&jo).map(w_row), k, pf)),
+                _ => mode.emit(sink, i0, &jo, &K::tile::<MR, NR>(from_fn(a_rows), mode.w_rows(&jo).map(w_row), k, pf)),
+            }
+        }
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { drive(rows, cols, MR, &widths, blk, MAX_PREFETCH_ROWS / p, tile) }
 }
 
 /// Rows of `w` a tile call prefetches (see `driver::drive`), as pointers.
@@ -241,12 +362,22 @@ struct Prefetch<T> {
 
 #[cfg(target_arch = "x86_64")]
 impl<T> Prefetch<T> {
-    /// Rows `rows` (at most [`MAX_PREFETCH_ROWS`]) of `w`, rows of `k` elements.
-    fn new(w: &[T], k: usize, rows: Range<usize>) -> Self {
+    /// The `w` rows (rows of `k` elements) of output columns `cols` under `mode`, at most
+    /// [`MAX_PREFETCH_ROWS`] of them.
+    fn new(w: &[T], k: usize, mode: Cols, cols: Range<usize>) -> Self {
         let mut ptrs = [std::ptr::null(); MAX_PREFETCH_ROWS];
-        let len = rows.len().min(MAX_PREFETCH_ROWS);
-        for (p, j) in ptrs.iter_mut().zip(rows) {
-            *p = w[j * k..].as_ptr();
+        let mut len = 0;
+        let second = match mode {
+            Cols::Plain => None,
+            Cols::Paired { second } => Some(second),
+        };
+        for j in cols {
+            for row in std::iter::once(j).chain(second.map(|s| s + j)) {
+                if len < MAX_PREFETCH_ROWS {
+                    ptrs[len] = w[row * k..].as_ptr();
+                    len += 1;
+                }
+            }
         }
         Prefetch { ptrs, len }
     }
@@ -259,29 +390,28 @@ impl<T> Prefetch<T> {
 /// Runs the portable kernel over `rows x cols` (`w_elem_bytes` sizes the cache blocks).
 ///
 /// # Safety
-/// As [`Gemm::run`].
-unsafe fn drive_portable<'w, W: portable::WeightElem + 'w>(
+/// As [`PackedA::run`].
+#[allow(clippy::too_many_arguments)] // one internal call site per weight dtype
+unsafe fn drive_portable<'w, W: portable::WeightElem + 'w, S: Sink>(
     rows: Range<usize>,
     cols: Range<usize>,
-    out: OutPtr,
+    mode: Cols,
+    sink: &S,
     k: usize,
     w_elem_bytes: usize,
     a_row: impl Fn(usize) -> &'w [f32],
     w_row: impl Fn(usize) -> &'w [W],
 ) {
     use portable::{NR, tile};
-    let blk = Blocking::for_l2(4 * k, w_elem_bytes * k, 1, NR);
+    let nr = NR / mode.per_col();
+    let blk = Blocking::for_l2(4 * k, mode.per_col() * w_elem_bytes * k, 1, nr);
+    let tile = |ia: Range<usize>, jo: Range<usize>, _: Range<usize>| {
+        let t = [tile(a_row(ia.start), mode.w_rows::<NR>(&jo).map(&w_row), k)];
+        // SAFETY: forwarded from the caller.
+        unsafe { mode.emit(sink, ia.start, &jo, &t) }
+    };
     // SAFETY: forwarded from the caller.
-    unsafe {
-        drive::<1, NR, NR, _, _>(
-            rows,
-            cols,
-            blk,
-            out,
-            |[i], jw, _| [tile(a_row(i), jw.map(&w_row), k)],
-            |i, jw, _| tile(a_row(i), jw.map(&w_row), k),
-        )
-    }
+    unsafe { drive(rows, cols, 1, &[0, nr], blk, 0, tile) }
 }
 
 /// Packs every row of `a` for `avx512::tile_f32_bf16` (see `avx512::pack_even_odd_bf16`).

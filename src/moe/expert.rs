@@ -15,22 +15,28 @@
 //! [`Precision::F32`]); `w[r]` is the routing weight of the row's pair (1.0 for the shared
 //! slots). Only the I-wide activation is kept between the two GEMMs.
 //!
-//! CPU schedule: GEMM 1 runs as tasks of (slot, block of [`UP_BLOCK`] intermediate
-//! columns), GEMM 2 as tasks of (slot, block of [`DOWN_BLOCK`] hidden columns), spread
-//! over the rayon pool, so one token still uses every core and each weight byte is read
-//! once per call. Every output element's reduction order depends only on its own row and
-//! weight row ([`crate::cpu::gemm_nt`]'s contract), so results are bit-identical run to
-//! run and independent of the other tokens in the batch.
+//! CPU schedule: each slot's rows are prepared for the kernel once
+//! ([`crate::cpu::PackedA`]). GEMM 1 runs as tasks of (slot, block of [`UP_BLOCK`]
+//! intermediate columns): each register tile reads gate rows and the matching up rows
+//! together, and its epilogue writes `silu(g) * u` straight into the activation rows.
+//! GEMM 2 runs as tasks of (slot, block of [`DOWN_BLOCK`] hidden columns), its epilogue
+//! multiplying by the routing weight. Tasks spread over the rayon pool, so one token
+//! still uses every core and each weight byte is read once per call. Every output
+//! element's reduction order depends only on its own row and weight row
+//! ([`crate::cpu::gemm_nt`]'s contract), so results are bit-identical run to run and
+//! independent of the other tokens in the batch.
 
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu::{self, Isa};
+use std::ops::Range;
+
+use crate::cpu::{self, Cols, Isa, PackedA};
 use crate::error::{MoeError, check_len};
 use crate::moe::Precision;
 use crate::moe::permute::Permutation;
 use crate::moe::weights::MoeWeights;
-use crate::tensor::TensorView;
+use crate::tensor::{Dtype, TensorView};
 
 /// Intermediate columns (gate rows and the matching up rows) per GEMM 1 task.
 pub const UP_BLOCK: usize = 128;
@@ -48,6 +54,92 @@ impl Activation {
         match self {
             Activation::F32(v) => TensorView::F32(v),
             Activation::Bf16(v) => TensorView::Bf16(v),
+        }
+    }
+}
+
+/// A row-major `[rows, cols]` matrix as a raw pointer, for epilogues of parallel tasks
+/// that each write their own disjoint elements (column blocks are not contiguous).
+struct RowsPtr<T> {
+    ptr: *mut T,
+    rows: usize,
+    cols: usize,
+}
+
+// SAFETY: only a pointer and a shape; the tasks sharing it write disjoint elements (each
+// owns a distinct block of slot rows x columns), so sharing it cannot create a data race.
+unsafe impl<T: Send> Send for RowsPtr<T> {}
+// SAFETY: as for `Send`.
+unsafe impl<T: Send> Sync for RowsPtr<T> {}
+
+impl<T> RowsPtr<T> {
+    /// Borrows `data` as `[rows, cols]`. Panics if the length differs.
+    fn new(data: &mut [T], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "expert rows: buffer length");
+        RowsPtr { ptr: data.as_mut_ptr(), rows, cols }
+    }
+
+    /// Elements `(i, j..j + n)` as a slice.
+    ///
+    /// # Safety
+    /// No other thread may access them while the slice lives, and the `&mut` borrow the
+    /// pointer was built from must still be live.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)] // disjoint writes from parallel tasks, see above
+    unsafe fn slice(&self, i: usize, j: usize, n: usize) -> &mut [T] {
+        assert!(i < self.rows && j + n <= self.cols, "expert rows: ({i}, {j}..{}) out of range", j + n);
+        // SAFETY: in bounds (asserted); exclusive access is the caller's guarantee.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.cols + j), n) }
+    }
+}
+
+/// GEMM 1's epilogue: `silu(g) * u` (the formula of [`cpu::swiglu`]) into the activation
+/// rows of one slot, rounded to bf16 under [`Precision::Bf16`].
+struct SwigluSink<'a> {
+    act: &'a ActivationPtr,
+    /// The slot's first row in permuted order.
+    row0: usize,
+}
+
+/// The activation buffer as a raw pointer.
+enum ActivationPtr {
+    F32(RowsPtr<f32>),
+    Bf16(RowsPtr<bf16>),
+}
+
+impl cpu::Sink for SwigluSink<'_> {
+    #[inline(always)]
+    unsafe fn put(&self, i: usize, j: usize, g: &[f32], u: &[f32]) {
+        // SAFETY (both): the task owns these elements (forwarded from the caller).
+        match self.act {
+            ActivationPtr::F32(p) => {
+                for ((d, &g), &u) in unsafe { p.slice(self.row0 + i, j, g.len()) }.iter_mut().zip(g).zip(u) {
+                    *d = cpu::silu_mul(g, u);
+                }
+            }
+            ActivationPtr::Bf16(p) => {
+                for ((d, &g), &u) in unsafe { p.slice(self.row0 + i, j, g.len()) }.iter_mut().zip(g).zip(u) {
+                    *d = bf16::from_f32(cpu::silu_mul(g, u));
+                }
+            }
+        }
+    }
+}
+
+/// GEMM 2's epilogue: the routing weight times the down projection into the output rows.
+struct WeightedSink<'a> {
+    out: &'a RowsPtr<f32>,
+    row0: usize,
+    row_weights: &'a [f32],
+}
+
+impl cpu::Sink for WeightedSink<'_> {
+    #[inline(always)]
+    unsafe fn put(&self, i: usize, j: usize, y: &[f32], _: &[f32]) {
+        let w = self.row_weights[self.row0 + i];
+        // SAFETY: the task owns these elements (forwarded from the caller).
+        for (d, &y) in unsafe { self.out.slice(self.row0 + i, j, y.len()) }.iter_mut().zip(y) {
+            *d = w * y;
         }
     }
 }
@@ -71,67 +163,57 @@ pub fn grouped_experts(
     }
     check_len("permuted hidden", &[rows, h], x_perm.len())?;
     check_len("row weights", &[rows], row_weights.len())?;
+    if !isa.is_supported() {
+        return Err(MoeError::Unsupported(format!("this CPU cannot run the {isa:?} kernels")));
+    }
 
-    let used: Vec<(usize, std::ops::Range<usize>)> =
+    let used: Vec<(usize, Range<usize>)> =
         (0..cfg.n_slots()).map(|e| (e, perm.expert_rows(e))).filter(|(_, r)| !r.is_empty()).collect();
+    /// Each used slot's rows of `x [R, k]`, prepared for the kernel once.
+    fn pack<'x>(
+        isa: Isa,
+        x: TensorView<'x>,
+        k: usize,
+        w_dtype: Dtype,
+        used: &[(usize, Range<usize>)],
+    ) -> Vec<PackedA<'x>> {
+        used.par_iter().map(|(_, r)| PackedA::new(isa, x.slice(r.start * k..r.end * k), w_dtype, r.len(), k)).collect()
+    }
+    let tasks = |width: usize, block: usize| -> Vec<(usize, Range<usize>)> {
+        (0..used.len()).flat_map(|u| (0..width).step_by(block).map(move |c| (u, c..(c + block).min(width)))).collect()
+    };
 
-    // GEMM 1 + SwiGLU: tasks of (slot, intermediate block).
-    let up_tasks: Vec<(usize, std::ops::Range<usize>, usize)> =
-        used.iter().flat_map(|(e, r)| (0..i).step_by(UP_BLOCK).map(move |i0| (*e, r.clone(), i0))).collect();
-    let blocks: Vec<Vec<f32>> = up_tasks
-        .par_iter()
-        .map(|(e, r, i0)| {
-            let (c, nb) = (r.len(), UP_BLOCK.min(i - i0));
-            let x = x_perm.slice(r.start * h..r.end * h);
-            let slot = weights.slot_gate_up(*e);
-            let mut g = vec![0.0f32; c * nb];
-            let mut u = vec![0.0f32; c * nb];
-            cpu::gemm_nt(isa, x, slot.slice(i0 * h..(i0 + nb) * h), c, nb, h, &mut g, nb);
-            cpu::gemm_nt(isa, x, slot.slice((i + i0) * h..(i + i0 + nb) * h), c, nb, h, &mut u, nb);
-            let mut a = vec![0.0f32; c * nb];
-            cpu::swiglu(&g, &u, &mut a);
-            a
-        })
-        .collect();
+    // GEMM 1 + SwiGLU: tasks of (slot, intermediate block), gate and up rows in one tile.
     let mut act = match precision {
         Precision::F32 => Activation::F32(vec![0.0; rows * i]),
         Precision::Bf16 => Activation::Bf16(vec![bf16::ZERO; rows * i]),
     };
-    for ((_, r, i0), block) in up_tasks.iter().zip(&blocks) {
-        let nb = UP_BLOCK.min(i - i0);
-        for (row, src) in r.clone().zip(block.chunks_exact(nb)) {
-            let dst = row * i + i0..row * i + i0 + nb;
-            match &mut act {
-                Activation::F32(a) => a[dst].copy_from_slice(src),
-                Activation::Bf16(a) => cpu::f32_to_bf16(src, &mut a[dst]),
-            }
-        }
+    {
+        let x = pack(isa, x_perm, h, weights.gate_up.dtype(), &used);
+        let act_ptr = match &mut act {
+            Activation::F32(v) => ActivationPtr::F32(RowsPtr::new(v, rows, i)),
+            Activation::Bf16(v) => ActivationPtr::Bf16(RowsPtr::new(v, rows, i)),
+        };
+        tasks(i, UP_BLOCK).into_par_iter().for_each(|(u, cols)| {
+            let (e, r) = &used[u];
+            let sink = SwigluSink { act: &act_ptr, row0: r.start };
+            // SAFETY: the tasks' (slot rows x columns) blocks of `act` are disjoint, and
+            // `act` stays mutably borrowed by `act_ptr` until `for_each` returns.
+            unsafe { x[u].run(weights.slot_gate_up(*e), Cols::Paired { second: i }, 0..r.len(), cols, &sink) };
+        });
     }
-    drop(blocks);
 
     // GEMM 2 with the routing weight in the epilogue: tasks of (slot, hidden block).
-    let act = act.view();
-    let down_tasks: Vec<(usize, std::ops::Range<usize>, usize)> =
-        used.iter().flat_map(|(e, r)| (0..h).step_by(DOWN_BLOCK).map(move |h0| (*e, r.clone(), h0))).collect();
-    let blocks: Vec<Vec<f32>> = down_tasks
-        .par_iter()
-        .map(|(e, r, h0)| {
-            let (c, nb) = (r.len(), DOWN_BLOCK.min(h - h0));
-            let a = act.slice(r.start * i..r.end * i);
-            let mut y = vec![0.0f32; c * nb];
-            cpu::gemm_nt(isa, a, weights.slot_down(*e).slice(h0 * i..(h0 + nb) * i), c, nb, i, &mut y, nb);
-            y
-        })
-        .collect();
     let mut out = vec![0.0f32; rows * h];
-    for ((_, r, h0), block) in down_tasks.iter().zip(&blocks) {
-        let nb = DOWN_BLOCK.min(h - h0);
-        for (row, src) in r.clone().zip(block.chunks_exact(nb)) {
-            let w = row_weights[row];
-            for (d, s) in out[row * h + h0..row * h + h0 + nb].iter_mut().zip(src) {
-                *d = w * *s;
-            }
-        }
+    {
+        let a = pack(isa, act.view(), i, weights.down.dtype(), &used);
+        let out_ptr = RowsPtr::new(&mut out, rows, h);
+        tasks(h, DOWN_BLOCK).into_par_iter().for_each(|(u, cols)| {
+            let (e, r) = &used[u];
+            let sink = WeightedSink { out: &out_ptr, row0: r.start, row_weights };
+            // SAFETY: as for GEMM 1, with `out` borrowed by `out_ptr`.
+            unsafe { a[u].run(weights.slot_down(*e), Cols::Plain, 0..r.len(), cols, &sink) };
+        });
     }
     Ok(out)
 }
