@@ -26,6 +26,7 @@ mod avx512;
 mod driver;
 mod plan;
 mod portable;
+mod rows;
 
 use std::sync::OnceLock;
 
@@ -36,6 +37,7 @@ use crate::tensor::TensorView;
 use driver::OutPtr;
 pub(crate) use driver::Sink;
 pub(crate) use plan::{Cols, PackedA};
+pub(crate) use rows::{RowBuf, RowMut, RowsPtr};
 
 /// Instruction set the CPU kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -2,15 +2,14 @@
 //! every weight matrix it multiplies), and the hand-off of register tiles to the kernel
 //! and of their results to a [`Sink`].
 //!
-//! `a` is small next to the weights (`m * k` against `n * k`), so every AVX-512 plan
-//! copies it into 64-byte aligned rows with a padded stride: a 64-byte load that straddles
-//! two cache lines costs about 15% of the bf16 tile's throughput. The weights are read in
+//! `a` is small next to the weights (`m * k` against `n * k`). Every AVX-512 plan reads it
+//! from 64-byte aligned rows (see `rows`): copied there, or borrowed in place from a
+//! [`RowBuf`] that already holds it in the kernel's layout. The weights are read in
 //! place, once per call (per `a` cache block for `m` beyond a block).
 
 #[cfg(target_arch = "x86_64")]
 use std::array::from_fn;
 use std::borrow::Cow;
-use std::cell::Cell;
 use std::ops::Range;
 
 use half::slice::HalfFloatSliceExt;
@@ -19,72 +18,9 @@ use half::slice::HalfFloatSliceExt;
 use super::avx512;
 
 use super::driver::{Blocking, MAX_PREFETCH_ROWS, Sink, drive, lcm};
+use super::rows::{AlignedRows, RowBuf};
 use super::{Isa, portable};
 use crate::tensor::{Dtype, TensorView};
-
-/// One 64-byte cache line: the unit of [`AlignedRows`] storage, which makes it aligned.
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
-
-thread_local! {
-    /// Storage of the last [`AlignedRows`] dropped on this thread, reused by the next
-    /// call: a fresh allocation per call costs page faults or zeroing on every call.
-    static SCRATCH: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
-}
-
-/// Storage larger than this goes back to the allocator instead of being kept.
-const SCRATCH_KEEP_BYTES: usize = 8 << 20;
-
-/// Rows of at least `len` elements in 64-byte aligned storage, the row stride padded to
-/// an odd number of whole cache lines. The padding holds unspecified values: kernels never read past `len`
-/// (`avx512::tile_f32_bf16`'s packed rows are written in full by the packing).
-pub(crate) struct AlignedRows<T> {
-    buf: Vec<Line>,
-    rows: usize,
-    stride: usize,
-    elem: std::marker::PhantomData<T>,
-}
-
-impl<T: bytemuck::Pod> AlignedRows<T> {
-    /// `rows` rows of at least `len` elements.
-    fn new(rows: usize, len: usize) -> Self {
-        let per_line = 64 / size_of::<T>();
-        // An odd number of lines per row: rows `4 KiB * j` apart would all fall in one
-        // L1 set (64 sets of 64 bytes), and a tile's `a` rows would evict each other
-        // and the `w` rows it streams beside them.
-        let row_lines = len.div_ceil(per_line) | 1;
-        let stride = row_lines * per_line;
-        let lines = rows * row_lines;
-        let mut buf = SCRATCH.take();
-        if buf.len() < lines {
-            buf.resize(lines, Line([0; 64]));
-        }
-        AlignedRows { buf, rows, stride, elem: std::marker::PhantomData }
-    }
-
-    /// Row `i`: `stride >= len` elements, starting on a cache line.
-    #[inline]
-    fn row(&self, i: usize) -> &[T] {
-        assert!(i < self.rows);
-        &bytemuck::cast_slice(&self.buf)[i * self.stride..(i + 1) * self.stride]
-    }
-
-    /// Row `i`, mutable.
-    fn row_mut(&mut self, i: usize) -> &mut [T] {
-        assert!(i < self.rows);
-        &mut bytemuck::cast_slice_mut(&mut self.buf)[i * self.stride..(i + 1) * self.stride]
-    }
-}
-
-impl<T> Drop for AlignedRows<T> {
-    fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.buf);
-        if buf.len() * 64 <= SCRATCH_KEEP_BYTES {
-            SCRATCH.set(buf);
-        }
-    }
-}
 
 /// How the output columns of a GEMM map to rows of `w`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,13 +90,13 @@ enum Prepared<'a> {
     Portable(Cow<'a, [f32]>),
     /// bf16 x bf16 by VDPBF16PS; `a` copied to aligned rows as raw bf16 bits.
     #[cfg(target_arch = "x86_64")]
-    Bf16Dot(AlignedRows<u16>),
+    Bf16Dot(AlignedRows<'a, u16>),
     /// f32 (or exactly widened bf16) `a`, packed even/odd, times bf16 `w` by FMA.
     #[cfg(target_arch = "x86_64")]
-    F32Bf16(AlignedRows<f32>),
+    F32Bf16(AlignedRows<'a, f32>),
     /// f32 (or exactly widened bf16) `a` in aligned rows times f32 `w` by FMA.
     #[cfg(target_arch = "x86_64")]
-    F32F32(AlignedRows<f32>),
+    F32F32(AlignedRows<'a, f32>),
 }
 
 /// The left operand `a [m, k]` of GEMMs against weights of one dtype, prepared once for
@@ -180,29 +116,73 @@ impl<'a> PackedA<'a> {
     /// If `a.len() != m * k` or this CPU cannot run `isa`.
     pub(crate) fn new(isa: Isa, a: TensorView<'a>, w_dtype: Dtype, m: usize, k: usize) -> Self {
         assert_eq!(a.len(), m * k, "gemm: a.len() != m * k ({m} * {k})");
+        if isa == Isa::Portable
+            && let TensorView::F32(s) = a
+        {
+            return PackedA { prepared: Prepared::Portable(Cow::Borrowed(s)), w_dtype, m, k };
+        }
+        Self::prepare(isa, a.dtype(), w_dtype, m, k, |i| a.slice(i * k..(i + 1) * k))
+    }
+
+    /// Rows `rows` of `buf` (`[_, k]`), prepared for weights of `w_dtype` on `isa`:
+    /// borrowed in place when `buf` already holds them in the kernel's layout (bf16 rows
+    /// for VDPBF16PS, f32 rows for f32 weights), copied otherwise.
+    ///
+    /// # Panics
+    /// If `rows` is out of range or this CPU cannot run `isa`.
+    pub(crate) fn from_rows(isa: Isa, buf: &'a RowBuf, rows: Range<usize>, w_dtype: Dtype) -> Self {
+        assert!(isa.is_supported(), "gemm: {isa:?} is not supported by this CPU");
+        let (m, k) = (rows.len(), buf.k());
+        #[cfg(target_arch = "x86_64")]
+        match (isa, buf.dtype(), w_dtype) {
+            (Isa::Avx512Bf16, Dtype::Bf16, Dtype::Bf16) => {
+                return PackedA { prepared: Prepared::Bf16Dot(buf.aligned(rows)), w_dtype, m, k };
+            }
+            (Isa::Avx512Bf16 | Isa::Avx512, Dtype::F32, Dtype::F32) => {
+                return PackedA { prepared: Prepared::F32F32(buf.aligned(rows)), w_dtype, m, k };
+            }
+            _ => {}
+        }
+        Self::prepare(isa, buf.dtype(), w_dtype, m, k, |i| buf.row(rows.start + i))
+    }
+
+    /// Copies (and converts) the `m` rows `row(i)` of `k` elements of `a_dtype` into the
+    /// layout of the kernel for `isa` and `w_dtype`.
+    fn prepare<'r>(
+        isa: Isa,
+        a_dtype: Dtype,
+        w_dtype: Dtype,
+        m: usize,
+        k: usize,
+        row: impl Fn(usize) -> TensorView<'r>,
+    ) -> Self {
         assert!(isa.is_supported(), "gemm: {isa:?} is not supported by this CPU");
         let prepared = match isa {
-            Isa::Portable => Prepared::Portable(match a {
-                TensorView::F32(s) => Cow::Borrowed(s),
-                TensorView::Bf16(_) => Cow::Owned(a.to_f32_vec()),
-            }),
+            Isa::Portable => {
+                let mut a = vec![0.0f32; m * k];
+                for (i, dst) in a.chunks_exact_mut(k.max(1)).enumerate().take(m) {
+                    row(i).copy_to_f32(dst);
+                }
+                Prepared::Portable(Cow::Owned(a))
+            }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 | Isa::Avx512 => match (a, w_dtype) {
-                (TensorView::Bf16(a), Dtype::Bf16) if isa == Isa::Avx512Bf16 => {
+            Isa::Avx512Bf16 | Isa::Avx512 => match (a_dtype, w_dtype) {
+                (Dtype::Bf16, Dtype::Bf16) if isa == Isa::Avx512Bf16 => {
                     let mut rows = AlignedRows::new(m, k);
-                    for (i, src) in a.chunks_exact(k.max(1)).enumerate() {
+                    for i in 0..m {
+                        let TensorView::Bf16(src) = row(i) else { unreachable!("rows of a_dtype") };
                         rows.row_mut(i)[..k].copy_from_slice(bytemuck::cast_slice(src));
                     }
                     Prepared::Bf16Dot(rows)
                 }
-                (_, Dtype::Bf16) => Prepared::F32Bf16(pack_even_odd(a, m, k)),
+                (_, Dtype::Bf16) => Prepared::F32Bf16(pack_even_odd(m, k, row)),
                 (_, Dtype::F32) => {
                     let mut rows = AlignedRows::new(m, k);
                     for i in 0..m {
                         let dst = &mut rows.row_mut(i)[..k];
-                        match a {
-                            TensorView::F32(s) => dst.copy_from_slice(&s[i * k..(i + 1) * k]),
-                            TensorView::Bf16(s) => s[i * k..(i + 1) * k].convert_to_f32_slice(dst),
+                        match row(i) {
+                            TensorView::F32(s) => dst.copy_from_slice(s),
+                            TensorView::Bf16(s) => s.convert_to_f32_slice(dst),
                         }
                     }
                     Prepared::F32F32(rows)
@@ -320,7 +300,7 @@ const MR: usize = 4;
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)] // one internal call site per plan
 unsafe fn drive_avx512<K: avx512::Kernel, S: Sink, const NR: usize>(
-    a: &AlignedRows<K::A>,
+    a: &AlignedRows<'_, K::A>,
     w: &[K::W],
     k: usize,
     a_row_bytes: usize,
@@ -414,23 +394,22 @@ unsafe fn drive_portable<'w, W: portable::WeightElem + 'w, S: Sink>(
     unsafe { drive(rows, cols, 1, &[0, nr], blk, 0, tile) }
 }
 
-/// Packs every row of `a` for `avx512::tile_f32_bf16` (see `avx512::pack_even_odd_bf16`).
+/// Packs the `m` rows `row(i)` for `avx512::tile_f32_bf16` (see
+/// `avx512::pack_even_odd_bf16`).
 #[cfg(target_arch = "x86_64")]
-fn pack_even_odd(a: TensorView<'_>, m: usize, k: usize) -> AlignedRows<f32> {
+fn pack_even_odd<'r>(m: usize, k: usize, row: impl Fn(usize) -> TensorView<'r>) -> AlignedRows<'static, f32> {
     let mut rows = AlignedRows::new(m, avx512::packed_len(k));
     if k == 0 {
         return rows;
     }
     for i in 0..m {
         let dst = &mut rows.row_mut(i)[..avx512::packed_len(k)];
-        match a {
+        match row(i) {
             // SAFETY: only called for plans of `Isa::Avx512` or better, whose support
-            // `Gemm::new` checked before.
-            TensorView::F32(s) => unsafe { avx512::pack_even_odd_f32(&s[i * k..(i + 1) * k], dst) },
+            // `PackedA::prepare` checked before.
+            TensorView::F32(s) => unsafe { avx512::pack_even_odd_f32(s, dst) },
             // SAFETY: as above.
-            TensorView::Bf16(s) => unsafe {
-                avx512::pack_even_odd_bf16(bytemuck::cast_slice(&s[i * k..(i + 1) * k]), dst)
-            },
+            TensorView::Bf16(s) => unsafe { avx512::pack_even_odd_bf16(bytemuck::cast_slice(s), dst) },
         }
     }
     rows

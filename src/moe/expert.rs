@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use std::ops::Range;
 
-use crate::cpu::{self, Cols, Isa, PackedA};
+use crate::cpu::{self, Cols, Isa, PackedA, RowBuf, RowMut, RowsPtr};
 use crate::error::{MoeError, check_len};
 use crate::moe::Precision;
 use crate::moe::permute::Permutation;
@@ -43,53 +43,23 @@ pub const UP_BLOCK: usize = 128;
 /// Hidden columns (down rows) per GEMM 2 task.
 pub const DOWN_BLOCK: usize = 256;
 
-/// The activation between the two GEMMs, `[R, I]`.
-enum Activation {
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
+/// Buffers the expert step keeps from call to call (a [`crate::moe::MoeLayer`] holds
+/// one): the gathered rows, the activations and the weighted output rows. Reshaping
+/// reuses their storage, so a layer that runs again neither allocates nor page-faults.
+#[derive(Default)]
+pub(crate) struct Workspace {
+    /// Hidden rows gathered into permuted order, `[R, H]`, in the kernels' row layout.
+    pub(crate) x: RowBuf,
+    /// The SwiGLU activations `[R, I]`.
+    pub(crate) act: RowBuf,
+    /// Weighted expert output rows `[R, H]`.
+    pub(crate) rows: Vec<f32>,
 }
 
-impl Activation {
-    fn view(&self) -> TensorView<'_> {
-        match self {
-            Activation::F32(v) => TensorView::F32(v),
-            Activation::Bf16(v) => TensorView::Bf16(v),
-        }
-    }
-}
-
-/// A row-major `[rows, cols]` matrix as a raw pointer, for epilogues of parallel tasks
-/// that each write their own disjoint elements (column blocks are not contiguous).
-struct RowsPtr<T> {
-    ptr: *mut T,
-    rows: usize,
-    cols: usize,
-}
-
-// SAFETY: only a pointer and a shape; the tasks sharing it write disjoint elements (each
-// owns a distinct block of slot rows x columns), so sharing it cannot create a data race.
-unsafe impl<T: Send> Send for RowsPtr<T> {}
-// SAFETY: as for `Send`.
-unsafe impl<T: Send> Sync for RowsPtr<T> {}
-
-impl<T> RowsPtr<T> {
-    /// Borrows `data` as `[rows, cols]`. Panics if the length differs.
-    fn new(data: &mut [T], rows: usize, cols: usize) -> Self {
-        assert_eq!(data.len(), rows * cols, "expert rows: buffer length");
-        RowsPtr { ptr: data.as_mut_ptr(), rows, cols }
-    }
-
-    /// Elements `(i, j..j + n)` as a slice.
-    ///
-    /// # Safety
-    /// No other thread may access them while the slice lives, and the `&mut` borrow the
-    /// pointer was built from must still be live.
-    #[inline(always)]
-    #[allow(clippy::mut_from_ref)] // disjoint writes from parallel tasks, see above
-    unsafe fn slice(&self, i: usize, j: usize, n: usize) -> &mut [T] {
-        assert!(i < self.rows && j + n <= self.cols, "expert rows: ({i}, {j}..{}) out of range", j + n);
-        // SAFETY: in bounds (asserted); exclusive access is the caller's guarantee.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.cols + j), n) }
+impl Workspace {
+    /// Bytes of storage held.
+    pub(crate) fn capacity_bytes(&self) -> usize {
+        self.x.capacity_bytes() + self.act.capacity_bytes() + self.rows.capacity() * 4
     }
 }
 
@@ -101,7 +71,7 @@ struct SwigluSink<'a> {
     row0: usize,
 }
 
-/// The activation buffer as a raw pointer.
+/// The activation rows as a raw pointer.
 enum ActivationPtr {
     F32(RowsPtr<f32>),
     Bf16(RowsPtr<bf16>),
@@ -154,6 +124,34 @@ pub fn grouped_experts(
     precision: Precision,
     isa: Isa,
 ) -> Result<Vec<f32>, MoeError> {
+    let h = weights.config().hidden_size;
+    perm.validate()?;
+    let rows = perm.rows();
+    check_len("permuted hidden", &[rows, h], x_perm.len())?;
+    let mut ws = Workspace::default();
+    ws.x.reset(x_perm.dtype(), rows, h);
+    ws.x.par_rows_mut().for_each(|(r, dst)| match (dst, x_perm.slice(r * h..(r + 1) * h)) {
+        (RowMut::F32(d), TensorView::F32(s)) => d.copy_from_slice(s),
+        (RowMut::Bf16(d), TensorView::Bf16(s)) => d.copy_from_slice(s),
+        _ => unreachable!("the rows were shaped with the input's dtype"),
+    });
+    run(weights, &ws.x, perm, row_weights, precision, isa, &mut ws.act, &mut ws.rows)?;
+    Ok(ws.rows)
+}
+
+/// [`grouped_experts`] on rows already gathered into `x` (`[R, H]`), with the activations
+/// in `act` and the weighted rows written to `out` (both reshaped here).
+#[allow(clippy::too_many_arguments)] // the contract's inputs plus the two reused buffers
+pub(crate) fn run(
+    weights: &MoeWeights,
+    x: &RowBuf,
+    perm: &Permutation,
+    row_weights: &[f32],
+    precision: Precision,
+    isa: Isa,
+    act: &mut RowBuf,
+    out: &mut Vec<f32>,
+) -> Result<(), MoeError> {
     let cfg = weights.config();
     let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
     perm.validate()?;
@@ -161,7 +159,9 @@ pub fn grouped_experts(
     if perm.n_experts() != cfg.n_slots() {
         return Err(MoeError::shape("expert_offsets", &[cfg.n_slots() + 1], &[perm.expert_offsets.len()]));
     }
-    check_len("permuted hidden", &[rows, h], x_perm.len())?;
+    if (x.rows(), x.k()) != (rows, h) {
+        return Err(MoeError::shape("permuted hidden", &[rows, h], &[x.rows(), x.k()]));
+    }
     check_len("row weights", &[rows], row_weights.len())?;
     if !isa.is_supported() {
         return Err(MoeError::Unsupported(format!("this CPU cannot run the {isa:?} kernels")));
@@ -169,51 +169,50 @@ pub fn grouped_experts(
 
     let used: Vec<(usize, Range<usize>)> =
         (0..cfg.n_slots()).map(|e| (e, perm.expert_rows(e))).filter(|(_, r)| !r.is_empty()).collect();
-    /// Each used slot's rows of `x [R, k]`, prepared for the kernel once.
-    fn pack<'x>(
-        isa: Isa,
-        x: TensorView<'x>,
-        k: usize,
-        w_dtype: Dtype,
-        used: &[(usize, Range<usize>)],
-    ) -> Vec<PackedA<'x>> {
-        used.par_iter().map(|(_, r)| PackedA::new(isa, x.slice(r.start * k..r.end * k), w_dtype, r.len(), k)).collect()
+    /// Each used slot's rows of `x`, prepared for the kernel (in place where possible).
+    fn pack<'x>(isa: Isa, x: &'x RowBuf, w_dtype: Dtype, used: &[(usize, Range<usize>)]) -> Vec<PackedA<'x>> {
+        used.par_iter().map(|(_, r)| PackedA::from_rows(isa, x, r.clone(), w_dtype)).collect()
     }
     let tasks = |width: usize, block: usize| -> Vec<(usize, Range<usize>)> {
         (0..used.len()).flat_map(|u| (0..width).step_by(block).map(move |c| (u, c..(c + block).min(width)))).collect()
     };
 
     // GEMM 1 + SwiGLU: tasks of (slot, intermediate block), gate and up rows in one tile.
-    let mut act = match precision {
-        Precision::F32 => Activation::F32(vec![0.0; rows * i]),
-        Precision::Bf16 => Activation::Bf16(vec![bf16::ZERO; rows * i]),
-    };
+    act.reset(
+        match precision {
+            Precision::F32 => Dtype::F32,
+            Precision::Bf16 => Dtype::Bf16,
+        },
+        rows,
+        i,
+    );
     {
-        let x = pack(isa, x_perm, h, weights.gate_up.dtype(), &used);
-        let act_ptr = match &mut act {
-            Activation::F32(v) => ActivationPtr::F32(RowsPtr::new(v, rows, i)),
-            Activation::Bf16(v) => ActivationPtr::Bf16(RowsPtr::new(v, rows, i)),
+        let x = pack(isa, x, weights.gate_up.dtype(), &used);
+        let act_ptr = match precision {
+            Precision::F32 => ActivationPtr::F32(act.rows_ptr()),
+            Precision::Bf16 => ActivationPtr::Bf16(act.rows_ptr()),
         };
         tasks(i, UP_BLOCK).into_par_iter().for_each(|(u, cols)| {
             let (e, r) = &used[u];
             let sink = SwigluSink { act: &act_ptr, row0: r.start };
             // SAFETY: the tasks' (slot rows x columns) blocks of `act` are disjoint, and
-            // `act` stays mutably borrowed by `act_ptr` until `for_each` returns.
+            // nothing else touches `act` (borrowed mutably by this function) meanwhile.
             unsafe { x[u].run(weights.slot_gate_up(*e), Cols::Paired { second: i }, 0..r.len(), cols, &sink) };
         });
     }
 
     // GEMM 2 with the routing weight in the epilogue: tasks of (slot, hidden block).
-    let mut out = vec![0.0f32; rows * h];
-    {
-        let a = pack(isa, act.view(), i, weights.down.dtype(), &used);
-        let out_ptr = RowsPtr::new(&mut out, rows, h);
-        tasks(h, DOWN_BLOCK).into_par_iter().for_each(|(u, cols)| {
-            let (e, r) = &used[u];
-            let sink = WeightedSink { out: &out_ptr, row0: r.start, row_weights };
-            // SAFETY: as for GEMM 1, with `out` borrowed by `out_ptr`.
-            unsafe { a[u].run(weights.slot_down(*e), Cols::Plain, 0..r.len(), cols, &sink) };
-        });
-    }
-    Ok(out)
+    // Every element of `out` is written: each row belongs to a used slot, and the tasks
+    // cover every hidden column.
+    out.clear();
+    out.resize(rows * h, 0.0);
+    let a = pack(isa, act, weights.down.dtype(), &used);
+    let out_ptr = RowsPtr::new(out, rows, h);
+    tasks(h, DOWN_BLOCK).into_par_iter().for_each(|(u, cols)| {
+        let (e, r) = &used[u];
+        let sink = WeightedSink { out: &out_ptr, row0: r.start, row_weights };
+        // SAFETY: as for GEMM 1, with `out` borrowed mutably by this function.
+        unsafe { a[u].run(weights.slot_down(*e), Cols::Plain, 0..r.len(), cols, &sink) };
+    });
+    Ok(())
 }

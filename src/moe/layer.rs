@@ -1,13 +1,19 @@
 //! The whole MoE layer on the CPU: route, permute, grouped experts, combine.
 
+use std::sync::{Mutex, TryLockError};
+
 use crate::config::MoeConfig;
 use crate::cpu::Isa;
 use crate::error::{MoeError, check_len};
-use crate::moe::expert::grouped_experts;
-use crate::moe::permute::{Permutation, gather_bf16, gather_f32, permute};
+use crate::moe::expert::{self, Workspace};
+use crate::moe::permute::{Permutation, gather_into, permute};
 use crate::moe::route::{Routing, route};
 use crate::moe::weights::MoeWeights;
-use crate::tensor::TensorView;
+use crate::tensor::{Dtype, TensorView};
+
+/// A layer keeps its buffers between calls only while they hold at most this many bytes
+/// (about 1000 tokens of dots.llm1); a larger batch allocates them for that call only.
+pub const WORKSPACE_KEEP_BYTES: usize = 256 << 20;
 
 /// What the expert GEMMs take as input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -24,11 +30,33 @@ pub enum Precision {
 
 /// One MoE layer, ready to run. Build it from a checkpoint or from tensors in memory with
 /// [`crate::moe::MoeLayerBuilder`], or from [`MoeWeights::synthetic`].
+///
+/// The layer keeps the buffers of its last call (gathered rows, activations, expert
+/// rows: about 215 KB per token at dots.llm1's shape, up to [`WORKSPACE_KEEP_BYTES`]) so
+/// that the next call neither allocates nor page-faults. Calls from several threads at
+/// once are fine: a call that finds the buffers in use allocates its own.
 #[derive(Clone, Debug)]
 pub struct MoeLayer {
     weights: MoeWeights,
     precision: Precision,
     isa: Isa,
+    workspace: SharedWorkspace,
+}
+
+/// The buffers a layer reuses; a clone starts with none.
+#[derive(Default)]
+struct SharedWorkspace(Mutex<Workspace>);
+
+impl Clone for SharedWorkspace {
+    fn clone(&self) -> Self {
+        SharedWorkspace::default()
+    }
+}
+
+impl std::fmt::Debug for SharedWorkspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedWorkspace")
+    }
 }
 
 /// A layer's intermediate results, for tests and for comparing backends step by step.
@@ -51,7 +79,7 @@ pub struct MoeTrace {
 impl MoeLayer {
     /// A layer over `weights`, with [`Precision::Bf16`] and the best CPU kernels.
     pub fn new(weights: MoeWeights) -> Self {
-        MoeLayer { weights, precision: Precision::default(), isa: Isa::detect() }
+        MoeLayer { weights, precision: Precision::default(), isa: Isa::detect(), workspace: SharedWorkspace::default() }
     }
 
     /// The layer's shape.
@@ -98,11 +126,36 @@ impl MoeLayer {
 
     /// The layer's output `[T, H]` (f32) for `hidden [T, H]`. `T = 0` is valid.
     pub fn forward(&self, hidden: TensorView<'_>, tokens: usize) -> Result<Vec<f32>, MoeError> {
-        Ok(self.forward_trace(hidden, tokens)?.output)
+        self.with_workspace(|ws| Ok(self.run(hidden, tokens, ws)?.output))
     }
 
     /// Like [`MoeLayer::forward`], keeping every step's result.
     pub fn forward_trace(&self, hidden: TensorView<'_>, tokens: usize) -> Result<MoeTrace, MoeError> {
+        self.with_workspace(|ws| {
+            let mut trace = self.run(hidden, tokens, ws)?;
+            trace.expert_rows = std::mem::take(&mut ws.rows);
+            Ok(trace)
+        })
+    }
+
+    /// Runs `f` with the layer's buffers, or with fresh ones if another call holds them.
+    fn with_workspace<R>(&self, f: impl FnOnce(&mut Workspace) -> R) -> R {
+        let mut guard = match self.workspace.0.try_lock() {
+            Ok(guard) => guard,
+            // A call that panicked left only buffers behind, every one reshaped and
+            // overwritten before it is read.
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return f(&mut Workspace::default()),
+        };
+        let result = f(&mut guard);
+        if guard.capacity_bytes() > WORKSPACE_KEEP_BYTES {
+            *guard = Workspace::default();
+        }
+        result
+    }
+
+    /// Every step; the trace's `expert_rows` stay in `ws.rows` (left empty in the trace).
+    fn run(&self, hidden: TensorView<'_>, tokens: usize, ws: &mut Workspace) -> Result<MoeTrace, MoeError> {
         let cfg = self.config();
         let (h, k, e) = (cfg.hidden_size, cfg.router.top_k, cfg.router.n_experts);
         let slots = cfg.slots_per_token();
@@ -117,35 +170,15 @@ impl MoeLayer {
         let permutation = permute(&slot_ids, tokens, slots, cfg.n_slots())?;
         let row_weights: Vec<f32> = permutation.row_pairs.iter().map(|&p| slot_weights[p as usize]).collect();
 
-        let rows = permutation.rows();
-        let expert_rows = match self.precision {
-            Precision::Bf16 => {
-                let mut x = vec![half::bf16::ZERO; rows * h];
-                gather_bf16(hidden, h, &permutation, &mut x)?;
-                grouped_experts(
-                    &self.weights,
-                    TensorView::Bf16(&x),
-                    &permutation,
-                    &row_weights,
-                    self.precision,
-                    self.isa,
-                )?
-            }
-            Precision::F32 => {
-                let mut x = vec![0.0f32; rows * h];
-                gather_f32(hidden, h, &permutation, &mut x)?;
-                grouped_experts(
-                    &self.weights,
-                    TensorView::F32(&x),
-                    &permutation,
-                    &row_weights,
-                    self.precision,
-                    self.isa,
-                )?
-            }
+        let x_dtype = match self.precision {
+            Precision::Bf16 => Dtype::Bf16,
+            Precision::F32 => Dtype::F32,
         };
+        gather_into(hidden, h, &permutation, x_dtype, &mut ws.x)?;
+        let Workspace { x, act, rows } = ws;
+        expert::run(&self.weights, x, &permutation, &row_weights, self.precision, self.isa, act, rows)?;
         let mut output = vec![0.0f32; tokens * h];
-        crate::moe::combine(&expert_rows, h, &permutation, &mut output)?;
-        Ok(MoeTrace { routing, slot_ids, slot_weights, permutation, expert_rows, output })
+        crate::moe::combine(rows, h, &permutation, &mut output)?;
+        Ok(MoeTrace { routing, slot_ids, slot_weights, permutation, expert_rows: Vec::new(), output })
     }
 }

@@ -20,9 +20,11 @@
 //! order, as `f32` or as `bf16` (rounded to nearest even), per the layer's precision.
 
 use half::bf16;
+use rayon::prelude::*;
 
+use crate::cpu::{RowBuf, RowMut};
 use crate::error::{MoeError, check_len};
-use crate::tensor::TensorView;
+use crate::tensor::{Dtype, TensorView};
 
 /// The stable counting sort of a batch's `(token, slot)` pairs by expert.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,16 +141,10 @@ pub fn gather_f32(
     perm: &Permutation,
     out: &mut [f32],
 ) -> Result<(), MoeError> {
-    perm.validate()?;
-    check_len("hidden", &[perm.tokens, hidden_size], hidden.len())?;
-    check_len("permuted hidden", &[perm.rows(), hidden_size], out.len())?;
-    if hidden_size == 0 {
-        return Ok(());
-    }
-    for (r, dst) in out.chunks_exact_mut(hidden_size).enumerate() {
-        let t = perm.row_token(r);
-        hidden.slice(t * hidden_size..(t + 1) * hidden_size).copy_to_f32(dst);
-    }
+    check_gather(hidden, hidden_size, perm, out.len())?;
+    out.par_chunks_mut(hidden_size.max(1)).enumerate().for_each(|(r, dst)| {
+        gather_row(hidden, hidden_size, perm, r, RowMut::F32(dst));
+    });
     Ok(())
 }
 
@@ -160,20 +156,52 @@ pub fn gather_bf16(
     perm: &Permutation,
     out: &mut [bf16],
 ) -> Result<(), MoeError> {
+    check_gather(hidden, hidden_size, perm, out.len())?;
+    out.par_chunks_mut(hidden_size.max(1)).enumerate().for_each(|(r, dst)| {
+        gather_row(hidden, hidden_size, perm, r, RowMut::Bf16(dst));
+    });
+    Ok(())
+}
+
+/// Gathers `hidden [T, H]` rows into permuted order into `out`, reshaped to `[T*S, H]`
+/// of `dtype` (bf16 rounds f32 input to nearest even; f32 widens bf16 exactly): the rows
+/// [`crate::moe::expert`] multiplies in place.
+pub(crate) fn gather_into(
+    hidden: TensorView<'_>,
+    hidden_size: usize,
+    perm: &Permutation,
+    dtype: Dtype,
+    out: &mut RowBuf,
+) -> Result<(), MoeError> {
+    let rows = perm.rows();
+    check_gather(hidden, hidden_size, perm, rows * hidden_size)?;
+    out.reset(dtype, rows, hidden_size);
+    out.par_rows_mut().for_each(|(r, dst)| gather_row(hidden, hidden_size, perm, r, dst));
+    Ok(())
+}
+
+/// The checks every gather makes: a valid permutation, `hidden [T, H]` and an output of
+/// `out_len == T*S * H` elements.
+fn check_gather(
+    hidden: TensorView<'_>,
+    hidden_size: usize,
+    perm: &Permutation,
+    out_len: usize,
+) -> Result<(), MoeError> {
     perm.validate()?;
     check_len("hidden", &[perm.tokens, hidden_size], hidden.len())?;
-    check_len("permuted hidden", &[perm.rows(), hidden_size], out.len())?;
-    if hidden_size == 0 {
-        return Ok(());
+    check_len("permuted hidden", &[perm.rows(), hidden_size], out_len)
+}
+
+/// Copies the hidden row of permuted row `r` into `dst`, converting to its dtype.
+fn gather_row(hidden: TensorView<'_>, h: usize, perm: &Permutation, r: usize, dst: RowMut<'_>) {
+    let t = perm.row_token(r);
+    let src = hidden.slice(t * h..(t + 1) * h);
+    match (dst, src) {
+        (RowMut::F32(dst), src) => src.copy_to_f32(dst),
+        (RowMut::Bf16(dst), TensorView::Bf16(src)) => dst.copy_from_slice(src),
+        (RowMut::Bf16(dst), TensorView::F32(src)) => crate::cpu::f32_to_bf16(src, dst),
     }
-    for (r, dst) in out.chunks_exact_mut(hidden_size).enumerate() {
-        let t = perm.row_token(r);
-        match hidden.slice(t * hidden_size..(t + 1) * hidden_size) {
-            TensorView::Bf16(src) => dst.copy_from_slice(src),
-            TensorView::F32(src) => crate::cpu::f32_to_bf16(src, dst),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
