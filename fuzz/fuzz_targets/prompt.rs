@@ -38,7 +38,7 @@ struct Loaded {
     /// Bytes of its `tokenizer.json`: what allocations proportional to the vocabulary
     /// are measured against.
     json_len: usize,
-    /// `tokenizer.vocab_size()`, asked once: each call copies the whole vocabulary.
+    /// `tokenizer.vocab_size()`, asked once.
     vocab: usize,
 }
 

@@ -21,6 +21,8 @@ pub fn chat_prompt(user: &str, system: Option<&str>) -> String {
 /// A loaded `tokenizer.json`.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner.get_vocab_size(true)`, which builds the whole vocabulary map: asked once.
+    vocab_size: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -50,7 +52,8 @@ impl Tokenizer {
         let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
             .map_err(|_| ModelError::Tokenizer("the tokenizers crate panicked on this tokenizer.json".into()))?;
         let inner = parsed.map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        Ok(Tokenizer { inner })
+        let vocab_size = inner.get_vocab_size(true);
+        Ok(Tokenizer { inner, vocab_size })
     }
 
     /// Loads `dir/tokenizer.json` if the directory has one.
@@ -79,7 +82,7 @@ impl Tokenizer {
 
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 }
 
