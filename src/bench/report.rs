@@ -14,7 +14,7 @@ pub fn markdown(rows: &[BenchRow], floor: &MachineFloor, command: &str, machine:
     let _ = writeln!(s, "Machine: {machine}  ");
     let _ = writeln!(
         s,
-        "Floor inputs (measured in the same run, before and after the timings; the better of the two): copy {:.1} GB/s (read + written), read {:.1} GB/s, bf16 matmul {:.1} GFLOP/s.\n",
+        "Floor inputs (measured in the same run, before the timings and after each batch size; the best of each): copy {:.1} GB/s (read + written), read {:.1} GB/s, bf16 matmul {:.1} GFLOP/s.\n",
         floor.copy_bytes_per_s / 1e9,
         floor.read_bytes_per_s / 1e9,
         floor.matmul_flop_per_s / 1e9

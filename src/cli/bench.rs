@@ -87,14 +87,13 @@ pub fn run(args: BenchArgs) -> CliResult {
     bar.finish_and_clear();
     let weight_bytes = layer.weights().bytes();
     if wants_cpu {
-        let timings = time_cpu(&layer, &args)?;
-        // The floor again after the timings: on a shared machine either measurement may
-        // have been slowed down, and the floor takes the better rates of the two.
-        floor = floor.best(&measure());
+        // The floor again after each batch size: on a shared machine any measurement may
+        // have been slowed down by other work, and the floor takes the best rates seen.
+        let timings = time_cpu(&layer, &args, || floor = floor.best(&measure()))?;
         if !args.json {
             println!(
                 "floor: copy {:.1} GB/s (read + written), read {:.1} GB/s, bf16 matmul {:.1} GFLOP/s \
-                 (the better of two measurements, before and after the timings)",
+                 (the best of measurements before the timings and after each batch size)",
                 floor.copy_bytes_per_s / 1e9,
                 floor.read_bytes_per_s / 1e9,
                 floor.matmul_flop_per_s / 1e9
@@ -171,8 +170,12 @@ fn print_row(row: &BenchRow, header: bool) {
 /// One batch size's result: tokens, median time, what the layer moves and computes.
 type Timing = (usize, Duration, bench::LayerCost);
 
-/// Times the CPU layer at every batch size.
-fn time_cpu(layer: &MoeLayer, args: &BenchArgs) -> Result<Vec<Timing>, Box<dyn std::error::Error>> {
+/// Times the CPU layer at every batch size, calling `after_each` after each one.
+fn time_cpu(
+    layer: &MoeLayer,
+    args: &BenchArgs,
+    mut after_each: impl FnMut(),
+) -> Result<Vec<Timing>, Box<dyn std::error::Error>> {
     let h = layer.config().hidden_size;
     let mut timings = Vec::new();
     for &tokens in &args.tokens {
@@ -192,6 +195,7 @@ fn time_cpu(layer: &MoeLayer, args: &BenchArgs) -> Result<Vec<Timing>, Box<dyn s
             return Err(e.into());
         }
         timings.push((tokens, median, cost));
+        after_each();
     }
     Ok(timings)
 }

@@ -1,6 +1,6 @@
 //! The whole MoE layer on the CPU: route, permute, grouped experts, combine.
 
-use std::sync::{Mutex, TryLockError};
+use std::sync::Mutex;
 
 use crate::config::MoeConfig;
 use crate::cpu::Isa;
@@ -11,9 +11,15 @@ use crate::moe::route::{Routing, route};
 use crate::moe::weights::MoeWeights;
 use crate::tensor::{Dtype, TensorView};
 
-/// A layer keeps its buffers between calls only while they hold at most this many bytes
-/// (about 1000 tokens of dots.llm1); a larger batch allocates them for that call only.
+/// The buffers of a layer call are kept for the next call only while they hold at most
+/// this many bytes (about 1000 tokens of dots.llm1); a larger batch allocates them for
+/// that call only.
 pub const WORKSPACE_KEEP_BYTES: usize = 256 << 20;
+
+/// The buffers of the last layer call in this process, for the next call of any layer
+/// (a model runs its layers one after another: one set serves them all). A call takes
+/// them out while it runs, so concurrent calls each get their own.
+static WORKSPACE: Mutex<Option<Workspace>> = Mutex::new(None);
 
 /// What the expert GEMMs take as input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -31,32 +37,15 @@ pub enum Precision {
 /// One MoE layer, ready to run. Build it from a checkpoint or from tensors in memory with
 /// [`crate::moe::MoeLayerBuilder`], or from [`MoeWeights::synthetic`].
 ///
-/// The layer keeps the buffers of its last call (gathered rows, activations, expert
-/// rows: about 215 KB per token at dots.llm1's shape, up to [`WORKSPACE_KEEP_BYTES`]) so
-/// that the next call neither allocates nor page-faults. Calls from several threads at
-/// once are fine: a call that finds the buffers in use allocates its own.
+/// The buffers of a call (gathered rows, activations, expert rows: about 215 KB per
+/// token at dots.llm1's shape) are kept for the next call of any layer in the process,
+/// up to [`WORKSPACE_KEEP_BYTES`], so that a repeated call neither allocates nor
+/// page-faults. Calls from several threads at once are fine: each runs on its own.
 #[derive(Clone, Debug)]
 pub struct MoeLayer {
     weights: MoeWeights,
     precision: Precision,
     isa: Isa,
-    workspace: SharedWorkspace,
-}
-
-/// The buffers a layer reuses; a clone starts with none.
-#[derive(Default)]
-struct SharedWorkspace(Mutex<Workspace>);
-
-impl Clone for SharedWorkspace {
-    fn clone(&self) -> Self {
-        SharedWorkspace::default()
-    }
-}
-
-impl std::fmt::Debug for SharedWorkspace {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SharedWorkspace")
-    }
 }
 
 /// A layer's intermediate results, for tests and for comparing backends step by step.
@@ -79,7 +68,7 @@ pub struct MoeTrace {
 impl MoeLayer {
     /// A layer over `weights`, with [`Precision::Bf16`] and the best CPU kernels.
     pub fn new(weights: MoeWeights) -> Self {
-        MoeLayer { weights, precision: Precision::default(), isa: Isa::detect(), workspace: SharedWorkspace::default() }
+        MoeLayer { weights, precision: Precision::default(), isa: Isa::detect() }
     }
 
     /// The layer's shape.
@@ -138,18 +127,19 @@ impl MoeLayer {
         })
     }
 
-    /// Runs `f` with the layer's buffers, or with fresh ones if another call holds them.
+    /// Runs `f` with the buffers of the last call (fresh ones if there are none, or if
+    /// another call is using them), and keeps them for the next call if not too large.
     fn with_workspace<R>(&self, f: impl FnOnce(&mut Workspace) -> R) -> R {
-        let mut guard = match self.workspace.0.try_lock() {
-            Ok(guard) => guard,
-            // A call that panicked left only buffers behind, every one reshaped and
-            // overwritten before it is read.
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => return f(&mut Workspace::default()),
-        };
-        let result = f(&mut guard);
-        if guard.capacity_bytes() > WORKSPACE_KEEP_BYTES {
-            *guard = Workspace::default();
+        // The lock is held only to take or return the buffers, never while computing; a
+        // call that panicked left only buffers behind, reshaped before any use.
+        let slot = || WORKSPACE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut ws = slot().take().unwrap_or_default();
+        let result = f(&mut ws);
+        if ws.capacity_bytes() <= WORKSPACE_KEEP_BYTES {
+            let mut kept = slot();
+            if kept.as_ref().is_none_or(|k| k.capacity_bytes() < ws.capacity_bytes()) {
+                *kept = Some(ws);
+            }
         }
         result
     }
