@@ -20,6 +20,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+const BASE_SHIM: &str = include_str!("../scripts/gpu/emulate/cuda_shim.h");
 const SHIM: &str = include_str!("emulate_gemm/gemm_shim.h");
 const MODELS: &str = include_str!("emulate_gemm/gemm_ptx_models.h");
 const MAIN: &str = include_str!("emulate_gemm/gemm_emu.cpp");
@@ -70,7 +71,9 @@ fn expert_kernels_match_the_contract_under_emulation() {
     let Some(cxx) = compiler() else { return };
     let dir: PathBuf = std::env::temp_dir().join(format!("dots-moe-gemm-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for (name, text) in [("gemm_shim.h", SHIM), ("gemm_ptx_models.h", MODELS), ("gemm_emu.cpp", MAIN)] {
+    for (name, text) in
+        [("cuda_shim.h", BASE_SHIM), ("gemm_shim.h", SHIM), ("gemm_ptx_models.h", MODELS), ("gemm_emu.cpp", MAIN)]
+    {
         std::fs::write(dir.join(name), text).unwrap();
     }
     std::fs::write(dir.join("kernels.inc"), kernels_inc()).unwrap();

@@ -1,95 +1,19 @@
-// gemm_shim.h: enough of CUDA's device language to run the expert GEMM kernel files on the
-// CPU, one std::thread per CUDA thread, CTAs one after another (tests/cuda_expert_emulated.rs
-// compiles gemm_emu.cpp with it). A logic check: indexing, fragment layouts, the schedule,
-// the pipeline's buffer reuse (cp.async is modelled as an immediate copy, so ordering races
-// of the real asynchronous copies are NOT checked), bounds (AddressSanitizer). It proves
-// nothing about speed or the real compiler; the PTX models are written from the PTX ISA
-// documentation, independently of the kernels' own index arithmetic.
+// gemm_shim.h: what the expert GEMM kernel files need beyond the common device-language
+// shim (scripts/gpu/emulate/cuda_shim.h): the shared-memory window that cp.async, ldmatrix
+// and wgmma descriptors address. tests/cuda_expert_emulated.rs compiles gemm_emu.cpp with
+// both. A logic check: indexing, fragment layouts, the schedule, the pipeline's buffer
+// reuse (cp.async is modelled as an immediate copy, so ordering races of the real
+// asynchronous copies are NOT checked), bounds (AddressSanitizer). It proves nothing about
+// speed or the real compiler; the PTX models are written from the PTX ISA documentation,
+// independently of the kernels' own index arithmetic.
 #pragma once
-#include <algorithm>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <memory>
-
-struct dim3 {
-    unsigned x = 0, y = 0, z = 0;
-};
-extern thread_local dim3 threadIdx;
-extern thread_local dim3 blockIdx;
-
-struct alignas(16) float4 {
-    float x, y, z, w;
-};
-struct alignas(16) uint4 {
-    unsigned x, y, z, w;
-};
-struct alignas(8) float2 {
-    float x, y;
-};
-inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
-inline float2 make_float2(float x, float y) { return float2{x, y}; }
-
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __restrict__ __restrict
-#define __align__(n) alignas(n)
-#define __shared__ static
-
-inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
-inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
-inline int min(int a, int b) { return a < b ? a : b; }
-using std::exp;
+#include "cuda_shim.h"
 
 namespace emu {
-struct Warp {
-    std::barrier<> bar{32};
-    unsigned long long slots[32];
-    unsigned frag[32][10];  // mma / ldmatrix operands of each lane
-};
-struct Group {
-    std::barrier<> bar{128};
-    float* acc[128];  // each thread's accumulator array (wgmma)
-};
-struct Block {
-    std::unique_ptr<std::barrier<>> bar;
-    std::unique_ptr<Warp[]> warps;
-    std::unique_ptr<Group[]> groups;
-};
-extern thread_local Warp* warp;
-extern thread_local Group* group;
-extern thread_local unsigned lane;
-extern thread_local Block* block;
-// Dynamic shared memory of the running CTA, and the shared-window address of its first
-// byte: not 1024-aligned on purpose, so the wgmma kernels' own alignment is exercised.
-extern unsigned char* dynamic_smem;
+// The shared-window address of the first byte of the running CTA's dynamic shared memory
+// (`dynamic_smem`): not 1024-aligned on purpose, so the wgmma kernels' own alignment is
+// exercised.
 constexpr unsigned SMEM_WINDOW_START = 16;
-
-template <class T>
-T exchange(T v, unsigned src) {
-    unsigned long long bits = 0;
-    std::memcpy(&bits, &v, sizeof(T));
-    warp->slots[lane] = bits;
-    warp->bar.arrive_and_wait();
-    unsigned long long other = warp->slots[src];
-    warp->bar.arrive_and_wait();
-    T r;
-    std::memcpy(&r, &other, sizeof(T));
-    return r;
-}
 
 // Host pointer of shared-window address `a`.
 inline unsigned char* smem_at(unsigned a) {
@@ -101,39 +25,6 @@ inline unsigned char* smem_at(unsigned a) {
 }
 }  // namespace emu
 
-inline void __syncthreads() { emu::block->bar->arrive_and_wait(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp->bar.arrive_and_wait(); }
-template <class T>
-T __shfl_xor_sync(unsigned, T v, int offset) { return emu::exchange(v, emu::lane ^ (unsigned)offset); }
-template <class T>
-T __shfl_sync(unsigned, T v, int src) { return emu::exchange(v, (unsigned)src & 31u); }
-template <class T>
-T __shfl_up_sync(unsigned, T v, unsigned delta) {
-    return emu::exchange(v, emu::lane >= delta ? emu::lane - delta : emu::lane);
-}
-inline int __any_sync(unsigned, int p) {
-    emu::warp->slots[emu::lane] = p != 0;
-    emu::warp->bar.arrive_and_wait();
-    int any = 0;
-    for (unsigned l = 0; l < 32; ++l) any |= emu::warp->slots[l] != 0;
-    emu::warp->bar.arrive_and_wait();
-    return any;
-}
-inline unsigned __match_any_sync(unsigned, unsigned v) {
-    emu::warp->slots[emu::lane] = v;
-    emu::warp->bar.arrive_and_wait();
-    unsigned mask = 0;
-    for (unsigned l = 0; l < 32; ++l) {
-        if (emu::warp->slots[l] == v) mask |= 1u << l;
-    }
-    emu::warp->bar.arrive_and_wait();
-    return mask;
-}
-inline unsigned atomicMin(unsigned* address, unsigned v) {
-    unsigned old = *address;  // CTAs and their barriers serialize every use in these kernels
-    if (v < old) *address = v;
-    return old;
-}
 inline unsigned long long __cvta_generic_to_shared(const void* p) {
     return (unsigned long long)((const unsigned char*)p - emu::dynamic_smem) + emu::SMEM_WINDOW_START;
 }

@@ -1,13 +1,17 @@
 // cuda_shim.h: just enough of CUDA's device language to run the dots-moe kernels on the
 // CPU, one std::thread per CUDA thread, CTAs one after another. A logic check for machines
-// without a GPU (tests/cuda_emulated.rs drives it); it proves nothing about speed, memory
-// ordering between CTAs, or the real compiler. See README.md in this folder.
+// without a GPU: scripts/gpu/emulate/emu.cpp (router, permutation, combine; driven by
+// tests/cuda_emulated.rs) and tests/emulate_gemm/gemm_emu.cpp (expert GEMMs, which adds
+// tests/emulate_gemm/gemm_shim.h on top) both build on it. It proves nothing about speed,
+// memory ordering between CTAs, or the real compiler.
 #pragma once
 #include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 
@@ -25,12 +29,17 @@ struct alignas(16) float4 {
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
+struct alignas(8) float2 {
+    float x, y;
+};
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __align__(n) alignas(n)
 #define __shared__ static
@@ -40,20 +49,30 @@ inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; 
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
+using std::exp;
 
 namespace emu {
 struct Warp {
     std::barrier<> bar{32};
     unsigned long long slots[32];
+    unsigned frag[32][10];  // mma / ldmatrix operands of each lane (gemm_shim.h)
+};
+struct Group {
+    std::barrier<> bar{128};
+    float* acc[128];  // each thread's accumulator array (wgmma, gemm_shim.h)
 };
 struct Block {
     std::unique_ptr<std::barrier<>> bar;
     std::unique_ptr<Warp[]> warps;
+    std::unique_ptr<Group[]> groups;  // warpgroups: only the expert GEMM emulator has them
 };
 extern thread_local Warp* warp;
+extern thread_local Group* group;
 extern thread_local unsigned lane;
 extern thread_local Block* block;
 extern unsigned char* dynamic_smem;
@@ -73,7 +92,7 @@ T exchange(T v, unsigned src) {
 }  // namespace emu
 
 inline void __syncthreads() { emu::block->bar->arrive_and_wait(); }
-inline void __syncwarp() { emu::warp->bar.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp->bar.arrive_and_wait(); }
 template <class T>
 T __shfl_xor_sync(unsigned, T v, int offset) { return emu::exchange(v, emu::lane ^ (unsigned)offset); }
 template <class T>
@@ -81,6 +100,14 @@ T __shfl_sync(unsigned, T v, int src) { return emu::exchange(v, (unsigned)src & 
 template <class T>
 T __shfl_up_sync(unsigned, T v, unsigned delta) {
     return emu::exchange(v, emu::lane >= delta ? emu::lane - delta : emu::lane);
+}
+inline int __any_sync(unsigned, int p) {
+    emu::warp->slots[emu::lane] = p != 0;
+    emu::warp->bar.arrive_and_wait();
+    int any = 0;
+    for (unsigned l = 0; l < 32; ++l) any |= emu::warp->slots[l] != 0;
+    emu::warp->bar.arrive_and_wait();
+    return any;
 }
 inline unsigned __match_any_sync(unsigned, unsigned v) {
     emu::warp->slots[emu::lane] = v;
