@@ -130,7 +130,7 @@ impl Backend {
         }
     }
 
-    /// Routes `hidden [T, H]` with `gate [E, H]` ([`crate::moe::route`]).
+    /// Routes `hidden [T, H]` with `gate [E, H]` ([`crate::moe::route()`]).
     pub fn route(
         &self,
         cfg: &RouterConfig,
@@ -148,7 +148,7 @@ impl Backend {
     }
 
     /// The stable counting sort of `expert_ids [T, S]` over `n_slots` slots
-    /// ([`crate::moe::permute`]).
+    /// ([`crate::moe::permute()`]).
     pub fn permute(
         &self,
         expert_ids: &[u32],
@@ -199,7 +199,7 @@ impl Backend {
         }
     }
 
-    /// Sums each token's weighted rows in slot order ([`crate::moe::combine`]).
+    /// Sums each token's weighted rows in slot order ([`crate::moe::combine()`]).
     pub fn combine(
         &self,
         expert_out: &[f32],

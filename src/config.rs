@@ -36,7 +36,7 @@ impl Scoring {
     }
 }
 
-/// The router's part of the configuration: everything [`crate::moe::route`] needs.
+/// The router's part of the configuration: everything [`crate::moe::route()`] needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RouterConfig {
     /// Number of routed experts `E`.

@@ -13,7 +13,7 @@
 //! - [`moe`]: the router, permutation, gather and combine kernels behind safe wrappers;
 //!   the pipeline never waits for the host.
 //! - [`workspace`]: a batch's device buffers and the readers that download them.
-//! - [`bench`]: timing with CUDA events (for `dots-moe kernels --time`).
+//! - [`bench`](mod@bench): timing with CUDA events (for `dots-moe kernels --time`).
 
 pub mod bench;
 pub mod buffer;

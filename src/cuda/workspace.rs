@@ -56,7 +56,7 @@ impl DeviceRouter {
         })
     }
 
-    /// A router that selects from logits computed elsewhere ([`MoeKernels::router_select`]
+    /// A router that selects from logits computed elsewhere ([`crate::cuda::moe::MoeKernels::router_select`]
     /// on logits written into the workspace): no gate weight.
     pub fn selection_only(
         gpu: &GpuContext,

@@ -15,8 +15,8 @@
 //! [`Precision::F32`]); `w[r]` is the routing weight of the row's pair (1.0 for the shared
 //! slots). Only the I-wide activation is kept between the two GEMMs.
 //!
-//! CPU schedule: each slot's rows are prepared for the kernel once
-//! ([`crate::cpu::PackedA`]). GEMM 1 runs as tasks of (slot, block of [`UP_BLOCK`]
+//! CPU schedule: each slot's rows are read in place from the gathered rows (prepared once
+//! per slot where the kernel needs another layout). GEMM 1 runs as tasks of (slot, block of [`UP_BLOCK`]
 //! intermediate columns): each register tile reads gate rows and the matching up rows
 //! together, and its epilogue writes `silu(g) * u` straight into the activation rows.
 //! GEMM 2 runs as tasks of (slot, block of [`DOWN_BLOCK`] hidden columns), its epilogue
@@ -26,10 +26,10 @@
 //! ([`crate::cpu::gemm_nt`]'s contract), so results are bit-identical run to run and
 //! independent of the other tokens in the batch.
 
+use std::ops::Range;
+
 use half::bf16;
 use rayon::prelude::*;
-
-use std::ops::Range;
 
 use crate::cpu::{self, Cols, Isa, PackedA, RowBuf, RowMut, RowsPtr};
 use crate::error::{MoeError, check_len};
@@ -43,8 +43,8 @@ pub const UP_BLOCK: usize = 128;
 /// Hidden columns (down rows) per GEMM 2 task.
 pub const DOWN_BLOCK: usize = 256;
 
-/// Buffers the expert step keeps from call to call (a [`crate::moe::MoeLayer`] holds
-/// one): the gathered rows, the activations and the weighted output rows. Reshaping
+/// Buffers the expert step keeps from call to call (see [`crate::moe::MoeLayer`]): the
+/// gathered rows, the activations and the weighted output rows. Reshaping
 /// reuses their storage, so a layer that runs again neither allocates nor page-faults.
 #[derive(Default)]
 pub(crate) struct Workspace {
@@ -115,7 +115,7 @@ impl cpu::Sink for WeightedSink<'_> {
 }
 
 /// Runs both expert GEMMs for every slot: `x_perm [R, H]` in permuted order to weighted
-/// rows `[R, H]` (f32), ready for [`crate::moe::combine`].
+/// rows `[R, H]` (f32), ready for [`crate::moe::combine()`].
 pub fn grouped_experts(
     weights: &MoeWeights,
     x_perm: TensorView<'_>,
