@@ -23,12 +23,14 @@
 
 use std::arch::x86_64::*;
 
-/// Tile of [`tile_bf16`]: `a` rows x `w` rows (24 accumulators, 10 loads per 24 VDPBF16PS).
-pub(crate) const BF16_TILE: [usize; 2] = [4, 6];
-/// Tile of [`tile_f32_bf16`] (16 accumulators; 8 registers hold a chunk of 4 `w` rows).
-pub(crate) const F32_BF16_TILE: [usize; 2] = [4, 4];
-/// Tile of [`tile_f32`] (4 x 6 measured 40% slower: 16 KiB `w` rows alias in L1).
-pub(crate) const F32_TILE: [usize; 2] = [4, 4];
+/// Tile height of every kernel: `a` rows per tile (then one tile of the leftover rows).
+pub(crate) const MR: usize = 4;
+/// Tile width of [`tile_bf16`]: `w` rows (4 x 6: 24 accumulators, 10 loads per 24 VDPBF16PS).
+pub(crate) const BF16_NR: usize = 6;
+/// Tile width of [`tile_f32_bf16`] (16 accumulators; 8 registers hold a chunk of 4 `w` rows).
+pub(crate) const F32_BF16_NR: usize = 4;
+/// Tile width of [`tile_f32`] (4 x 6 measured 40% slower: 16 KiB `w` rows alias in L1).
+pub(crate) const F32_NR: usize = 4;
 /// Tile width of the single-row tiles (decode GEMV, or one row left over after the tiles
 /// of 4; two or three leftover rows run as one tile of the full width).
 pub(crate) const NR1: usize = 8;

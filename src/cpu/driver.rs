@@ -12,7 +12,7 @@
 //! from L2 by every `a` row of the block and each `w` row is read from memory once per
 //! `a` block (once per call when `m <= mb`).
 //!
-//! What a tile's values become is up to a [`Sink`]: [`OutPtr`] stores them (plain GEMM);
+//! What a tile's values become is up to a [`Sink`]: `RowsPtr<f32>` stores them (plain GEMM);
 //! the MoE expert step fuses SwiGLU or the routing weight into its own sinks.
 
 use std::ops::Range;
@@ -29,47 +29,6 @@ pub(crate) trait Sink: Sync {
     /// No other thread may access those output elements during the call, and the
     /// storage the sink was built from must still be borrowed for it.
     unsafe fn put(&self, i: usize, j: usize, x: &[f32], y: &[f32]);
-}
-
-/// The output matrix as a raw pointer, so that parallel tasks can each write their own
-/// disjoint set of elements (column blocks of a row-major matrix are not contiguous).
-#[derive(Clone, Copy)]
-pub(crate) struct OutPtr {
-    ptr: *mut f32,
-    ldo: usize,
-    rows: usize,
-    cols: usize,
-}
-
-// SAFETY: `OutPtr` is only a pointer and a shape; the tasks that share it write
-// disjoint elements (each task owns a distinct block of rows x columns, see `drive`'s
-// callers), so sending or sharing it between threads cannot create a data race.
-unsafe impl Send for OutPtr {}
-// SAFETY: as for `Send`: shared access never writes the same element from two threads.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Borrows `out` as a `rows x cols` matrix with row stride `ldo`. Panics if `out`
-    /// cannot hold it (this is the safe API's bounds check).
-    pub(crate) fn new(out: &mut [f32], rows: usize, cols: usize, ldo: usize) -> OutPtr {
-        assert!(ldo >= cols, "gemm: ldo ({ldo}) < n ({cols})");
-        if rows > 0 && cols > 0 {
-            let need = (rows - 1) * ldo + cols;
-            assert!(out.len() >= need, "gemm: out.len() = {} < (m - 1) * ldo + n = {need}", out.len());
-        }
-        OutPtr { ptr: out.as_mut_ptr(), ldo, rows, cols }
-    }
-}
-
-impl Sink for OutPtr {
-    #[inline(always)]
-    unsafe fn put(&self, i: usize, j: usize, x: &[f32], _: &[f32]) {
-        assert!(i < self.rows && j + x.len() <= self.cols);
-        // SAFETY: `new` checked that `(rows - 1) * ldo + cols <= out.len()`, and the
-        // elements `(i, j..j + x.len())` lie inside `rows x cols` (asserted above); the
-        // caller guarantees exclusive access to them.
-        unsafe { std::ptr::copy_nonoverlapping(x.as_ptr(), self.ptr.add(i * self.ldo + j), x.len()) };
-    }
 }
 
 /// Cache-block sizes in rows: `mb` rows of `a`, `nb` rows of `w`.

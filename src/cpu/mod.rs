@@ -34,7 +34,6 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::tensor::TensorView;
-use driver::OutPtr;
 pub(crate) use driver::Sink;
 pub(crate) use plan::{Cols, PackedA};
 pub(crate) use rows::{RowBuf, RowMut, RowsPtr};
@@ -121,7 +120,7 @@ pub fn gemm_nt(
 ) {
     assert_eq!(w.len(), n * k, "gemm: w.len() != n * k ({n} * {k})");
     let a = PackedA::new(isa, a, w.dtype(), m, k);
-    let out = OutPtr::new(out, m, n, ldo);
+    let out = RowsPtr::gemm_out(out, m, n, ldo);
     // SAFETY: `out` borrows the caller's `&mut [f32]` for this whole call and this is
     // the only computation writing to it.
     unsafe { a.run(w, Cols::Plain, 0..m, 0..n, &out) };
@@ -146,7 +145,7 @@ pub fn par_gemm_nt(a: TensorView<'_>, w: TensorView<'_>, m: usize, n: usize, k: 
 
     assert_eq!(w.len(), n * k, "gemm: w.len() != n * k ({n} * {k})");
     let a = PackedA::new(Isa::detect(), a, w.dtype(), m, k);
-    let out = OutPtr::new(out, m, n, ldo);
+    let out = RowsPtr::gemm_out(out, m, n, ldo);
     let threads = rayon::current_num_threads();
     if threads <= 1 || m * n * k.max(1) < MIN_PARALLEL_WORK {
         // SAFETY: `out` borrows the caller's `&mut [f32]`; no other writer.

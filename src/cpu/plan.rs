@@ -239,13 +239,13 @@ impl<'a> PackedA<'a> {
                     },
                 }
             }
-            // SAFETY (all three): `PackedA::new` checked that the CPU supports the ISA the
-            // plan was built for (`Isa::Avx512Bf16` for `Bf16Dot`, `Isa::Avx512` or better
+            // SAFETY (all three): `PackedA::prepare` or `from_rows` checked that the CPU
+            // supports the ISA the plan was built for (`Isa::Avx512Bf16` for `Bf16Dot`, `Isa::Avx512` or better
             // for the others), and the `w` dtype was checked above; the sink access is
             // forwarded from the caller.
             #[cfg(target_arch = "x86_64")]
             Prepared::Bf16Dot(a) => unsafe {
-                drive_avx512::<avx512::Bf16Dot, _, { avx512::BF16_TILE[1] }>(
+                drive_avx512::<avx512::Bf16Dot, _, { avx512::BF16_NR }>(
                     a,
                     bytemuck::cast_slice(bf16_slice(w)),
                     k,
@@ -259,7 +259,7 @@ impl<'a> PackedA<'a> {
             #[cfg(target_arch = "x86_64")]
             Prepared::F32Bf16(a) => unsafe {
                 let a_bytes = 4 * avx512::packed_len(k);
-                drive_avx512::<avx512::F32Bf16, _, { avx512::F32_BF16_TILE[1] }>(
+                drive_avx512::<avx512::F32Bf16, _, { avx512::F32_BF16_NR }>(
                     a,
                     bytemuck::cast_slice(bf16_slice(w)),
                     k,
@@ -273,7 +273,7 @@ impl<'a> PackedA<'a> {
             #[cfg(target_arch = "x86_64")]
             Prepared::F32F32(a) => unsafe {
                 let TensorView::F32(w) = w else { unreachable!("dtype checked above") };
-                drive_avx512::<avx512::F32F32, _, { avx512::F32_TILE[1] }>(a, w, k, 4 * k, mode, rows, cols, sink)
+                drive_avx512::<avx512::F32F32, _, { avx512::F32_NR }>(a, w, k, 4 * k, mode, rows, cols, sink)
             },
         }
     }
@@ -288,11 +288,7 @@ fn bf16_slice<'w>(w: TensorView<'w>) -> &'w [half::bf16] {
     }
 }
 
-/// Tile height of every AVX-512 kernel: 4 rows of `a` (then one tile of the leftover rows).
-#[cfg(target_arch = "x86_64")]
-const MR: usize = 4;
-
-/// Runs kernel `K` over `rows x cols`: full `MR`-row tiles `K::TILE` wide, a leftover
+/// Runs kernel `K` over `rows x cols`: full `MR`-row tiles `NR` wide, a leftover
 /// tile of 2 or 3 rows as wide, and a single leftover row (or `m = 1`) `NR1` wide.
 ///
 /// # Safety
@@ -309,7 +305,8 @@ unsafe fn drive_avx512<K: avx512::Kernel, S: Sink, const NR: usize>(
     cols: Range<usize>,
     sink: &S,
 ) {
-    use avx512::NR1;
+    use avx512::{MR, NR1};
+    const { assert!(MR == 4, "the widths and the tile heights below are written for MR = 4") };
     let p = mode.per_col();
     let (nr, nr1) = (NR / p, NR1 / p);
     let widths = [0, nr1, nr, nr, nr];

@@ -14,6 +14,7 @@ use std::ops::Range;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::driver::Sink;
 use crate::tensor::{Dtype, TensorView};
 
 /// One 64-byte cache line: the unit of row storage, which makes it aligned.
@@ -215,6 +216,17 @@ impl<T> RowsPtr<T> {
         RowsPtr { ptr: data.as_mut_ptr(), rows, cols, stride: cols }
     }
 
+    /// Borrows `out` as a GEMM output `[rows, cols]` with row stride `ldo`. Panics if `out`
+    /// cannot hold it (this is the safe GEMM API's bounds check).
+    pub(crate) fn gemm_out(out: &mut [T], rows: usize, cols: usize, ldo: usize) -> Self {
+        assert!(ldo >= cols, "gemm: ldo ({ldo}) < n ({cols})");
+        if rows > 0 && cols > 0 {
+            let need = (rows - 1) * ldo + cols;
+            assert!(out.len() >= need, "gemm: out.len() = {} < (m - 1) * ldo + n = {need}", out.len());
+        }
+        RowsPtr { ptr: out.as_mut_ptr(), rows, cols, stride: ldo }
+    }
+
     /// Elements `(i, j..j + n)` as a slice.
     ///
     /// # Safety
@@ -224,8 +236,17 @@ impl<T> RowsPtr<T> {
     #[allow(clippy::mut_from_ref)] // disjoint writes from parallel tasks, see above
     pub(crate) unsafe fn slice(&self, i: usize, j: usize, n: usize) -> &mut [T] {
         assert!(i < self.rows && j + n <= self.cols, "RowsPtr: ({i}, {j}..{}) out of range", j + n);
-        // SAFETY: in bounds (asserted, and `stride >= cols`); exclusive access is the
-        // caller's guarantee.
+        // SAFETY: in bounds (asserted; every constructor checked that the storage holds
+        // `(rows - 1) * stride + cols` elements); exclusive access is the caller's guarantee.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.stride + j), n) }
+    }
+}
+
+/// The plain GEMM epilogue: store the dot products.
+impl Sink for RowsPtr<f32> {
+    #[inline(always)]
+    unsafe fn put(&self, i: usize, j: usize, x: &[f32], _: &[f32]) {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.slice(i, j, x.len()) }.copy_from_slice(x);
     }
 }
