@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result, sys};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg, result, sys};
 use serde::Serialize;
 
 use crate::cuda::error::CudaError;
@@ -115,7 +115,50 @@ impl std::fmt::Debug for GpuContext {
     }
 }
 
+/// One kernel argument (every parameter of the crate's kernels is a pointer or a scalar).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum KernelArg {
+    /// A device pointer.
+    Ptr(u64),
+    /// A 32-bit unsigned scalar.
+    U32(u32),
+    /// A 64-bit unsigned scalar.
+    U64(u64),
+    /// An f32 scalar.
+    F32(f32),
+}
+
 impl GpuContext {
+    /// Queues `func` on the stream: a 2-D grid of 1-D blocks with `shared` bytes of
+    /// dynamic shared memory.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameter list in order and type, and every pointer
+    /// must address a live buffer of this context large enough for what the kernel reads
+    /// and writes at this grid (the callers check shapes first).
+    pub(crate) unsafe fn launch(
+        &self,
+        func: &CudaFunction,
+        grid: (u32, u32),
+        block: u32,
+        shared: usize,
+        args: &[KernelArg],
+    ) -> Result<(), CudaError> {
+        let mut builder = self.stream().launch_builder(func);
+        for arg in args {
+            match arg {
+                KernelArg::Ptr(v) | KernelArg::U64(v) => builder.arg(v),
+                KernelArg::U32(v) => builder.arg(v),
+                KernelArg::F32(v) => builder.arg(v),
+            };
+        }
+        let cfg =
+            LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared as u32 };
+        // SAFETY: forwarded to the caller (see the contract above).
+        unsafe { builder.launch(cfg) }?;
+        Ok(())
+    }
+
     /// Opens device `ordinal`: [`CudaError::NoDriver`], [`CudaError::NoDevice`],
     /// [`CudaError::NoSuchDevice`] or [`CudaError::UnsupportedArch`] (compute capability
     /// below 8.0) instead of a panic.

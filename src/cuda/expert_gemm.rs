@@ -27,12 +27,12 @@
 
 use std::sync::Arc;
 
+use cudarc::driver::CudaFunction;
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
-use crate::cuda::context::GpuContext;
+use crate::cuda::context::{GpuContext, KernelArg as Arg};
 use crate::cuda::error::CudaError;
 use crate::cuda::source::KernelSource;
 use crate::error::MoeError;
@@ -260,13 +260,6 @@ impl GemmWorkspace {
     }
 }
 
-/// One kernel argument.
-#[derive(Clone, Copy, Debug)]
-enum Arg {
-    Ptr(u64),
-    U32(u32),
-}
-
 fn grid_y(what: &str, n: usize) -> Result<u32, CudaError> {
     if n > MAX_GRID_Y {
         return Err(MoeError::Unsupported(format!("{what}: {n} work items exceed the grid limit {MAX_GRID_Y}")).into());
@@ -355,34 +348,6 @@ impl ExpertGemm {
         })
     }
 
-    /// Queues `func` on the stream.
-    ///
-    /// # Safety
-    /// `args` must match the kernel's parameter list in order and type, and every pointer
-    /// must address a live buffer of this context large enough for what the kernel reads
-    /// and writes at this grid (the callers check shapes first).
-    unsafe fn launch(
-        &self,
-        func: &CudaFunction,
-        grid: (u32, u32),
-        block: u32,
-        shared: usize,
-        args: &[Arg],
-    ) -> Result<(), CudaError> {
-        let mut builder = self.gpu.stream().launch_builder(func);
-        for arg in args {
-            match arg {
-                Arg::Ptr(v) => builder.arg(v),
-                Arg::U32(v) => builder.arg(v),
-            };
-        }
-        let cfg =
-            LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared as u32 };
-        // SAFETY: forwarded to the caller (see the contract above).
-        unsafe { builder.launch(cfg) }?;
-        Ok(())
-    }
-
     fn check(&self, weights: &DeviceExpertWeights, ws: &GemmWorkspace) -> Result<(), CudaError> {
         check_shape(weights.hidden_size, weights.intermediate_size)?;
         if ws.options != self.options {
@@ -412,7 +377,7 @@ impl ExpertGemm {
         ];
         // SAFETY: matches `moe_expert_schedule`; expert_offsets has n_slots + 1 entries, the
         // item lists hold their capacities (it never writes past them), item_counts 3 words.
-        unsafe { self.launch(&self.schedule, (1, 1), 32, 0, &args) }
+        unsafe { self.gpu.launch(&self.schedule, (1, 1), 32, 0, &args) }
     }
 
     /// Queues GEMM 1 + SwiGLU: `ws.act [R, I]` from `x [R, H]` (bf16, permuted order).
@@ -441,7 +406,7 @@ impl ExpertGemm {
             // act)`; x [R, H], act [R, I], gate_up [n_slots, 2I, H] (shapes checked); the
             // schedule wrote items with slot < n_slots and rows inside 0..R; H % 128 and
             // I % 32 hold (check_shape), so every column block and k step is in bounds.
-            unsafe { self.launch(&self.up_decode, grid, DECODE_THREADS, 0, &args(&ws.decode_items)) }?;
+            unsafe { self.gpu.launch(&self.up_decode, grid, DECODE_THREADS, 0, &args(&ws.decode_items)) }?;
         }
         if ws.tiled_capacity > 0 {
             let (columns, threads, shared) = match self.options.tiled {
@@ -452,7 +417,7 @@ impl ExpertGemm {
             // SAFETY: as above for the tiled kernel (same parameters); I % 128 covers both
             // column widths, H % 64 both k tiles; the dynamic shared memory is the kernel's
             // own size, allowed by the attribute set in `new`.
-            unsafe { self.launch(&self.up_tiled, grid, threads, shared, &args(&ws.tiled_items)) }?;
+            unsafe { self.gpu.launch(&self.up_tiled, grid, threads, shared, &args(&ws.tiled_items)) }?;
         }
         Ok(())
     }
@@ -486,7 +451,7 @@ impl ExpertGemm {
             // SAFETY: matches `moe_expert_down_decode(act, down, row_weights, items,
             // item_counts, H, I, y)`; act [R, I], y [R, H], row_weights [R], down
             // [n_slots, H, I] (checked); items as in `up`; H % 64 and I % 128 hold.
-            unsafe { self.launch(&self.down_decode, grid, DECODE_THREADS, 0, &args(&ws.decode_items)) }?;
+            unsafe { self.gpu.launch(&self.down_decode, grid, DECODE_THREADS, 0, &args(&ws.decode_items)) }?;
         }
         if ws.tiled_capacity > 0 {
             let (columns, threads, shared) = match self.options.tiled {
@@ -495,7 +460,7 @@ impl ExpertGemm {
             };
             let grid = ((h / columns) as u32, ws.tiled_capacity as u32);
             // SAFETY: as above for the tiled kernel; H % 256 covers both column widths.
-            unsafe { self.launch(&self.down_tiled, grid, threads, shared, &args(&ws.tiled_items)) }?;
+            unsafe { self.gpu.launch(&self.down_tiled, grid, threads, shared, &args(&ws.tiled_items)) }?;
         }
         Ok(())
     }

@@ -22,11 +22,11 @@
 //! `moe_permute_rank` replaces the selection's ranking step when slot ids come from
 //! elsewhere ([`MoeKernels::permute`]).
 
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::CudaFunction;
 
 use crate::config::Scoring;
 use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
-use crate::cuda::context::GpuContext;
+use crate::cuda::context::{GpuContext, KernelArg as Arg};
 use crate::cuda::error::CudaError;
 use crate::cuda::source;
 use crate::cuda::workspace::{DeviceRouter, MoeWorkspace, StatusSource};
@@ -83,15 +83,6 @@ fn grid_dim(what: &str, n: usize, max: usize) -> Result<u32, CudaError> {
         return Err(unsupported(format!("{what}: {n} blocks exceed the grid limit {max}")));
     }
     Ok(n as u32)
-}
-
-/// One kernel argument (every parameter of these kernels is a pointer or a scalar).
-#[derive(Clone, Copy, Debug)]
-enum Arg {
-    Ptr(u64),
-    U32(u32),
-    U64(u64),
-    F32(f32),
 }
 
 /// The MoE kernels, compiled for and loaded on one device.
@@ -154,35 +145,6 @@ impl MoeKernels {
         &self.gpu
     }
 
-    /// Queues `func` on the stream.
-    ///
-    /// # Safety
-    /// `args` must match the kernel's parameter list in order and type, and every pointer
-    /// must address a live buffer of this context large enough for what the kernel reads
-    /// and writes at this grid (the callers check shapes first).
-    unsafe fn launch(
-        &self,
-        func: &CudaFunction,
-        grid: (u32, u32),
-        block: u32,
-        shared: usize,
-        args: &[Arg],
-    ) -> Result<(), CudaError> {
-        let mut builder = self.gpu.stream().launch_builder(func);
-        for arg in args {
-            match arg {
-                Arg::Ptr(v) | Arg::U64(v) => builder.arg(v),
-                Arg::U32(v) => builder.arg(v),
-                Arg::F32(v) => builder.arg(v),
-            };
-        }
-        let cfg =
-            LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared as u32 };
-        // SAFETY: forwarded to the caller (see the contract above).
-        unsafe { builder.launch(cfg) }?;
-        Ok(())
-    }
-
     /// Queues `logits [T, E] = fp32(hidden [T, H]) @ fp32(gate [E, H])^T`.
     pub fn router_logits(
         &self,
@@ -226,7 +188,7 @@ impl MoeKernels {
         // SAFETY: matches `router_logits(x, w, logits, tokens, experts, hidden, vectorized)`;
         // x is [T, H], w [E, H], logits [T, E] (checked above); T and E fit u32 (E is
         // validated by RouterConfig, T above); grid and block are the kernel's mapping.
-        unsafe { self.launch(func, grid, LOGIT_THREADS, 0, &args) }
+        unsafe { self.gpu.launch(func, grid, LOGIT_THREADS, 0, &args) }
     }
 
     fn check_router(router: &DeviceRouter, ws: &MoeWorkspace) -> Result<(), CudaError> {
@@ -302,7 +264,7 @@ impl MoeKernels {
         // row_weights hold T*S, tile_counts n_tiles*n_slots, expert_offsets n_slots+1; the
         // bias is [E] or null; `shared` is the kernel's layout for these sizes, within the
         // default limit.
-        unsafe { self.launch(&self.select, grid, TILE_THREADS, shared, &args) }
+        unsafe { self.gpu.launch(&self.select, grid, TILE_THREADS, shared, &args) }
     }
 
     /// Queues the ranks and per-tile counts of the slot ids already in `ws.slot_ids`
@@ -330,7 +292,7 @@ impl MoeKernels {
         let grid = (grid_dim("permutation", tiles(ws.tokens), MAX_GRID_X)?, 1);
         // SAFETY: matches `moe_permute_rank`; the workspace buffers have the sizes its
         // constructor gave for (T, S, n_slots); T * S < 2^32 (checked there).
-        unsafe { self.launch(&self.rank, grid, TILE_THREADS, shared, &args) }
+        unsafe { self.gpu.launch(&self.rank, grid, TILE_THREADS, shared, &args) }
     }
 
     /// Queues the scatter: `expert_offsets`, `row_pairs`, `pair_rows` and `row_weights`
@@ -361,7 +323,7 @@ impl MoeKernels {
         let grid = (grid_dim("permutation", n_tiles.max(1), MAX_GRID_X)?, 1);
         // SAFETY: matches `moe_permute_scatter`; buffers sized by the workspace for
         // (T, S, n_slots); with T = 0 the one CTA only writes expert_offsets [n_slots + 1].
-        unsafe { self.launch(&self.scatter, grid, TILE_THREADS, shared, &args) }
+        unsafe { self.gpu.launch(&self.scatter, grid, TILE_THREADS, shared, &args) }
     }
 
     /// Routes and permutes: logits, selection, scatter (three launches; two for one tile,
@@ -411,7 +373,7 @@ impl MoeKernels {
         ];
         // SAFETY: matches `gather(hidden, row_pairs, out, S, H, vectorized)`; hidden is
         // [T, H], out [T*S, H], row_pairs [T*S] with values < T*S once permuted.
-        unsafe { self.launch(func, grid, GATHER_THREADS, 0, &args) }
+        unsafe { self.gpu.launch(func, grid, GATHER_THREADS, 0, &args) }
     }
 
     /// Queues the combine `out [T, H]`: each token's `S` weighted rows of
@@ -450,6 +412,6 @@ impl MoeKernels {
         ];
         // SAFETY: matches `moe_combine(expert_rows, pair_rows, S, H, vectorized, out)`;
         // expert_rows [T*S, H], out [T, H], pair_rows [T*S] with S <= COMBINE_MAX_SLOTS.
-        unsafe { self.launch(&self.combine, grid, COMBINE_THREADS, 0, &args) }
+        unsafe { self.gpu.launch(&self.combine, grid, COMBINE_THREADS, 0, &args) }
     }
 }
