@@ -536,10 +536,9 @@ pub mod testing {
     /// The GPU and its kernels for `test`, or `None` (skipped; see the module).
     #[cfg(feature = "cuda")]
     pub fn gpu(test: &str) -> Option<(std::sync::Arc<crate::cuda::GpuContext>, crate::cuda::MoeKernels)> {
+        // NVRTC may be absent when every kernel comes from the on-disk cubin cache;
+        // `MoeKernels::new` says `NoNvrtc` when neither has them.
         let opened = crate::cuda::GpuContext::new(0).and_then(|gpu| {
-            if !crate::cuda::nvrtc::available() {
-                return Err(crate::cuda::CudaError::NoNvrtc);
-            }
             let kernels = crate::cuda::MoeKernels::new(&gpu)?;
             Ok((gpu, kernels))
         });

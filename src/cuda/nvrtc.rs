@@ -1,12 +1,22 @@
 //! Run-time compilation with NVRTC: kernel files to cubins for one architecture, with
 //! ptxas's resource report, cached in memory per (program, source hash, arch, options).
 //!
+//! An on-disk cache can sit behind the memory cache: when the environment variable
+//! [`KERNEL_CACHE_ENV`] (`DOTS_MOE_KERNEL_CACHE`) names a folder, each compilation is looked
+//! up there first (a `.cubin` and NVRTC's `.log` per key, the key being the NVRTC version,
+//! the program's name and text, the arch and the options) and written there after a miss.
+//! `scripts/gpu/build.sh` fills one for `sm_90a` on the build machine and it travels with
+//! the GPU binaries, so that they compile nothing on the GPU host. A cached cubin is also
+//! found when NVRTC itself cannot be loaded (its version is then unknown: the newest entry
+//! for the same program text, arch and options is used).
+//!
 //! NVRTC runs without a GPU: this is also how the kernels are proven statically on the
 //! build machines (registers, shared memory, no spills; see `tests/cuda_static.rs` and
 //! `dots-moe kernels`).
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::nvrtc::{result, sys};
@@ -85,6 +95,8 @@ pub struct CompiledProgram {
     /// Spill and stack bytes of non-inlined device functions (`(name, stack, spill stores,
     /// spill loads)`); empty when everything is inlined.
     pub device_functions: Vec<(String, u32, u32, u32)>,
+    /// Compiled here, or read from the on-disk cache.
+    pub origin: Origin,
 }
 
 /// The options every kernel file is compiled with, for `arch`.
@@ -110,17 +122,124 @@ fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
+/// The environment variable that names the on-disk cubin cache folder (see the module docs).
+pub const KERNEL_CACHE_ENV: &str = "DOTS_MOE_KERNEL_CACHE";
+
+/// Where a compiled program came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Origin {
+    /// NVRTC compiled it in this process.
+    Compiled,
+    /// Read from the on-disk cache ([`KERNEL_CACHE_ENV`]).
+    DiskCache,
+}
+
+/// The on-disk cache folder, if [`KERNEL_CACHE_ENV`] names one.
+pub fn disk_cache_dir() -> Option<PathBuf> {
+    std::env::var_os(KERNEL_CACHE_ENV).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// The file stem of a cache entry: program, arch, a hash of (program text, options), and
+/// the NVRTC version that made it, e.g. `route.cu-sm_90a-0123456789abcdef-nvrtc13.0`.
+fn disk_stem(key: &CacheKey, nvrtc_version: (i32, i32)) -> String {
+    format!("{}-nvrtc{}.{}", disk_prefix(key), nvrtc_version.0, nvrtc_version.1)
+}
+
+fn disk_prefix(key: &CacheKey) -> String {
+    let options = key.options.join("\u{1f}");
+    let hash = fnv1a(&format!("{:016x}\u{1f}{options}", key.source_hash));
+    format!("{}-{}-{hash:016x}", key.program, key.arch)
+}
+
+/// Reads a cache entry written by [`store_on_disk`]: `None` when absent or unreadable.
+fn load_from_disk(dir: &Path, key: &CacheKey, nvrtc_version: Option<(i32, i32)>) -> Option<CompiledProgram> {
+    let stem = match nvrtc_version {
+        Some(version) => disk_stem(key, version),
+        None => {
+            // NVRTC cannot be loaded here: take the newest NVRTC version's entry.
+            let prefix = format!("{}-nvrtc", disk_prefix(key));
+            let mut stems: Vec<(i32, i32, String)> = std::fs::read_dir(dir)
+                .ok()?
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter_map(|name| {
+                    let stem = name.strip_suffix(".cubin")?;
+                    let (major, minor) = stem.strip_prefix(&prefix)?.split_once('.')?;
+                    Some((major.parse().ok()?, minor.parse().ok()?, stem.to_string()))
+                })
+                .collect();
+            stems.sort();
+            stems.pop()?.2
+        }
+    };
+    let cubin = std::fs::read(dir.join(format!("{stem}.cubin"))).ok()?;
+    let log = std::fs::read_to_string(dir.join(format!("{stem}.log"))).ok()?;
+    if cubin.is_empty() {
+        return None;
+    }
+    let (kernels, device_functions) = parse_ptxas_report(&log, &key.arch);
+    Some(CompiledProgram {
+        program: key.program,
+        arch: key.arch.clone(),
+        options: key.options.clone(),
+        cubin,
+        log,
+        kernels,
+        device_functions,
+        origin: Origin::DiskCache,
+    })
+}
+
+/// Writes a cache entry, each file through a temporary name and a rename, so that a
+/// reader never sees half a file. Best effort: a folder that cannot be written to leaves
+/// the cache as it was (the program was compiled and is returned all the same).
+fn store_on_disk(dir: &Path, key: &CacheKey, nvrtc_version: (i32, i32), compiled: &CompiledProgram) {
+    let stem = disk_stem(key, nvrtc_version);
+    let write = |suffix: &str, bytes: &[u8]| -> std::io::Result<()> {
+        let tmp = dir.join(format!(".{stem}.{suffix}.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, dir.join(format!("{stem}.{suffix}"))).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    };
+    // The log first: a `.cubin` is only ever looked up with its `.log` beside it.
+    let _ = std::fs::create_dir_all(dir)
+        .and_then(|()| write("log", compiled.log.as_bytes()))
+        .and_then(|()| write("cubin", &compiled.cubin));
+}
+
 /// Compiles `source` for `arch` (`sm_90a`, `sm_80`, ...), or returns the cached result of
-/// an earlier identical compilation in this process.
+/// an earlier identical compilation: in this process, or in the on-disk cache
+/// ([`KERNEL_CACHE_ENV`]).
 pub fn compile(source: &KernelSource, arch: &str) -> Result<Arc<CompiledProgram>, CudaError> {
-    require()?;
+    compile_with_cache(source, arch, disk_cache_dir().as_deref())
+}
+
+/// [`compile`] with the on-disk cache folder given (`None`: memory cache only).
+pub fn compile_with_cache(
+    source: &KernelSource,
+    arch: &str,
+    disk: Option<&Path>,
+) -> Result<Arc<CompiledProgram>, CudaError> {
     let text = source.program();
     let key =
         CacheKey { program: source.name, source_hash: fnv1a(&text), arch: arch.to_string(), options: options(arch) };
     if let Some(hit) = cache().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(hit.clone());
     }
-    let compiled = Arc::new(compile_uncached(source.name, &text, arch, key.options.clone())?);
+    let nvrtc_version = if available() { Some(version()?) } else { None };
+    let from_disk = disk.and_then(|dir| load_from_disk(dir, &key, nvrtc_version));
+    let compiled = match (from_disk, nvrtc_version) {
+        (Some(hit), _) => hit,
+        (None, None) => return Err(CudaError::NoNvrtc),
+        (None, Some(version)) => {
+            let compiled = compile_uncached(source.name, &text, arch, key.options.clone())?;
+            if let Some(dir) = disk {
+                store_on_disk(dir, &key, version, &compiled);
+            }
+            compiled
+        }
+    };
+    let compiled = Arc::new(compiled);
     cache().lock().unwrap_or_else(|e| e.into_inner()).insert(key, compiled.clone());
     Ok(compiled)
 }
@@ -162,7 +281,16 @@ fn compile_uncached(
     // SAFETY: `cubin` has the `size` bytes NVRTC writes.
     unsafe { sys::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr().cast()) }.result()?;
     let (kernels, device_functions) = parse_ptxas_report(&log, arch);
-    Ok(CompiledProgram { program, arch: arch.into(), options, cubin, log, kernels, device_functions })
+    Ok(CompiledProgram {
+        program,
+        arch: arch.into(),
+        options,
+        cubin,
+        log,
+        kernels,
+        device_functions,
+        origin: Origin::Compiled,
+    })
 }
 
 /// The unsigned number just before the first `suffix` in `line`, if any.
@@ -251,6 +379,85 @@ ptxas info    : Used 255 registers, used 1 barriers, 256 bytes smem, 400 bytes c
         let mut fields: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
         fields.sort_unstable();
         assert_eq!(fields, ["arch", "name", "registers", "shared_bytes", "spill_load_bytes", "spill_store_bytes"]);
+    }
+
+    fn program(log: &str, cubin: &[u8]) -> CompiledProgram {
+        let (kernels, device_functions) = parse_ptxas_report(log, "sm_90a");
+        CompiledProgram {
+            program: "route.cu",
+            arch: "sm_90a".into(),
+            options: options("sm_90a"),
+            cubin: cubin.to_vec(),
+            log: log.into(),
+            kernels,
+            device_functions,
+            origin: Origin::Compiled,
+        }
+    }
+
+    fn key(text: &str) -> CacheKey {
+        CacheKey { program: "route.cu", source_hash: fnv1a(text), arch: "sm_90a".into(), options: options("sm_90a") }
+    }
+
+    #[test]
+    fn disk_cache_round_trips_and_keys_on_version_text_and_options() {
+        let dir = std::env::temp_dir().join(format!("dots-moe-cubin-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let log = "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n\
+ptxas info    : Used 40 registers, used 1 barriers, 64 bytes smem\n";
+        let entry = program(log, b"cubin 13.0");
+        store_on_disk(&dir, &key("text"), (13, 0), &entry);
+        store_on_disk(&dir, &key("text"), (12, 9), &program(log, b"cubin 12.9"));
+
+        let hit = load_from_disk(&dir, &key("text"), Some((13, 0))).expect("cached");
+        assert_eq!((hit.cubin.as_slice(), hit.origin), (&b"cubin 13.0"[..], Origin::DiskCache));
+        assert_eq!(
+            (hit.kernels[0].name.as_str(), hit.kernels[0].registers, hit.kernels[0].shared_bytes),
+            ("k", 40, 64)
+        );
+        assert_eq!(load_from_disk(&dir, &key("text"), Some((12, 9))).unwrap().cubin, b"cubin 12.9");
+        // Another NVRTC, another text, other options: misses.
+        assert!(load_from_disk(&dir, &key("text"), Some((13, 1))).is_none());
+        assert!(load_from_disk(&dir, &key("other text"), Some((13, 0))).is_none());
+        let mut other_options = key("text");
+        other_options.options.push("-DX=1".into());
+        assert!(load_from_disk(&dir, &other_options, Some((13, 0))).is_none());
+        // Without NVRTC the newest version's entry is taken.
+        assert_eq!(load_from_disk(&dir, &key("text"), None).unwrap().cubin, b"cubin 13.0");
+        // A cubin without its log is not an entry; no temporary file is left behind.
+        std::fs::remove_file(dir.join(format!("{}.log", disk_stem(&key("text"), (13, 0))))).unwrap();
+        assert!(load_from_disk(&dir, &key("text"), Some((13, 0))).is_none());
+        let names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn compile_fills_the_disk_cache_and_reads_it_back() {
+        if !available() {
+            assert!(
+                std::env::var("DOTS_MOE_REQUIRE_NVRTC").is_ok_and(|v| v == "1"),
+                "DOTS_MOE_REQUIRE_NVRTC=1 but NVRTC is missing"
+            );
+            eprintln!("skipped: no NVRTC library on the library path");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("dots-moe-cubin-cache-nvrtc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let source = crate::cuda::source::COMBINE;
+        let compiled = compile_with_cache(&source, "sm_80", Some(&dir)).unwrap();
+        let key = CacheKey {
+            program: source.name,
+            source_hash: fnv1a(&source.program()),
+            arch: "sm_80".into(),
+            options: options("sm_80"),
+        };
+        let cached = load_from_disk(&dir, &key, Some(version().unwrap())).expect("written after the miss");
+        assert_eq!(cached.origin, Origin::DiskCache);
+        assert!(cached.cubin == compiled.cubin, "the cached cubin differs from the compiled one");
+        assert_eq!(cached.kernels, compiled.kernels);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
