@@ -1,6 +1,8 @@
-//! `dots-moe doctor`: what this machine offers the CUDA backend (driver library, NVRTC,
-//! devices with compute capability and memory, driver version). Without a GPU it says so
-//! and exits 0.
+//! `dots-moe doctor`: what this machine offers the CUDA backend (driver library and NVRTC,
+//! with the files they were loaded from; devices with compute capability and memory, driver
+//! version; whether every kernel compiles, or comes from the on-disk cubin cache; and on a
+//! GPU each kernel's occupancy at its launch shape beside the shared-memory opt-in limit).
+//! Without a GPU it says so and exits 0.
 
 use clap::Args;
 
@@ -13,7 +15,7 @@ pub struct DoctorArgs {}
 /// Runs the subcommand.
 #[cfg(feature = "cuda")]
 pub fn run(_args: DoctorArgs) -> CliResult {
-    use dots_moe::cuda::{context, nvrtc};
+    use dots_moe::cuda::{GpuContext, context, nvrtc, occupancy};
 
     println!("dots-moe {} (cuda feature on)", env!("CARGO_PKG_VERSION"));
     let mut device_arch = None;
@@ -42,6 +44,7 @@ pub fn run(_args: DoctorArgs) -> CliResult {
             }
             Err(e) => println!("devices: cannot list: {e}"),
         }
+        println!("  loaded from: {}", loaded_library("libcuda.so"));
     } else {
         println!("GPU driver library: not found (no libcuda.so.1): no GPU on this machine");
     }
@@ -51,19 +54,58 @@ pub fn run(_args: DoctorArgs) -> CliResult {
             .map(|a| a.iter().map(|x| format!("sm_{x}")).collect::<Vec<_>>().join(" "))
             .unwrap_or_default();
         println!("NVRTC: found, version {version}; targets: {archs}");
-        let arch = device_arch.unwrap_or_else(|| "sm_90a".to_string());
-        let compiled: Result<usize, _> = super::kernels::kernel_files(&arch)
-            .into_iter()
-            .map(|s| nvrtc::compile(s, &arch).map(|c| c.kernels.len()))
-            .sum();
-        match compiled {
-            Ok(n) => println!("kernels: all {n} compile for {arch}"),
-            Err(e) => println!("kernels: do not compile for {arch}: {e}"),
-        }
+        println!("  loaded from: {}", loaded_library("libnvrtc"));
     } else {
         println!("NVRTC: not found (libnvrtc.so.13); {}", dots_moe::cuda::CudaError::NoNvrtc);
     }
+    match nvrtc::disk_cache_dir() {
+        Some(dir) => println!("cubin cache ({}): {}", nvrtc::KERNEL_CACHE_ENV, dir.display()),
+        None => println!("cubin cache: none ({} unset)", nvrtc::KERNEL_CACHE_ENV),
+    }
+    let arch = device_arch.clone().unwrap_or_else(|| "sm_90a".to_string());
+    let mut compiled = (0, 0);
+    let mut failure = None;
+    for file in super::kernels::kernel_files(&arch) {
+        match nvrtc::compile(file, &arch) {
+            Ok(c) if c.origin == nvrtc::Origin::DiskCache => compiled.1 += c.kernels.len().max(1),
+            Ok(c) => compiled.0 += c.kernels.len().max(1),
+            Err(e) => {
+                failure = Some(format!("{}: {e}", file.name));
+                break;
+            }
+        }
+    }
+    match failure {
+        None => println!("kernels for {arch}: {} compiled here, {} from the cubin cache", compiled.0, compiled.1),
+        Some(e) => println!("kernels for {arch}: not all available: {e}"),
+    }
+    if device_arch.is_some() {
+        match GpuContext::new(0)
+            .and_then(|gpu| Ok((occupancy::shared_memory_limits(&gpu)?, occupancy::kernel_occupancy(&gpu)?)))
+        {
+            Ok((limits, kernels)) => {
+                println!("occupancy on device 0 at dots.llm1 launch shapes:");
+                print!("{}", occupancy::format_occupancy(&limits, &kernels));
+            }
+            Err(e) => println!("occupancy on device 0: cannot query: {e}"),
+        }
+    }
     Ok(())
+}
+
+/// The file a loaded shared library was mapped from (`/proc/self/maps`), or why not.
+#[cfg(feature = "cuda")]
+fn loaded_library(fragment: &str) -> String {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return "unknown (no /proc/self/maps)".into();
+    };
+    let mut paths: Vec<&str> = maps
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .filter(|path| path.rsplit('/').next().is_some_and(|file| file.starts_with(fragment)))
+        .collect();
+    paths.dedup();
+    if paths.is_empty() { "not mapped in this process".into() } else { paths.join(", ") }
 }
 
 /// Runs the subcommand.

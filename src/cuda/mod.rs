@@ -13,6 +13,7 @@
 //! - [`moe`]: the router, permutation, gather and combine kernels behind safe wrappers;
 //!   the pipeline never waits for the host.
 //! - [`workspace`]: a batch's device buffers and the readers that download them.
+//! - [`occupancy`]: each kernel's registers, shared memory and CTAs per SM on the device.
 //! - [`bench`](mod@bench): timing with CUDA events (for `dots-moe kernels --time`).
 
 pub mod bench;
@@ -23,6 +24,7 @@ pub mod expert_gemm;
 pub mod layer;
 pub mod moe;
 pub mod nvrtc;
+pub mod occupancy;
 pub mod source;
 pub mod workspace;
 

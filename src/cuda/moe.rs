@@ -35,15 +35,15 @@ use crate::tensor::Dtype;
 
 /// Tokens per permutation tile (`TILE_TOKENS` in `cuda/common.cu`).
 pub const TILE_TOKENS: usize = 32;
-const TILE_THREADS: u32 = 256;
+pub(crate) const TILE_THREADS: u32 = 256;
 const TILE_WARPS: usize = 8;
-const LOGIT_THREADS: u32 = 128;
+pub(crate) const LOGIT_THREADS: u32 = 128;
 /// Up to this many tokens the router logits run one CTA per expert (`_e1`), above it one
 /// CTA per 4 experts (`_e4`); both sum in the same order.
 const LOGIT_E1_MAX_TOKENS: usize = 64;
 const LOGIT_TOKENS: u32 = 8;
-const GATHER_THREADS: u32 = 256;
-const COMBINE_THREADS: u32 = 256;
+pub(crate) const GATHER_THREADS: u32 = 256;
+pub(crate) const COMBINE_THREADS: u32 = 256;
 /// Most slots per token the combine kernel takes (`COMBINE_MAX_SLOTS`).
 pub const COMBINE_MAX_SLOTS: usize = 64;
 /// Most expert groups the selection kernel takes (one per lane).
