@@ -11,7 +11,11 @@
 //!   near-tie: at most T / 500 tokens may differ, none below 500 tokens);
 //! - every intermediate and the output poisoned (NaN) before each run;
 //! - two runs bit-identical; graph replays equal to direct launches, bit for bit;
-//! - batch-invariant mode: a token run alone equals the same token inside a batch.
+//! - batch-invariant mode: a token run alone equals the same token inside a batch;
+//! - at the real shape, T = 4096 and 16384 against the CPU on a sample of 64 tokens (the CPU
+//!   layer is batch-invariant, so the sample alone gives the same rows as the whole batch),
+//!   and five graph replays at T = 4096, poisoned in between, bit-identical: the cheapest
+//!   detector of a race between CTAs that an emulator cannot see.
 //!
 //! Without a GPU every test reports that it was skipped; `DOTS_MOE_REQUIRE_GPU=1` makes
 //! that a failure.
@@ -19,7 +23,7 @@
 
 mod gemm_support;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dots_moe::config::{MoeConfig, RouterConfig};
 use dots_moe::cuda::GpuContext;
@@ -238,20 +242,103 @@ fn the_gpu_layer_refuses_other_contracts() {
     assert!(err.contains("hidden_size"), "{err}");
 }
 
+/// The dots.llm1-shaped synthetic layer: 4.5 GB of bf16 weights, made once per process and
+/// only when a GPU is there.
+fn dots1_layer() -> &'static MoeLayer {
+    static LAYER: OnceLock<MoeLayer> = OnceLock::new();
+    LAYER.get_or_init(|| synthetic_layer(&MoeConfig::dots1(), 11))
+}
+
+/// `n` distinct token indices spread over `0..tokens`, the first and last included.
+fn sample_tokens(tokens: usize, n: usize, seed: u64) -> Vec<usize> {
+    use rand::Rng;
+    let mut r = rng(seed);
+    let mut picked = vec![0, tokens - 1];
+    while picked.len() < n.min(tokens) {
+        let t = r.random_range(0..tokens);
+        if !picked.contains(&t) {
+            picked.push(t);
+        }
+    }
+    picked.sort_unstable();
+    picked
+}
+
+#[test]
+fn dots1_shape_large_batches_match_cpu_on_a_sample() {
+    let Some(gpu) = setup("dots1_shape_large_batches_match_cpu_on_a_sample") else { return };
+    let cpu = dots1_layer();
+    let (h, k) = (cpu.config().hidden_size, cpu.config().router.top_k);
+    let gpu_layer = CudaMoeLayer::with_default_options(&gpu, cpu).unwrap();
+    for tokens in [4096, 16384] {
+        let hidden = Hidden::random(tokens, h, Dtype::Bf16, 40 + tokens as u64);
+        let (out, ids) = run_gpu(&gpu_layer, &hidden, tokens);
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            panic!("T = {tokens}: output element {i} is {} (unwritten?)", out[i]);
+        }
+        let sample = sample_tokens(tokens, 64, tokens as u64);
+        let Hidden::Bf16(all) = &hidden else { unreachable!("bf16 hidden") };
+        let rows: Vec<bf16> = sample.iter().flat_map(|&t| all[t * h..(t + 1) * h].to_vec()).collect();
+        let trace = cpu.forward_trace(TensorView::Bf16(&rows), sample.len()).unwrap();
+        let same: Vec<usize> =
+            (0..sample.len()).filter(|&j| ids[sample[j] * k..(sample[j] + 1) * k] == *trace.routing.ids(j)).collect();
+        let differing = sample.len() - same.len();
+        // A near-tie may flip one sampled token's choice (sums in another order); a wrong
+        // router or permutation changes many.
+        assert!(differing <= 1, "T = {tokens}: {differing} of {} sampled tokens routed differently", sample.len());
+        let got: Vec<f32> = same.iter().flat_map(|&j| out[sample[j] * h..(sample[j] + 1) * h].to_vec()).collect();
+        let want: Vec<f32> = same.iter().flat_map(|&j| trace.output[j * h..(j + 1) * h].to_vec()).collect();
+        let err = rel_error(&format!("T = {tokens}"), &got, &want);
+        eprintln!(
+            "dots.llm1 shape, T = {tokens}, {} sampled tokens: relative error {err:.2e} ({differing} routed differently)",
+            sample.len()
+        );
+        assert!(err <= gemm_support::TOLERANCE, "T = {tokens}: relative error {err:.3e}");
+    }
+}
+
+#[test]
+fn dots1_shape_graph_replays_are_bit_identical() {
+    let Some(gpu) = setup("dots1_shape_graph_replays_are_bit_identical") else { return };
+    let cpu = dots1_layer();
+    let h = cpu.config().hidden_size;
+    let gpu_layer = CudaMoeLayer::with_default_options(&gpu, cpu).unwrap();
+    let tokens = 4096;
+    let hidden = Hidden::random(tokens, h, Dtype::F32, 77);
+    let mut graph = gpu_layer.capture(gpu_layer.workspace(tokens, Dtype::F32).unwrap()).unwrap();
+    graph.set_input(hidden.view()).unwrap();
+    let mut first: Option<Vec<u32>> = None;
+    for replay in 0..5 {
+        graph.workspace_mut().poison().unwrap();
+        graph.replay().unwrap();
+        let out = graph.workspace().read_output().unwrap();
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            panic!("replay {replay}: output element {i} is {} (unwritten?)", out[i]);
+        }
+        match &first {
+            None => first = Some(bits(&out)),
+            Some(f) => {
+                let diff = f.iter().zip(bits(&out)).filter(|(a, b)| **a != *b).count();
+                assert!(diff == 0, "replay {replay}: {diff} of {} output elements differ from replay 0", out.len());
+            }
+        }
+    }
+    eprintln!("T = {tokens}: five graph replays bit-identical");
+}
+
 #[test]
 fn dots1_shape_layer_matches_cpu() {
     let Some(gpu) = setup("dots1_shape_layer_matches_cpu") else { return };
-    // 4.5 GB of synthetic bf16 weights, made only when a GPU is there.
-    let cpu = synthetic_layer(&MoeConfig::dots1(), 11);
+    let cpu = dots1_layer();
     let h = cpu.config().hidden_size;
     for (label, options) in [
         ("default", GemmOptions::for_device(&gpu)),
         ("batch-invariant", GemmOptions::for_device(&gpu).batch_invariant()),
     ] {
-        let gpu_layer = CudaMoeLayer::new(&gpu, &cpu, options).unwrap();
+        let gpu_layer = CudaMoeLayer::new(&gpu, cpu, options).unwrap();
         for tokens in [1, 17, 256] {
             let hidden = Hidden::random(tokens, h, Dtype::Bf16, 20 + tokens as u64);
-            check(&format!("dots.llm1 shape, {label}, T = {tokens}"), &cpu, &gpu_layer, &hidden, tokens);
+            check(&format!("dots.llm1 shape, {label}, T = {tokens}"), cpu, &gpu_layer, &hidden, tokens);
         }
     }
 }

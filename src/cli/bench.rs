@@ -46,6 +46,11 @@ pub struct BenchArgs {
     /// Seconds of timing per batch size (at least 3 runs each).
     #[arg(long, default_value_t = 4.0)]
     pub seconds: f64,
+    /// With the CUDA backend, also time the two expert GEMMs apart at each batch size
+    /// (rows `cuda-gemm1:REGIME` and `cuda-gemm2:REGIME`, each beside the floor of the
+    /// bytes and FLOPs of that GEMM alone; REGIME is `decode`, `tiled` or `mixed`).
+    #[arg(long)]
+    pub gemm: bool,
 }
 
 fn progress(message: &str) -> ProgressBar {
@@ -218,10 +223,10 @@ fn machine_name() -> String {
 mod cuda {
     use std::sync::Arc;
 
-    use dots_moe::bench::{self, BenchRow, MachineFloor};
-    use dots_moe::cuda::GpuContext;
+    use dots_moe::bench::{self, BenchRow, LayerCost, MachineFloor};
     use dots_moe::cuda::bench::{H200_COPY_BANDWIDTH, time_region};
-    use dots_moe::cuda::layer::CudaMoeLayer;
+    use dots_moe::cuda::layer::{CudaMoeLayer, LayerWorkspace};
+    use dots_moe::cuda::{CudaError, GpuContext};
     use dots_moe::moe::MoeLayer;
     use dots_moe::tensor::{Dtype, TensorView};
 
@@ -258,14 +263,58 @@ mod cuda {
             let iterations = if tokens >= 4096 { 20 } else { 50 };
             let (_eager_us, graph_us) =
                 time_region(&gpu, iterations, || device_layer.enqueue(&mut ws)).map_err(|e| e.to_string())?;
-            bar.finish_and_clear();
-            let row = BenchRow::new("cuda", tokens, std::time::Duration::from_secs_f64(graph_us * 1e-6), &cost, &floor);
-            if !args.json {
-                print_row(&row, rows.is_empty());
+            let mut timed = vec![("cuda".to_string(), graph_us, cost)];
+            if args.gemm {
+                timed.extend(time_gemms(&gpu, &device_layer, &mut ws, iterations).map_err(|e| e.to_string())?);
             }
-            rows.push(row);
+            bar.finish_and_clear();
+            for (backend, us, cost) in timed {
+                let row = BenchRow::new(&backend, tokens, std::time::Duration::from_secs_f64(us * 1e-6), &cost, &floor);
+                if !args.json {
+                    print_row(&row, rows.is_empty());
+                }
+                rows.push(row);
+            }
         }
         Ok(rows)
+    }
+
+    /// GEMM 1 (gate/up + SwiGLU) and GEMM 2 (down + routing weight) timed apart on a
+    /// workspace the layer has just run on (its schedule, gathered rows and activation are
+    /// in place): `(label, graph-replay median us, cost of that GEMM alone)`.
+    fn time_gemms(
+        gpu: &GpuContext,
+        layer: &CudaMoeLayer,
+        ws: &mut LayerWorkspace,
+        iterations: usize,
+    ) -> Result<Vec<(String, f64, LayerCost)>, CudaError> {
+        layer.enqueue(ws)?;
+        let (decode_items, tiled_items) = ws.gemm.read_item_counts()?;
+        let regime = match (decode_items, tiled_items) {
+            (_, 0) => "decode",
+            (0, _) => "tiled",
+            _ => "mixed",
+        };
+        let offsets = ws.routing.expert_offsets.download()?;
+        let slots_used = offsets.windows(2).filter(|w| w[1] > w[0]).count() as f64;
+        let cfg = layer.config();
+        let (h, i, rows) = (cfg.hidden_size as f64, cfg.moe_intermediate_size as f64, ws.gemm.rows as f64);
+        let (gemm, weights) = (layer.expert_gemm(), layer.weights());
+        let up_cost = LayerCost {
+            distinct_experts: slots_used as usize,
+            bytes: slots_used * 2.0 * i * h * 2.0 + rows * h * 2.0 + rows * i * 2.0,
+            flops: 2.0 * rows * 2.0 * i * h,
+        };
+        let down_cost = LayerCost {
+            distinct_experts: slots_used as usize,
+            bytes: slots_used * h * i * 2.0 + rows * i * 2.0 + rows * 4.0 + rows * h * 4.0,
+            flops: 2.0 * rows * h * i,
+        };
+        let LayerWorkspace { x, gemm: gemm_ws, routing, expert_rows, .. } = ws;
+        let (_, up_us) = time_region(gpu, iterations, || gemm.up(weights, x, gemm_ws))?;
+        let (_, down_us) =
+            time_region(gpu, iterations, || gemm.down(weights, &routing.row_weights, gemm_ws, expert_rows))?;
+        Ok(vec![(format!("cuda-gemm1:{regime}"), up_us, up_cost), (format!("cuda-gemm2:{regime}"), down_us, down_cost)])
     }
 }
 

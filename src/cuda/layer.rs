@@ -135,6 +135,12 @@ impl CudaMoeLayer {
         self.gemm.options()
     }
 
+    /// The expert GEMM kernels (to time GEMM 1 and GEMM 2 apart on a workspace that
+    /// [`CudaMoeLayer::enqueue`] has filled).
+    pub fn expert_gemm(&self) -> &ExpertGemm {
+        &self.gemm
+    }
+
     /// The expert weights on the device.
     pub fn weights(&self) -> &DeviceExpertWeights {
         &self.weights
@@ -227,6 +233,12 @@ impl LayerGraph<'_> {
     /// The workspace (input, intermediates, output).
     pub fn workspace(&self) -> &LayerWorkspace {
         &self.ws
+    }
+
+    /// The workspace, mutable: to poison the intermediates between replays, say. The
+    /// buffers stay where the graph captured them.
+    pub fn workspace_mut(&mut self) -> &mut LayerWorkspace {
+        &mut self.ws
     }
 
     /// Copies a new input `[T, H]` into the captured input buffer.
