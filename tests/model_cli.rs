@@ -210,3 +210,61 @@ fn bad_input_fails_with_a_message() {
     let out = dots_moe(&["generate", "--model", "x", "--prompt", "a", "--tokens", "1"]);
     assert!(!out.status.success());
 }
+
+/// `--backend cuda`: without a GPU a one-line typed error and a non-zero exit, never a
+/// panic, for both commands, and no output file is written; with a GPU, the same JSON
+/// shape as the CPU path.
+#[test]
+fn backend_cuda_without_a_gpu_is_a_one_line_error() {
+    let exp = expected("bf16");
+    let model = fixture("bf16");
+    let tokens = csv(&exp.prompt_tokens);
+    let scratch = Scratch::new("cuda-backend");
+    let out_file = scratch.path().join("logits.safetensors");
+    let runs = [
+        dots_moe(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            &tokens,
+            "--max-new-tokens",
+            "2",
+            "--json",
+            "--backend",
+            "cuda",
+        ]),
+        dots_moe(&[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            &tokens,
+            "--out",
+            out_file.to_str().unwrap(),
+            "--backend",
+            "cuda",
+        ]),
+    ];
+    let gpu_here = dots_moe_has_gpu();
+    for out in &runs {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        if gpu_here {
+            assert!(out.status.success(), "{stderr}");
+        } else {
+            assert!(!out.status.success(), "--backend cuda without a GPU must fail");
+            let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+            assert_eq!(errors.len(), 1, "{stderr}");
+            assert!(errors[0].contains("--backend cuda: not available"), "{stderr}");
+            assert_eq!(stderr.lines().count(), 1, "one line only: {stderr}");
+        }
+    }
+    assert_eq!(out_file.exists(), gpu_here, "logits written only when the run succeeded");
+}
+
+/// Whether this machine can open GPU 0 (as `dots-moe doctor` reports it).
+fn dots_moe_has_gpu() -> bool {
+    let out = dots_moe(&["doctor"]);
+    String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("device 0:"))
+}

@@ -1,5 +1,5 @@
 //! `dots-moe generate --model DIR (--prompt TEXT | --tokens 1,2,3) [--max-new-tokens N]
-//! [--temperature T] [--top-k K] [--top-p P] [--seed S] [--chat] [--json]`
+//! [--temperature T] [--top-k K] [--top-p P] [--seed S] [--chat] [--json] [--backend cpu|cuda]`
 //!
 //! Streams the new text to stdout (or the new ids, when the directory has no
 //! `tokenizer.json`), and prints load time and tokens/s to stderr. With `--json` it prints
@@ -53,11 +53,26 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Where the MoE layers run: `cpu`, or `cuda` (GPU 0; attention stays on the CPU).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: ModelBackend,
 }
 
-/// Loads a model, reporting the load on stderr.
-pub(crate) fn load_model(dir: &Path) -> Result<Dots1Model, ModelError> {
-    let model = Dots1Model::load_with(dir, LoadOptions { progress: true })?;
+/// Where a model's MoE layers run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelBackend {
+    /// The CPU reference.
+    Cpu,
+    /// The CUDA kernels on GPU 0 (weights uploaded once; attention stays on the CPU).
+    Cuda,
+}
+
+/// Loads a model, reporting the load on stderr, and moves its MoE layers to `backend`.
+pub(crate) fn load_model(dir: &Path, backend: ModelBackend) -> Result<Dots1Model, Box<dyn std::error::Error>> {
+    // The GPU first: without one, say so before the (possibly long) load.
+    let gpu = open_backend(backend)?;
+    #[allow(unused_mut)]
+    let mut model = Dots1Model::load_with(dir, LoadOptions { progress: true })?;
     let report = model.load_report();
     for warning in &report.warnings {
         eprintln!("warning: {warning}");
@@ -70,7 +85,37 @@ pub(crate) fn load_model(dir: &Path) -> Result<Dots1Model, ModelError> {
         report.copied_bytes as f64 / 1e9,
         report.seconds
     );
+    #[cfg(not(feature = "cuda"))]
+    let _ = gpu;
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = gpu {
+        let started = std::time::Instant::now();
+        model.moe_to_cuda(&gpu)?;
+        eprintln!("MoE layers on {} ({}) in {:.2} s", gpu.info().name, gpu.arch(), started.elapsed().as_secs_f64());
+    }
     Ok(model)
+}
+
+/// GPU 0 for `--backend cuda` (`None` for the CPU), or a one-line reason why not.
+#[cfg(feature = "cuda")]
+fn open_backend(backend: ModelBackend) -> Result<Option<std::sync::Arc<dots_moe::cuda::GpuContext>>, String> {
+    match backend {
+        ModelBackend::Cpu => Ok(None),
+        ModelBackend::Cuda => {
+            dots_moe::cuda::GpuContext::new(0).map(Some).map_err(|e| format!("--backend cuda: not available: {e}"))
+        }
+    }
+}
+
+/// Without the `cuda` feature only the CPU backend exists.
+#[cfg(not(feature = "cuda"))]
+fn open_backend(backend: ModelBackend) -> Result<Option<()>, String> {
+    match backend {
+        ModelBackend::Cpu => Ok(None),
+        ModelBackend::Cuda => {
+            Err("--backend cuda: not available: this binary was built without the `cuda` feature".into())
+        }
+    }
 }
 
 /// Runs `dots-moe generate`.
@@ -103,7 +148,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
         return Err("the prompt is empty".into());
     }
 
-    let model = load_model(&args.model)?;
+    let model = load_model(&args.model, args.backend)?;
     let mut stop_ids = model.eos_token_ids();
     if args.chat
         && let Some(id) = tokenizer.as_ref().and_then(|t| t.token_id(END_OF_RESPONSE))

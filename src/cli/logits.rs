@@ -1,4 +1,4 @@
-//! `dots-moe logits --model DIR --tokens 1,2,3 --out FILE`: one full forward pass over the
+//! `dots-moe logits --model DIR --tokens 1,2,3 --out FILE [--backend cpu|cuda]`: one full forward pass over the
 //! tokens; writes a safetensors file holding `logits`, f32 `[T, vocab]`.
 
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::CliResult;
-use super::generate::load_model;
+use super::generate::{ModelBackend, load_model};
 use dots_moe::model::ModelError;
 
 /// Arguments of `dots-moe logits`.
@@ -21,6 +21,9 @@ pub struct LogitsArgs {
     /// Output safetensors file.
     #[arg(long)]
     pub out: PathBuf,
+    /// Where the MoE layers run: `cpu`, or `cuda` (GPU 0; attention stays on the CPU).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: ModelBackend,
 }
 
 /// Runs `dots-moe logits`.
@@ -28,7 +31,7 @@ pub fn run(args: LogitsArgs) -> CliResult {
     if args.tokens.is_empty() {
         return Err("--tokens is empty".into());
     }
-    let model = load_model(&args.model)?;
+    let model = load_model(&args.model, args.backend)?;
     let logits = model.logits(&args.tokens)?;
     let shape = vec![args.tokens.len(), model.config().vocab_size];
     write_logits(&args.out, &logits, shape)?;

@@ -60,8 +60,15 @@ pub struct LoadReport {
 }
 
 enum Mlp {
-    Dense { gate: Weight, up: Weight, down: Weight },
+    Dense {
+        gate: Weight,
+        up: Weight,
+        down: Weight,
+    },
     Moe(Box<MoeLayer>),
+    /// A MoE layer moved to the GPU by [`Dots1Model::moe_to_cuda`].
+    #[cfg(feature = "cuda")]
+    CudaMoe(Box<super::cuda_moe::DeviceMoe>),
 }
 
 struct Layer {
@@ -213,6 +220,24 @@ impl Dots1Model {
         Ok(Dots1Model { cfg, generation, ckpt, embed, layers, norm, lm_head, attn_shape, report })
     }
 
+    /// Moves every MoE layer onto `gpu`: the weights are uploaded once (expert weights as
+    /// bf16, the kernels' contract; see [`super::cuda_moe`]) and the CPU copy is dropped.
+    /// Attention, norms, the dense layers and `lm_head` stay on the CPU. All layers are
+    /// uploaded before any is replaced, so on an error the model is left as it was.
+    #[cfg(feature = "cuda")]
+    pub fn moe_to_cuda(&mut self, gpu: &std::sync::Arc<crate::cuda::GpuContext>) -> Result<(), ModelError> {
+        let mut uploaded = Vec::new();
+        for (n, layer) in self.layers.iter().enumerate() {
+            if let Mlp::Moe(moe) = &layer.mlp {
+                uploaded.push((n, super::cuda_moe::DeviceMoe::upload(gpu, moe)?));
+            }
+        }
+        for (n, device) in uploaded {
+            self.layers[n].mlp = Mlp::CudaMoe(Box::new(device));
+        }
+        Ok(())
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &Dots1Config {
         &self.cfg
@@ -281,6 +306,11 @@ impl Dots1Model {
 
     /// The router's choice in MoE layer `layer` for `tokens` run from position 0.
     pub fn routing(&self, tokens: &[u32], layer: usize) -> Result<Routing, ModelError> {
+        #[cfg(feature = "cuda")]
+        if let Some(Mlp::CudaMoe(moe)) = self.layers.get(layer).map(|l| &l.mlp) {
+            let normed = self.run_layers(tokens, &mut self.new_cache(), Some(layer))?.ok_or(ModelError::EmptyInput)?;
+            return Ok(moe.route(&normed, tokens.len())?);
+        }
         let moe = match self.layers.get(layer).map(|l| &l.mlp) {
             Some(Mlp::Moe(moe)) => moe,
             _ => {
@@ -355,6 +385,8 @@ impl Dots1Model {
                     linear(&act, self.ckpt.view(down), t, h, i)
                 }
                 Mlp::Moe(moe) => moe.forward(TensorView::F32(&normed), t)?,
+                #[cfg(feature = "cuda")]
+                Mlp::CudaMoe(moe) => moe.forward(&normed, t)?,
             };
             add_in_place(&mut hidden, &mlp_out);
         }

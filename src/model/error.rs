@@ -17,6 +17,10 @@ pub enum ModelError {
     /// The MoE layer rejected its weights or inputs.
     #[error(transparent)]
     Moe(#[from] MoeError),
+    /// The GPU (the MoE layers on CUDA) is unavailable or failed.
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Cuda(#[from] crate::cuda::CudaError),
     /// A file or directory could not be read.
     #[error("cannot read {path}: {source}")]
     Io {

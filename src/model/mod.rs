@@ -6,6 +6,8 @@
 //! - [`weights`]: every tensor the config implies, with its shape; `generation_config.json`.
 //! - [`dots1`]: [`Dots1Model`]: embedding, attention ([`attention`]), dense MLP or the MoE
 //!   layer of [`crate::moe`], final norm, `lm_head`; all activations f32.
+//! - `cuda_moe` (feature `cuda`): the MoE layers moved to the GPU
+//!   ([`Dots1Model::moe_to_cuda`]), attention staying on the CPU.
 //! - [`mod@generate`], [`sampling`], [`tokenizer`]: prefill plus cached decode, greedy or
 //!   seeded sampling, `tokenizer.json` and the inst chat format.
 //!
@@ -14,6 +16,8 @@
 
 pub mod attention;
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub mod cuda_moe;
 pub mod dots1;
 pub mod error;
 pub mod generate;

@@ -9,9 +9,17 @@ use serde::Deserialize;
 /// The fixtures the generator wrote (scripts/golden/make_fixtures.py).
 pub const FIXTURES: [&str; 3] = ["f32", "bf16", "sharded"];
 
-/// `tests/fixtures/model_<name>`.
+/// `tests/fixtures/model_<name>`: in this checkout, or, for a test binary run on another
+/// machine (the GPU host gets the binaries and a copy of the repository), under
+/// `$DOTS_MOE_FIXTURES` or `tests/fixtures` of the working directory.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("model_{name}"))
+    let dir = format!("model_{name}");
+    let built_here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let candidates = std::env::var_os("DOTS_MOE_FIXTURES")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([built_here.clone(), PathBuf::from("tests/fixtures")]);
+    candidates.map(|root| root.join(&dir)).find(|p| p.is_dir()).unwrap_or_else(|| built_here.join(&dir))
 }
 
 /// What transformers computed, from `expected.json`.
