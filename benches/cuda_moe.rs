@@ -9,29 +9,25 @@
 //!
 //! for T in 1, 16, 64, 256, 1024, 4096, 16384 (`DOTS_MOE_BENCH_TOKENS=1,64` to choose).
 //! After criterion, a table: median time of the layer, achieved GB/s and TFLOP/s of the
-//! bytes and FLOPs it must move (`dots_moe::bench::layer_cost`), the floor from PERF.md's
-//! H200 ceilings (4.3 TB/s, 790 TFLOP/s) and floor / time.
+//! bytes and FLOPs it must move (`dots_moe::bench::layer_cost`), the floor from the H200's
+//! ceilings (`dots_moe::bench::H200`: 4.3 TB/s, 790 TFLOP/s) and floor / time.
 //!
 //! Without a GPU it prints why and measures nothing.
 
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use cudarc::driver::sys::CUevent_flags;
 
-use dots_moe::bench::{BenchRow, MachineFloor, layer_cost, random_hidden};
+use dots_moe::bench::{BenchRow, H200, layer_cost, random_hidden};
 use dots_moe::config::MoeConfig;
 use dots_moe::cuda::GpuContext;
 use dots_moe::cuda::expert_gemm::{ExpertGemm, GemmOptions};
+use dots_moe::cuda::graph::device_time_us;
 use dots_moe::cuda::layer::CudaMoeLayer;
 use dots_moe::moe::{MoeLayer, MoeWeights};
 use dots_moe::tensor::{Dtype, TensorView};
 
 const TOKENS: [usize; 7] = [1, 16, 64, 256, 1024, 4096, 16384];
-
-/// PERF.md's ceilings of one H200.
-const H200: MachineFloor =
-    MachineFloor { copy_bytes_per_s: 4.3e12, read_bytes_per_s: 4.3e12, matmul_flop_per_s: 790e12 };
 
 fn tokens() -> Vec<usize> {
     match std::env::var("DOTS_MOE_BENCH_TOKENS") {
@@ -42,16 +38,12 @@ fn tokens() -> Vec<usize> {
 
 /// Device time of `iters` calls of `f`, between two CUDA events on the stream.
 fn device_time(gpu: &GpuContext, iters: u64, mut f: impl FnMut()) -> Duration {
-    let ctx = gpu.cuda_context();
-    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
-    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
-    start.record(gpu.stream()).expect("record");
-    for _ in 0..iters {
-        f();
-    }
-    end.record(gpu.stream()).expect("record");
-    let ms = start.elapsed_ms(&end).expect("elapsed");
-    Duration::from_secs_f64(f64::from(ms) / 1e3)
+    let us = device_time_us(gpu, || {
+        (0..iters).for_each(|_| f());
+        Ok(())
+    })
+    .expect("CUDA events");
+    Duration::from_secs_f64(us / 1e6)
 }
 
 /// Median device time of one call of `f` over `reps` event-timed calls (after a warm-up).

@@ -144,6 +144,12 @@ pub fn median_time(min_reps: usize, max_reps: usize, budget: Duration, mut f: im
     times[times.len() / 2]
 }
 
+/// The ceilings of one H200, measured on such a card (docs/perf.md): 4.3 TB/s of
+/// device-memory copy bandwidth (bytes read plus written) and 790 TFLOP/s of dense bf16
+/// matrix products. The floor every GPU figure of this project is reported against.
+pub const H200: MachineFloor =
+    MachineFloor { copy_bytes_per_s: 4.3e12, read_bytes_per_s: 4.3e12, matmul_flop_per_s: 790e12 };
+
 /// What one MoE layer forward must move and compute for a given routing.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct LayerCost {

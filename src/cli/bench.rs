@@ -218,22 +218,20 @@ fn machine_name() -> String {
 }
 
 /// The CUDA side of the bench: the whole layer on the GPU, replayed from a CUDA graph,
-/// timed with CUDA events; the floor is the H200's (PERF.md: 4.3 TB/s, 790 TFLOP/s).
+/// timed with CUDA events; the floor is the H200's ([`dots_moe::bench::H200`]: 4.3 TB/s,
+/// 790 TFLOP/s).
 #[cfg(feature = "cuda")]
 mod cuda {
     use std::sync::Arc;
 
-    use dots_moe::bench::{self, BenchRow, LayerCost, MachineFloor};
-    use dots_moe::cuda::bench::{H200_COPY_BANDWIDTH, time_region};
+    use dots_moe::bench::{self, BenchRow, LayerCost};
+    use dots_moe::cuda::bench::time_region;
     use dots_moe::cuda::layer::{CudaMoeLayer, LayerWorkspace};
     use dots_moe::cuda::{CudaError, GpuContext};
     use dots_moe::moe::MoeLayer;
     use dots_moe::tensor::{Dtype, TensorView};
 
     use super::{BenchArgs, print_row, progress};
-
-    /// Peak dense bf16 matrix rate of an H200 (PERF.md).
-    const H200_MATMUL_FLOPS: f64 = 790e12;
 
     /// Whether GPU 0 can be opened.
     pub fn check_available() -> Result<(), String> {
@@ -246,11 +244,7 @@ mod cuda {
         let bar = progress("cuda: uploading the layer and compiling the kernels");
         let device_layer = CudaMoeLayer::with_default_options(&gpu, layer).map_err(|e| e.to_string())?;
         bar.finish_and_clear();
-        let floor = MachineFloor {
-            copy_bytes_per_s: H200_COPY_BANDWIDTH,
-            read_bytes_per_s: H200_COPY_BANDWIDTH,
-            matmul_flop_per_s: H200_MATMUL_FLOPS,
-        };
+        let floor = bench::H200;
         let h = layer.config().hidden_size;
         let mut rows = Vec::new();
         for &tokens in args.tokens.iter().filter(|&&t| t > 0) {

@@ -5,11 +5,10 @@
 //! load stay out), `iterations` times; the median is reported, both launched one kernel at
 //! a time ("eager") and replayed from a CUDA graph ("graph", how an engine runs a layer).
 //! Beside it: the bytes the region must move, the floor those bytes take at the measured
-//! H200 copy bandwidth (4.3 TB/s, PERF.md), and the ratio floor / measured.
+//! H200 copy bandwidth (4.3 TB/s, [`crate::bench::H200`]), and the ratio floor / measured.
 
 use std::sync::Arc;
 
-use cudarc::driver::sys;
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -19,12 +18,13 @@ use crate::config::MoeConfig;
 use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
 use crate::cuda::context::GpuContext;
 use crate::cuda::error::CudaError;
+use crate::cuda::graph::{capture, device_time_us};
 use crate::cuda::moe::MoeKernels;
 use crate::cuda::workspace::{DeviceRouter, MoeWorkspace};
 use crate::tensor::{Dtype, TensorView};
 
-/// Device-memory copy bandwidth of an H200, bytes per second (PERF.md).
-pub const H200_COPY_BANDWIDTH: f64 = 4.3e12;
+/// Device-memory copy bandwidth of an H200, bytes per second ([`crate::bench::H200`]).
+pub const H200_COPY_BANDWIDTH: f64 = crate::bench::H200.copy_bytes_per_s;
 
 /// One timed region at one batch size.
 #[derive(Clone, Debug, Serialize)]
@@ -62,39 +62,17 @@ pub fn time_region(
     iterations: usize,
     mut region: impl FnMut() -> Result<(), CudaError>,
 ) -> Result<(f64, f64), CudaError> {
-    let ctx = gpu.cuda_context();
-    let stream = gpu.stream();
-    let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let (start, end) = (ctx.new_event(flags)?, ctx.new_event(flags)?);
     for _ in 0..3 {
         region()?;
     }
     gpu.synchronize()?;
-    let mut eager = Vec::with_capacity(iterations);
-    for _ in 0..iterations {
-        start.record(stream)?;
-        region()?;
-        end.record(stream)?;
-        end.synchronize()?;
-        eager.push(f64::from(start.elapsed_ms(&end)?) * 1e3);
-    }
-    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-    let captured = region();
-    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0))?;
-    captured?;
-    let graph = graph.ok_or_else(|| CudaError::Driver("stream capture returned no graph".into()))?;
-    graph.upload()?;
+    let eager = (0..iterations).map(|_| device_time_us(gpu, &mut region)).collect::<Result<Vec<_>, _>>()?;
+    let graph = capture(gpu, &mut region)?;
     for _ in 0..3 {
         graph.launch()?;
     }
-    let mut replayed = Vec::with_capacity(iterations);
-    for _ in 0..iterations {
-        start.record(stream)?;
-        graph.launch()?;
-        end.record(stream)?;
-        end.synchronize()?;
-        replayed.push(f64::from(start.elapsed_ms(&end)?) * 1e3);
-    }
+    let replayed =
+        (0..iterations).map(|_| device_time_us(gpu, || Ok(graph.launch()?))).collect::<Result<Vec<_>, _>>()?;
     Ok((median(eager), median(replayed)))
 }
 
@@ -177,6 +155,6 @@ pub fn format_table(gpu: &GpuContext, timings: &[RegionTiming]) -> String {
             t.ratio()
         );
     }
-    s += "targets (PERF.md): router + permutation <= 5 us at T = 1, <= 30 us at T = 4096 (graph column)\n";
+    s += "targets (docs/perf.md): router + permutation <= 5 us at T = 1, <= 30 us at T = 4096 (graph column)\n";
     s
 }

@@ -17,7 +17,6 @@
 use std::sync::Arc;
 
 use cudarc::driver::CudaGraph;
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 
 use crate::config::MoeConfig;
 use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
@@ -204,14 +203,7 @@ impl CudaMoeLayer {
     /// inputs of the same shape ([`LayerGraph::replay`]): the decode path without launch
     /// overhead.
     pub fn capture(&self, mut ws: LayerWorkspace) -> Result<LayerGraph<'_>, CudaError> {
-        let stream = self.gpu().stream().clone();
-        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-        let queued = self.enqueue(&mut ws);
-        // End the capture whatever happened, so the stream is usable again.
-        let graph = stream.end_capture(CUgraphInstantiate_flags(0));
-        queued?;
-        let graph = graph?.ok_or_else(|| CudaError::Driver("stream capture returned no graph".into()))?;
-        graph.upload()?;
+        let graph = crate::cuda::graph::capture(self.gpu(), || self.enqueue(&mut ws))?;
         Ok(LayerGraph { layer: self, graph, ws })
     }
 }

@@ -14,6 +14,7 @@
 //!   the pipeline never waits for the host.
 //! - [`workspace`]: a batch's device buffers and the readers that download them.
 //! - [`occupancy`]: each kernel's registers, shared memory and CTAs per SM on the device.
+//! - [`graph`]: capture into a CUDA graph, and device time between CUDA events.
 //! - [`bench`](mod@bench): timing with CUDA events (for `dots-moe kernels --time`).
 
 pub mod bench;
@@ -21,6 +22,7 @@ pub mod buffer;
 pub mod context;
 mod error;
 pub mod expert_gemm;
+pub mod graph;
 pub mod layer;
 pub mod moe;
 pub mod nvrtc;
