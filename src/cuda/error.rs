@@ -39,12 +39,24 @@ pub enum CudaError {
         /// Compute capability, minor.
         minor: i32,
     },
-    /// A CUDA driver call failed (the message is the driver's own).
+    /// A CUDA driver call failed. The source is the driver's status code, so that an engine
+    /// can match it ([`CudaError::is_out_of_memory`]).
     #[error("CUDA driver: {0}")]
-    Driver(String),
-    /// An NVRTC call other than the compilation itself failed.
+    Driver(#[from] cudarc::driver::DriverError),
+    /// An NVRTC call other than the compilation itself failed (the source is NVRTC's status).
     #[error("NVRTC: {0}")]
-    Nvrtc(String),
+    Nvrtc(#[from] cudarc::nvrtc::result::NvrtcError),
+    /// A kernel program's name or text cannot be handed to NVRTC.
+    #[error("kernel program {program}: {reason}")]
+    BadProgram {
+        /// The kernel file.
+        program: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A stream capture ended without a graph.
+    #[error("CUDA stream capture returned no graph")]
+    NoGraph,
     /// NVRTC rejected a kernel file.
     #[error("NVRTC could not compile {program} for {arch}:\n{log}")]
     Compile {
@@ -60,14 +72,26 @@ pub enum CudaError {
     Moe(#[from] MoeError),
 }
 
-impl From<cudarc::driver::DriverError> for CudaError {
-    fn from(err: cudarc::driver::DriverError) -> Self {
-        CudaError::Driver(format!("{err:?}"))
+impl CudaError {
+    /// Whether the device ran out of memory (an engine may free caches and retry).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, CudaError::Driver(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)
     }
 }
 
-impl From<cudarc::nvrtc::result::NvrtcError> for CudaError {
-    fn from(err: cudarc::nvrtc::result::NvrtcError) -> Self {
-        CudaError::Nvrtc(format!("{err:?}"))
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cudarc::driver::{DriverError, sys::CUresult};
+
+    #[test]
+    fn driver_errors_keep_their_status() {
+        let oom = CudaError::from(DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY));
+        assert!(oom.is_out_of_memory());
+        assert!(matches!(&oom, CudaError::Driver(e) if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY));
+        assert!(std::error::Error::source(&oom).is_some(), "the driver error is the source");
+        // (Not formatted here: cudarc asks the driver library for the message.)
+        assert!(!CudaError::from(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE)).is_out_of_memory());
+        assert!(!CudaError::NoDevice.is_out_of_memory());
     }
 }

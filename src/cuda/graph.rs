@@ -16,7 +16,7 @@ pub fn capture(gpu: &GpuContext, enqueue: impl FnOnce() -> Result<(), CudaError>
     let queued = enqueue();
     let graph = stream.end_capture(CUgraphInstantiate_flags(0));
     queued?;
-    let graph = graph?.ok_or_else(|| CudaError::Driver("stream capture returned no graph".into()))?;
+    let graph = graph?.ok_or(CudaError::NoGraph)?;
     graph.upload()?;
     Ok(graph)
 }

@@ -260,9 +260,9 @@ fn compile_uncached(
     arch: &str,
     options: Vec<String>,
 ) -> Result<CompiledProgram, CudaError> {
-    let src = CString::new(text).map_err(|_| CudaError::Nvrtc(format!("{program} contains a NUL byte")))?;
-    let name =
-        CString::new(program).map_err(|_| CudaError::Nvrtc(format!("program name {program:?} contains a NUL byte")))?;
+    let bad = |reason: &str| CudaError::BadProgram { program: program.into(), reason: reason.into() };
+    let src = CString::new(text).map_err(|_| bad("the text contains a NUL byte"))?;
+    let name = CString::new(program).map_err(|_| bad("the name contains a NUL byte"))?;
     let prog = Program(result::create_program(&src, Some(&name))?);
     // SAFETY: `prog` is a live program (destroyed on drop, after every use below); `src`
     // and `name` outlive it.
@@ -437,7 +437,7 @@ ptxas info    : Used 40 registers, used 1 barriers, 64 bytes smem\n";
     fn compile_fills_the_disk_cache_and_reads_it_back() {
         if !available() {
             assert!(
-                std::env::var("DOTS_MOE_REQUIRE_NVRTC").is_ok_and(|v| v == "1"),
+                !std::env::var("DOTS_MOE_REQUIRE_NVRTC").is_ok_and(|v| v == "1"),
                 "DOTS_MOE_REQUIRE_NVRTC=1 but NVRTC is missing"
             );
             eprintln!("skipped: no NVRTC library on the library path");
