@@ -51,7 +51,7 @@ pub fn run(_args: DoctorArgs) -> CliResult {
             .map(|a| a.iter().map(|x| format!("sm_{x}")).collect::<Vec<_>>().join(" "))
             .unwrap_or_default();
         println!("NVRTC: found, version {version}; targets: {archs}");
-        let arch = device_arch.unwrap_or_else(|| "sm_90a".to_string());
+        let arch = device_arch.unwrap_or_else(|| dots_moe::cuda::Arch::DEFAULT.to_string());
         let compiled: Result<usize, _> = super::kernels::kernel_files(&arch)
             .into_iter()
             .map(|s| nvrtc::compile(s, &arch).map(|c| c.kernels.len()))

@@ -13,7 +13,7 @@ use cudarc::nvrtc::{result, sys};
 use serde::Serialize;
 
 use crate::cuda::error::CudaError;
-use crate::cuda::source::KernelSource;
+use crate::cuda::source::{Header, KernelSource};
 
 /// Whether the NVRTC library can be loaded. Checked before any NVRTC call (cudarc panics
 /// on a missing library).
@@ -115,12 +115,16 @@ fn fnv1a(text: &str) -> u64 {
 pub fn compile(source: &KernelSource, arch: &str) -> Result<Arc<CompiledProgram>, CudaError> {
     require()?;
     let text = source.program();
-    let key =
-        CacheKey { program: source.name, source_hash: fnv1a(&text), arch: arch.to_string(), options: options(arch) };
+    let key = CacheKey {
+        program: source.name,
+        source_hash: fnv1a(&source.fingerprint()),
+        arch: arch.to_string(),
+        options: options(arch),
+    };
     if let Some(hit) = cache().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(hit.clone());
     }
-    let compiled = Arc::new(compile_uncached(source.name, &text, arch, key.options.clone())?);
+    let compiled = Arc::new(compile_uncached(source.name, &text, source.headers(), arch, key.options.clone())?);
     cache().lock().unwrap_or_else(|e| e.into_inner()).insert(key, compiled.clone());
     Ok(compiled)
 }
@@ -138,13 +142,36 @@ impl Drop for Program {
 fn compile_uncached(
     program: &'static str,
     text: &str,
+    headers: &[Header],
     arch: &str,
     options: Vec<String>,
 ) -> Result<CompiledProgram, CudaError> {
-    let src = CString::new(text).map_err(|_| CudaError::Nvrtc(format!("{program} contains a NUL byte")))?;
-    let name =
-        CString::new(program).map_err(|_| CudaError::Nvrtc(format!("program name {program:?} contains a NUL byte")))?;
-    let prog = Program(result::create_program(&src, Some(&name))?);
+    let c_string = |what: &str, s: &str| {
+        CString::new(s).map_err(|_| CudaError::Nvrtc(format!("{what} of {program} contains a NUL byte")))
+    };
+    let src = c_string("the text", text)?;
+    let name = c_string("the name", program)?;
+    // The headers, served in memory under the names the kernel files `#include`.
+    let header_texts = headers.iter().map(|h| c_string(h.name, h.text)).collect::<Result<Vec<_>, _>>()?;
+    let header_names = headers.iter().map(|h| c_string(h.name, h.name)).collect::<Result<Vec<_>, _>>()?;
+    let text_ptrs: Vec<*const std::ffi::c_char> = header_texts.iter().map(|s| s.as_ptr()).collect();
+    let name_ptrs: Vec<*const std::ffi::c_char> = header_names.iter().map(|s| s.as_ptr()).collect();
+    let mut raw = std::mem::MaybeUninit::uninit();
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call (NVRTC copies
+    // them); the two header arrays have `headers.len()` entries each.
+    unsafe {
+        sys::nvrtcCreateProgram(
+            raw.as_mut_ptr(),
+            src.as_ptr(),
+            name.as_ptr(),
+            headers.len() as i32,
+            text_ptrs.as_ptr(),
+            name_ptrs.as_ptr(),
+        )
+    }
+    .result()?;
+    // SAFETY: nvrtcCreateProgram succeeded, so it wrote the program handle.
+    let prog = Program(unsafe { raw.assume_init() });
     // SAFETY: `prog` is a live program (destroyed on drop, after every use below); `src`
     // and `name` outlive it.
     let compiled = unsafe { result::compile_program(prog.0, &options) };
