@@ -1,5 +1,4 @@
-// combine.cu: step 5 of the MoE contract (src/moe/combine.rs). Compiled with common.cu
-// prepended.
+// combine.cu: step 5 of the MoE contract (src/moe/combine.rs). Includes common.cuh.
 //
 // moe_combine   out [T, H] (f32) = per token, the sum of its S already-weighted expert rows
 //               expert_rows [T S, H] (f32, permuted order), read through pair_rows [T S]
@@ -10,6 +9,8 @@
 //   j = 0..S-1, starting from 0.0f, one f32 add per slot: exactly the CPU's sum, so the
 //   output is bit-identical to it and run to run. No atomics; a token's output depends on
 //   its own rows only. Bytes: 4 T S H read + 4 T H written + 4 T S. FLOPs: T S H adds.
+
+#include "common.cuh"
 
 #define COMBINE_THREADS 256
 #define COMBINE_MAX_SLOTS 64

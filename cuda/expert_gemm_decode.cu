@@ -1,8 +1,8 @@
 // expert_gemm_decode.cu: the expert GEMMs for slots with few rows (decode): every weight
 // byte of a used slot is streamed from memory exactly once, with the tokens as the narrow
 // dimension ("swap A and B": weights are the 16-row A operand of mma.sync m16n8k16, the
-// item's rows are its 8-column B operand). sm_80 and later (portable). Compiled as
-// common.cu + expert_gemm_common.cu + this file.
+// item's rows are its 8-column B operand). sm_80 and later (portable). Includes
+// expert_gemm.cuh.
 //
 // Grid (column blocks, item capacity), block DECODE_THREADS (4 warps), no shared memory.
 // blockIdx.y picks a decode item (slot e, rows row_begin..row_begin + rows, rows <= 64,
@@ -44,6 +44,8 @@
 // Requirements (checked by src/cuda/expert_gemm.rs): K % (DECODE_K_STEP * DECODE_UNROLL)
 // == 0 for both GEMMs (H % 128, I % 128), I % 32 and H % 64 for the column blocks,
 // 16-byte aligned rows.
+
+#include "expert_gemm.cuh"
 
 #define DECODE_WARPS 4
 #define DECODE_THREADS (DECODE_WARPS * 32)

@@ -1,7 +1,7 @@
 // expert_gemm_mma.cu: the expert GEMMs for slots with many rows on any card from sm_80 on
 // (the portable path): mma.sync m16n8k16 bf16 tensor cores, a MMA_STAGES-deep cp.async
-// pipeline through shared memory, ldmatrix fragments. Compiled as common.cu +
-// expert_gemm_common.cu + this file. On Hopper the wgmma kernels (expert_gemm_wgmma.cu)
+// pipeline through shared memory, ldmatrix fragments. Includes expert_gemm.cuh.
+// On Hopper the wgmma kernels (expert_gemm_wgmma.cu)
 // replace these; they remain runnable there to cross-check.
 //
 // Grid (column blocks, item capacity), block MMA_THREADS (8 warps), MMA_SHARED_BYTES of
@@ -38,6 +38,8 @@
 //
 // Requirements (src/cuda/expert_gemm.rs): H % MMA_BK == 0, I % MMA_BK == 0, I % 64 == 0,
 // H % 128 == 0, 16-byte aligned rows.
+
+#include "expert_gemm.cuh"
 
 #define MMA_BM 128
 #define MMA_BN 128
@@ -135,7 +137,7 @@ __device__ __forceinline__ void mma_mainloop(float acc[4][4][4], u32 smem, const
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
     moe_expert_up_mma(const u16* __restrict__ x, const u16* __restrict__ gate_up, const GemmItem* __restrict__ items,
                       const u32* __restrict__ item_counts, u32 hidden, u32 inter, u16* __restrict__ act) {
-    extern __shared__ __align__(128) unsigned char smem_buffer[];
+    DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
     if (blockIdx.y >= item_counts[COUNT_TILED]) return;
     const GemmItem item = items[blockIdx.y];
     const u32 n0 = blockIdx.x * (MMA_BN / 2);  // first act column of the CTA
@@ -172,7 +174,7 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
     moe_expert_down_mma(const u16* __restrict__ act, const u16* __restrict__ down,
                         const float* __restrict__ row_weights, const GemmItem* __restrict__ items,
                         const u32* __restrict__ item_counts, u32 hidden, u32 inter, float* __restrict__ y) {
-    extern __shared__ __align__(128) unsigned char smem_buffer[];
+    DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
     if (blockIdx.y >= item_counts[COUNT_TILED]) return;
     const GemmItem item = items[blockIdx.y];
     const u32 n0 = blockIdx.x * MMA_BN;  // first output column of the CTA

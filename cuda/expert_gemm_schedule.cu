@@ -1,6 +1,6 @@
 // expert_gemm_schedule.cu: the regime of every expert slot, chosen on the device from its
 // row count (no host sync), as lists of work items for the expert GEMM kernels.
-// Compiled as common.cu + expert_gemm_common.cu + this file.
+// Includes expert_gemm.cuh.
 //
 // moe_expert_schedule   expert_offsets [n_slots + 1] -> decode_items [decode_capacity],
 //                       tiled_items [tiled_capacity], item_counts [3]
@@ -22,6 +22,8 @@
 //
 //   Bytes: 4 (n_slots + 1) read, 16 per item + 12 written. FLOPs: none. One launch of one
 //   warp: a few microseconds of latency, no bandwidth.
+
+#include "expert_gemm.cuh"
 
 // Rows of one decode item at most (8 tiles of 8 tokens; expert_gemm_decode.cu).
 #define DECODE_ITEM_ROWS 64

@@ -1,7 +1,7 @@
 // expert_gemm_wgmma.cu: the expert GEMMs for slots with many rows on Hopper (sm_90a only):
 // wgmma.mma_async m64n256k16 bf16 -> f32, both operands from shared memory through matrix
 // descriptors (128-byte swizzle, K-major), fed by a WG_STAGES-deep cp.async pipeline.
-// Compiled as common.cu + expert_gemm_common.cu + this file, for sm_90a only (wgmma needs
+// Includes expert_gemm.cuh; for sm_90a only (wgmma needs
 // the architecture-specific target).
 //
 // Grid (column blocks, item capacity), block WG_THREADS = 2 warpgroups, WG_SHARED_BYTES of
@@ -51,6 +51,8 @@
 // Requirements (src/cuda/expert_gemm.rs): H % WG_BK == 0, I % WG_BK == 0, I % 128 == 0,
 // H % 256 == 0, 16-byte aligned rows, an sm_90a device.
 
+#include "expert_gemm.cuh"
+
 #define WG_BM 128
 #define WG_BN 256
 #define WG_BK 64
@@ -78,7 +80,7 @@ __device__ __forceinline__ u64 wgmma_desc(u32 smem_addr) {
     return (u64)((smem_addr & 0x3FFFFu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
 }
 
-#ifndef DOTS_MOE_EMULATE  // C++ models of these PTX wrappers: tests/emulate_gemm
+#ifndef DOTS_MOE_EMULATE  // C++ models of these PTX wrappers: tests/emulator
 
 __device__ __forceinline__ void wgmma_fence() {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -213,7 +215,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     moe_expert_up_wgmma(const u16* __restrict__ x, const u16* __restrict__ gate_up,
                         const GemmItem* __restrict__ items, const u32* __restrict__ item_counts, u32 hidden,
                         u32 inter, u16* __restrict__ act) {
-    extern __shared__ __align__(128) unsigned char smem_buffer[];
+    DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
     if (blockIdx.y >= item_counts[COUNT_TILED]) return;
     const GemmItem item = items[blockIdx.y];
     const u32 n0 = blockIdx.x * (WG_BN / 2);  // first act column of the CTA
@@ -244,7 +246,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     moe_expert_down_wgmma(const u16* __restrict__ act, const u16* __restrict__ down,
                           const float* __restrict__ row_weights, const GemmItem* __restrict__ items,
                           const u32* __restrict__ item_counts, u32 hidden, u32 inter, float* __restrict__ y) {
-    extern __shared__ __align__(128) unsigned char smem_buffer[];
+    DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
     if (blockIdx.y >= item_counts[COUNT_TILED]) return;
     const GemmItem item = items[blockIdx.y];
     const u32 n0 = blockIdx.x * WG_BN;  // first output column of the CTA

@@ -1,6 +1,6 @@
 // permute.cu: step 2 of the MoE contract (src/moe/permute.rs): the stable counting sort of
 // the (token, slot) pairs by slot, and the gather of hidden rows into permuted order.
-// Compiled with common.cu prepended. Pairs p = t * S + j are u32 (the host checks
+// Includes common.cuh. Pairs p = t * S + j are u32 (the host checks
 // T * S < 2^32); element offsets (row * H) are u64.
 //
 // moe_permute_rank      slot_ids [T * S] -> pair_ranks [T * S], tile_counts [n_tiles, n_slots],
@@ -29,13 +29,15 @@
 //   H % 8 != 0 it moves one element a thread. f32 -> bf16 rounds to nearest even, like
 //   cpu::f32_to_bf16. Bytes: T S H (sizeof(x) + sizeof(out)) + 4 T S. FLOPs: 0.
 
+#include "common.cuh"
+
 #define GATHER_THREADS 256
 
 extern "C" __global__ void __launch_bounds__(TILE_THREADS)
     moe_permute_rank(const u32* __restrict__ slot_ids, u32 tokens, u32 slots_per_token,
                      u32 n_slots, u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts,
                      u64* __restrict__ tile_status) {
-    extern __shared__ __align__(16) unsigned char smem[];
+    DECLARE_DYNAMIC_SMEM(smem, 16);
     const u32 S = slots_per_token;
     u32* ids = reinterpret_cast<u32*>(smem);
     u32* warp_counts = ids + TILE_TOKENS * S;
@@ -66,7 +68,7 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
                         u32 tokens, u32 slots_per_token, u32 n_slots, u32 n_tiles,
                         u32* __restrict__ expert_offsets, u32* __restrict__ row_pairs,
                         u32* __restrict__ pair_rows, float* __restrict__ row_weights) {
-    extern __shared__ __align__(16) unsigned char smem[];
+    DECLARE_DYNAMIC_SMEM(smem, 16);
     u32* base = reinterpret_cast<u32*>(smem);  // [n_slots]: earlier tiles' pairs, then row base
     u32* total = base + n_slots;               // [n_slots + 1]: slot totals, then offsets
 

@@ -1,5 +1,5 @@
 // route.cu: step 1 of the MoE contract (src/moe/route.rs), fused with the first half of
-// the permutation (src/moe/permute.rs). Compiled with common.cu prepended.
+// the permutation (src/moe/permute.rs). Includes common.cuh.
 //
 // moe_router_logits_<x>_<w>_e<EB>   logits [T, E] = fp32(x [T, H]) . fp32(w [E, H])^T
 //   grid (ceil(T / LOGIT_TOKENS), ceil(E / EB)), block LOGIT_THREADS (4 warps).
@@ -33,6 +33,8 @@
 //   id stays in range; tile_status records (token << 32 | expert) + 1 of the tile's first
 //   such token, 0 when the tile is clean. Bytes: 4 T E read, 12 T S + 4 n_tiles n_slots
 //   written. FLOPs: about 10 T E.
+
+#include "common.cuh"
 
 #define LOGIT_THREADS 128
 #define LOGIT_WARPS (LOGIT_THREADS / 32)
@@ -154,7 +156,7 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
                       u64* __restrict__ tile_status, u32 fuse_scatter,
                       u32* __restrict__ expert_offsets, u32* __restrict__ row_pairs,
                       u32* __restrict__ pair_rows, float* __restrict__ row_weights) {
-    extern __shared__ __align__(16) unsigned char smem[];
+    DECLARE_DYNAMIC_SMEM(smem, 16);
     const u32 S = top_k + n_shared;
     const u32 n_slots = experts + n_shared;
     const u32 warp = threadIdx.x >> 5;

@@ -512,16 +512,54 @@ pub mod testing {
     /// The environment variable that turns "no GPU, skipped" into a failure.
     pub const REQUIRE_GPU_ENV: &str = "DOTS_MOE_REQUIRE_GPU";
 
+    /// Something a test needs that a machine may lack. Without it the test (or its part)
+    /// is skipped with a message on stderr, unless its `DOTS_MOE_REQUIRE_*` variable is
+    /// `1`: then the absence is a failure. Every such variable is read here and nowhere
+    /// else.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Requirement {
+        /// A CUDA device with its driver (`DOTS_MOE_REQUIRE_GPU`; the GPU host sets it).
+        Gpu,
+        /// The NVRTC library, and the SASS tools for the SASS checks
+        /// (`DOTS_MOE_REQUIRE_NVRTC`; CI and the GPU host set it).
+        Nvrtc,
+        /// A C++20 compiler for the CPU emulator of the kernels (`DOTS_MOE_REQUIRE_EMULATOR`;
+        /// CI sets it).
+        Emulator,
+    }
+
+    impl Requirement {
+        /// Its environment variable.
+        pub fn env(self) -> &'static str {
+            match self {
+                Requirement::Gpu => REQUIRE_GPU_ENV,
+                Requirement::Nvrtc => "DOTS_MOE_REQUIRE_NVRTC",
+                Requirement::Emulator => "DOTS_MOE_REQUIRE_EMULATOR",
+            }
+        }
+
+        /// Whether its variable is `1`.
+        pub fn required(self) -> bool {
+            std::env::var(self.env()).is_ok_and(|v| v == "1")
+        }
+
+        /// Reports that `test` skips (its part needing this) because of `why`; panics
+        /// instead when it is required.
+        pub fn skip_or_fail(self, test: &str, why: &str) {
+            assert!(!self.required(), "{test}: {}=1 but {why}", self.env());
+            eprintln!("{test}: skipped: {why} (set {}=1 to fail instead)", self.env());
+        }
+    }
+
     /// Whether `DOTS_MOE_REQUIRE_GPU=1`.
     pub fn gpu_required() -> bool {
-        std::env::var(REQUIRE_GPU_ENV).is_ok_and(|v| v == "1")
+        Requirement::Gpu.required()
     }
 
     /// Reports that `test` skips its GPU part because of `why`; panics instead when a GPU
     /// is required.
     pub fn skip_or_fail(test: &str, why: &str) {
-        assert!(!gpu_required(), "{test}: {REQUIRE_GPU_ENV}=1 but the GPU is unavailable: {why}");
-        eprintln!("{test}: GPU part skipped: {why}");
+        Requirement::Gpu.skip_or_fail(test, &format!("the GPU is unavailable: {why}"));
     }
 
     /// Every backend to run `test` on: the CPU, and CUDA when it opens (see the module).

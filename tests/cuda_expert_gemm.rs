@@ -1,12 +1,16 @@
-//! GPU-vs-CPU tests of the grouped expert GEMMs alone (steps 3 and 4 of the contract):
-//! `dots_moe::cuda::expert_gemm::ExpertGemm` against `dots_moe::moe::grouped_experts`
-//! under `Precision::Bf16`, on fresh random inputs, for every way the work can be split
-//! (decode and tiled by row count, all tiled with `mma.sync`, all tiled with `wgmma` on
-//! sm_90a, batch-invariant).
+//! The grouped expert GEMMs alone (steps 3 and 4 of the contract) against
+//! `dots_moe::moe::grouped_experts` under `Precision::Bf16`, on every launcher
+//! (`tests/kernel_support`: the CPU emulator always, with its C++ models of `mma.sync`,
+//! `ldmatrix`, `cp.async` and `wgmma` written from the PTX ISA; the GPU when one opens),
+//! running the launches `ExpertGemm` makes, on fresh random inputs, for every way the work
+//! can be split (decode and tiled by row count, all tiled with `mma.sync`, all tiled with
+//! `wgmma` on sm_90a and on the emulator, batch-invariant).
 //!
-//! - sizes: the row counts of T = 1, 3, 17, 256 and 4099 tokens under uniform routing; a
-//!   skewed batch (one slot with most rows, many empty); counts on every regime boundary
-//!   (8/9, 16/17, 32/33, 64/65 rows of the decode tiles, 128/129 of the tiled ones);
+//! - sizes: on the GPU the row counts of T = 1, 3, 17, 256 and 4099 tokens under uniform
+//!   routing, a skewed batch (one slot with most rows, many empty), counts on every regime
+//!   boundary (8/9, 16/17, 32/33, 64/65 rows of the decode tiles, 128/129 of the tiled
+//!   ones); on the emulator (one thread per CUDA thread) T = 1 and 17 and one count of
+//!   every decode tile class and of one and two tiles; K = 512 makes the stage rings wrap;
 //! - relative error `||gpu - cpu|| / ||cpu|| <= 1e-2` for the weighted rows `y` and the
 //!   activation (a test-local reference of GEMM 1);
 //! - outputs poisoned (NaN) before every run: an element no kernel writes fails;
@@ -14,22 +18,22 @@
 //!   same row inside a batch, bit for bit;
 //! - the shared slots sum to the unfused shared MLP (width `S * I`).
 //!
-//! Without a GPU every test reports that it was skipped; `DOTS_MOE_REQUIRE_GPU=1` makes
-//! that a failure.
+//! Without a GPU its half is skipped (`DOTS_MOE_REQUIRE_GPU=1` makes that a failure);
+//! without a C++ compiler the emulator's (`DOTS_MOE_REQUIRE_EMULATOR=1`).
 #![cfg(feature = "cuda")]
 
 mod gemm_support;
-
-use std::sync::Arc;
+mod kernel_support;
 
 use dots_moe::config::{MoeConfig, RouterConfig};
 use dots_moe::cpu::Isa;
-use dots_moe::cuda::expert_gemm::{DeviceExpertWeights, ExpertGemm, GemmOptions};
-use dots_moe::cuda::{DeviceBuffer, DeviceTensor, GpuContext};
+use dots_moe::cuda::Arch;
+use dots_moe::cuda::expert_gemm::{self, GemmOptions, GemmPtrs, ITEM_WORDS};
 use dots_moe::moe::{MoeWeights, Permutation, Precision, grouped_experts};
 use dots_moe::tensor::{Dtype, TensorView};
-use gemm_support::{all_options, assert_close, bits, random_bf16, rng};
+use gemm_support::{all_options_for, assert_close, bits, random_bf16, rng};
 use half::bf16;
+use kernel_support::Device;
 use rand::Rng;
 use rand::seq::index::sample;
 use rayon::prelude::*;
@@ -154,30 +158,63 @@ fn cpu_activation(weights: &MoeWeights, case: &Case) -> Vec<f32> {
     act
 }
 
-/// What one GPU run returns.
-struct GpuRun {
+/// What one run returns.
+struct Run {
     act: Vec<f32>,
     y: Vec<f32>,
     items: (usize, usize),
 }
 
-fn run_gpu(gpu: &Arc<GpuContext>, dev: &DeviceExpertWeights, options: GemmOptions, case: &Case) -> GpuRun {
-    let gemm = ExpertGemm::new(gpu, options).unwrap();
+/// The weights on a launcher: `(gate_up, down)` addresses.
+fn upload_weights(dev: &Device, weights: &MoeWeights) -> (u64, u64) {
+    let (TensorView::Bf16(gate_up), TensorView::Bf16(down)) = (weights.gate_up(), weights.down()) else { panic!() };
+    (dev.upload(gate_up), dev.upload(down))
+}
+
+/// Schedule, GEMM 1, GEMM 2 as `ExpertGemm::run` queues them, every output poisoned.
+fn run(dev: &Device, options: GemmOptions, weights: &MoeWeights, case: &Case) -> Run {
+    let dev = dev.fresh();
+    let (gate_up, down) = upload_weights(&dev, weights);
     let rows = case.rows();
-    let mut ws = gemm.workspace(dev, rows).unwrap();
-    let offsets = DeviceBuffer::upload(gpu, "expert_offsets", &case.perm.expert_offsets, &[N_SLOTS + 1]).unwrap();
-    let x = DeviceTensor::upload(gpu, "x", TensorView::Bf16(&case.x), &[rows, H]).unwrap();
-    let row_weights = DeviceBuffer::upload(gpu, "row_weights", &case.row_weights, &[rows]).unwrap();
-    let mut y = DeviceBuffer::<f32>::zeros(gpu, &[rows, H]).unwrap();
-    for buffer in [&mut ws.decode_items, &mut ws.tiled_items, &mut ws.item_counts] {
-        buffer.poison().unwrap();
+    let (decode_capacity, tiled_capacity) = options.capacities(rows, N_SLOTS);
+    let ws = GemmPtrs {
+        decode_items: dev.poisoned(4 * ITEM_WORDS * decode_capacity),
+        tiled_items: dev.poisoned(4 * ITEM_WORDS * tiled_capacity),
+        item_counts: dev.poisoned(4 * 3),
+        act: dev.poisoned(2 * rows * I),
+        decode_capacity,
+        tiled_capacity,
+    };
+    let offsets = dev.upload(&case.perm.expert_offsets);
+    let x = dev.upload(&case.x);
+    let row_weights = dev.upload(&case.row_weights);
+    let y = dev.poisoned(4 * rows * H);
+    dev.run(Some(expert_gemm::schedule_launch(&options, offsets, N_SLOTS, &ws).unwrap()));
+    for l in expert_gemm::up_launches(&options, x, gate_up, H, I, &ws).unwrap() {
+        dev.run(Some(l));
     }
-    ws.act.poison().unwrap();
-    y.poison().unwrap();
-    gemm.run(dev, &offsets, &x, &row_weights, &mut ws, &mut y).unwrap();
-    let items = ws.read_item_counts().unwrap();
-    let act = ws.act.download().unwrap().iter().map(|v| v.to_f32()).collect();
-    GpuRun { act, y: y.download().unwrap(), items }
+    for l in expert_gemm::down_launches(&options, down, row_weights, y, H, I, &ws).unwrap() {
+        dev.run(Some(l));
+    }
+    let counts: Vec<u32> = dev.download(ws.item_counts, 3);
+    assert_eq!(counts[2], 0, "{}: an item list overflowed", dev.name());
+    let act: Vec<half::bf16> = dev.download(ws.act, rows * I);
+    Run {
+        act: act.iter().map(|v| v.to_f32()).collect(),
+        y: dev.download(y, rows * H),
+        items: (counts[0] as usize, counts[1] as usize),
+    }
+}
+
+/// Every way the work can be split on `dev` (the emulator runs the `sm_90a` set).
+fn options(dev: &Device) -> Vec<(&'static str, GemmOptions)> {
+    match dev {
+        Device::Gpu { gpu, .. } => all_options_for(gpu.target()),
+        // The emulator: one of each kernel path (it runs one thread per CUDA thread).
+        Device::Emulator(_) => {
+            all_options_for(Arch::SM_90A).into_iter().filter(|(label, _)| *label != "default-mma").collect()
+        }
+    }
 }
 
 /// The items the schedule must have made, by its documented rule.
@@ -195,112 +232,143 @@ fn expected_items(options: &GemmOptions, counts: &[usize]) -> (usize, usize) {
     (decode, tiled)
 }
 
-fn check_case(gpu: &Arc<GpuContext>, weights: &MoeWeights, dev: &DeviceExpertWeights, name: &str, case: &Case) {
+fn check_case(dev: &Device, weights: &MoeWeights, name: &str, case: &Case) {
     let want_y = cpu_rows(weights, case);
     let want_act = cpu_activation(weights, case);
-    for (label, options) in all_options(gpu) {
-        let run = run_gpu(gpu, dev, options, case);
-        assert_eq!(run.items, expected_items(&options, &case.counts), "{name} / {label}: work items");
-        assert_close(&format!("{name} / {label}: activation"), &run.act, &want_act);
-        assert_close(&format!("{name} / {label}: weighted rows"), &run.y, &want_y);
+    for (label, options) in options(dev) {
+        let run = run(dev, options, weights, case);
+        let name = format!("{}: {name} / {label}", dev.name());
+        assert_eq!(run.items, expected_items(&options, &case.counts), "{name}: work items");
+        assert_close(&format!("{name}: activation"), &run.act, &want_act);
+        assert_close(&format!("{name}: weighted rows"), &run.y, &want_y);
     }
 }
 
-fn setup(test: &str) -> Option<(Arc<GpuContext>, MoeWeights, DeviceExpertWeights)> {
-    let gpu = gemm_support::gpu(test)?;
-    let weights = weights();
-    let dev = DeviceExpertWeights::upload(&gpu, &weights).unwrap();
-    Some((gpu, weights, dev))
+/// One count of every decode tile class (1, 9, 20, 33 rows) and of one- and two-tile slots
+/// (70, 129), the rest empty: the emulator's regime coverage.
+fn emulator_counts() -> Vec<usize> {
+    let mut counts = vec![0usize; N_SLOTS];
+    counts[..8].copy_from_slice(&[0, 1, 9, 20, 33, 70, 129, 2]);
+    counts
 }
 
 #[test]
 fn gemm_matches_cpu_at_every_size() {
-    let Some((gpu, weights, dev)) = setup("gemm_matches_cpu_at_every_size") else { return };
-    for tokens in [1, 3, 17, 256, 4099] {
-        let case = Case::from_counts(&uniform_counts(tokens, tokens as u64), 100 + tokens as u64);
-        check_case(&gpu, &weights, &dev, &format!("T = {tokens}"), &case);
+    let weights = weights();
+    for dev in Device::all("gemm_matches_cpu_at_every_size") {
+        for &tokens in dev.pick(&[1, 3, 17, 256, 4099][..], &[1]) {
+            let case = Case::from_counts(&uniform_counts(tokens, tokens as u64), 100 + tokens as u64);
+            check_case(&dev, &weights, &format!("T = {tokens}"), &case);
+        }
     }
 }
 
 #[test]
 fn gemm_matches_cpu_with_skewed_and_boundary_counts() {
-    let Some((gpu, weights, dev)) = setup("gemm_matches_cpu_with_skewed_and_boundary_counts") else { return };
-    check_case(&gpu, &weights, &dev, "skewed", &Case::from_counts(&skewed_counts(), 7));
-    check_case(&gpu, &weights, &dev, "boundaries", &Case::from_counts(&boundary_counts(), 8));
+    let weights = weights();
+    for dev in Device::all("gemm_matches_cpu_with_skewed_and_boundary_counts") {
+        if dev.is_gpu() {
+            check_case(&dev, &weights, "skewed", &Case::from_counts(&skewed_counts(), 7));
+            check_case(&dev, &weights, "boundaries", &Case::from_counts(&boundary_counts(), 8));
+        } else {
+            check_case(&dev, &weights, "every tile class", &Case::from_counts(&emulator_counts(), 8));
+        }
+    }
 }
 
 #[test]
 fn gemm_is_bit_identical_run_to_run() {
-    let Some((gpu, _weights, dev)) = setup("gemm_is_bit_identical_run_to_run") else { return };
-    for case in [Case::from_counts(&boundary_counts(), 9), Case::from_counts(&uniform_counts(256, 1), 10)] {
-        for (label, options) in all_options(&gpu) {
-            let a = run_gpu(&gpu, &dev, options, &case);
-            let b = run_gpu(&gpu, &dev, options, &case);
-            assert!(bits(&a.y) == bits(&b.y), "{label}: weighted rows differ between two runs");
-            assert!(bits(&a.act) == bits(&b.act), "{label}: activations differ between two runs");
+    let weights = weights();
+    for dev in Device::all("gemm_is_bit_identical_run_to_run") {
+        let cases = if dev.is_gpu() {
+            vec![Case::from_counts(&boundary_counts(), 9), Case::from_counts(&uniform_counts(256, 1), 10)]
+        } else {
+            // The emulator is deterministic by construction: nothing to learn.
+            vec![]
+        };
+        for case in cases {
+            for (label, options) in options(&dev) {
+                let a = run(&dev, options, &weights, &case);
+                let b = run(&dev, options, &weights, &case);
+                assert!(bits(&a.y) == bits(&b.y), "{}: {label}: weighted rows differ between two runs", dev.name());
+                assert!(bits(&a.act) == bits(&b.act), "{}: {label}: activations differ between two runs", dev.name());
+            }
         }
     }
 }
 
 #[test]
 fn batch_invariant_rows_do_not_depend_on_the_batch() {
-    let Some((gpu, _weights, dev)) = setup("batch_invariant_rows_do_not_depend_on_the_batch") else { return };
-    let options = GemmOptions::for_device(&gpu).batch_invariant();
-    let batch = Case::from_counts(&boundary_counts(), 11);
-    let full = run_gpu(&gpu, &dev, options, &batch);
-    let mut r = rng(12);
-    // Rows of slots with 1, 9, 65, 129 and 300 rows (several chunks), computed alone.
-    for slot in [1usize, 4, 11, 14, 15] {
-        let begin = batch.perm.expert_offsets[slot] as usize;
-        let row = begin + r.random_range(0..batch.counts[slot]);
-        let mut counts = vec![0usize; N_SLOTS];
-        counts[slot] = 1;
-        let mut alone = Case::from_counts(&counts, 0);
-        alone.x.copy_from_slice(&batch.x[row * H..(row + 1) * H]);
-        alone.row_weights[0] = batch.row_weights[row];
-        let single = run_gpu(&gpu, &dev, options, &alone);
-        assert!(
-            bits(&single.y) == bits(&full.y[row * H..(row + 1) * H]),
-            "slot {slot}, row {row}: alone and inside the batch differ"
-        );
-        assert!(bits(&single.act) == bits(&full.act[row * I..(row + 1) * I]), "slot {slot}, row {row}: activation");
+    let weights = weights();
+    for dev in Device::all("batch_invariant_rows_do_not_depend_on_the_batch") {
+        let options = options(&dev)[0].1.batch_invariant();
+        let (batch, slots) = if dev.is_gpu() {
+            // Rows of slots with 1, 9, 65, 129 and 300 rows (several chunks), computed alone.
+            (Case::from_counts(&boundary_counts(), 11), vec![1usize, 4, 11, 14, 15])
+        } else {
+            // Slots with 9 and 70 rows (two decode chunks).
+            let mut counts = vec![0usize; N_SLOTS];
+            counts[2] = 9;
+            counts[5] = 70;
+            (Case::from_counts(&counts, 11), vec![2usize, 5])
+        };
+        let full = run(&dev, options, &weights, &batch);
+        let mut r = rng(12);
+        for slot in slots {
+            let begin = batch.perm.expert_offsets[slot] as usize;
+            let row = begin + r.random_range(0..batch.counts[slot]);
+            let mut counts = vec![0usize; N_SLOTS];
+            counts[slot] = 1;
+            let mut alone = Case::from_counts(&counts, 0);
+            alone.x.copy_from_slice(&batch.x[row * H..(row + 1) * H]);
+            alone.row_weights[0] = batch.row_weights[row];
+            let single = run(&dev, options, &weights, &alone);
+            let what = format!("{}: slot {slot}, row {row}", dev.name());
+            assert!(
+                bits(&single.y) == bits(&full.y[row * H..(row + 1) * H]),
+                "{what}: alone and inside the batch differ"
+            );
+            assert!(bits(&single.act) == bits(&full.act[row * I..(row + 1) * I]), "{what}: activation");
+        }
     }
 }
 
 #[test]
 fn shared_slots_equal_the_unfused_shared_mlp() {
-    let Some((gpu, weights, dev)) = setup("shared_slots_equal_the_unfused_shared_mlp") else { return };
-    let tokens = 70;
-    let mut counts = vec![0usize; N_SLOTS];
-    counts[E..].iter_mut().for_each(|c| *c = tokens);
-    let mut case = Case::from_counts(&counts, 13);
-    // The same token rows in both shared slots.
-    let (first, rest) = case.x.split_at_mut(tokens * H);
-    rest.copy_from_slice(first);
-    // The unfused shared MLP of width S * I, from the checkpoint-shaped tensors the slots
-    // were split from: gate / up [S I, H] (slot rows stacked), down [H, S I].
-    let (TensorView::Bf16(gate_up), TensorView::Bf16(down)) = (weights.gate_up(), weights.down()) else { panic!() };
-    let f = |v: bf16| v.to_f32();
-    let mut want = vec![0.0f32; tokens * H];
-    want.par_chunks_mut(H).enumerate().for_each(|(t, out)| {
-        let x = &case.x[t * H..(t + 1) * H];
-        let mut a = vec![0.0f32; S * I];
-        for (j, aj) in a.iter_mut().enumerate() {
-            let (slot, i) = (E + j / I, j % I);
-            let base = slot * 2 * I * H;
-            let dot =
-                |row: usize| -> f32 { x.iter().zip(&gate_up[base + row * H..]).map(|(p, q)| f(*p) * f(*q)).sum() };
-            let (g, u) = (dot(i), dot(I + i));
-            *aj = bf16::from_f32(g / (1.0 + (-g).exp()) * u).to_f32();
+    let weights = weights();
+    for dev in Device::all("shared_slots_equal_the_unfused_shared_mlp") {
+        let tokens = dev.pick(70, 8);
+        let mut counts = vec![0usize; N_SLOTS];
+        counts[E..].iter_mut().for_each(|c| *c = tokens);
+        let mut case = Case::from_counts(&counts, 13);
+        // The same token rows in both shared slots.
+        let (first, rest) = case.x.split_at_mut(tokens * H);
+        rest.copy_from_slice(first);
+        // The unfused shared MLP of width S * I, from the checkpoint-shaped tensors the
+        // slots were split from: gate / up [S I, H] (slot rows stacked), down [H, S I].
+        let (TensorView::Bf16(gate_up), TensorView::Bf16(down)) = (weights.gate_up(), weights.down()) else { panic!() };
+        let f = |v: bf16| v.to_f32();
+        let mut want = vec![0.0f32; tokens * H];
+        want.par_chunks_mut(H).enumerate().for_each(|(t, out)| {
+            let x = &case.x[t * H..(t + 1) * H];
+            let mut a = vec![0.0f32; S * I];
+            for (j, aj) in a.iter_mut().enumerate() {
+                let (slot, i) = (E + j / I, j % I);
+                let base = slot * 2 * I * H;
+                let dot =
+                    |row: usize| -> f32 { x.iter().zip(&gate_up[base + row * H..]).map(|(p, q)| f(*p) * f(*q)).sum() };
+                let (g, u) = (dot(i), dot(I + i));
+                *aj = bf16::from_f32(g / (1.0 + (-g).exp()) * u).to_f32();
+            }
+            for (h, o) in out.iter_mut().enumerate() {
+                // down_shared[h][j] = slot (E + j / I)'s down[h][j % I].
+                *o = (0..S * I).map(|j| a[j] * f(down[(E + j / I) * H * I + h * I + j % I])).sum();
+            }
+        });
+        for (label, options) in options(&dev) {
+            let run = run(&dev, options, &weights, &case);
+            let fused: Vec<f32> = (0..tokens * H).map(|i| run.y[i] + run.y[tokens * H + i]).collect();
+            assert_close(&format!("{}: {label}: fused shared slots vs unfused shared MLP", dev.name()), &fused, &want);
         }
-        for (h, o) in out.iter_mut().enumerate() {
-            // down_shared[h][j] = slot (E + j / I)'s down[h][j % I].
-            *o = (0..S * I).map(|j| a[j] * f(down[(E + j / I) * H * I + h * I + j % I])).sum();
-        }
-    });
-    for (label, options) in all_options(&gpu) {
-        let run = run_gpu(&gpu, &dev, options, &case);
-        let fused: Vec<f32> = (0..tokens * H).map(|i| run.y[i] + run.y[tokens * H + i]).collect();
-        assert_close(&format!("{label}: fused shared slots vs unfused shared MLP"), &fused, &want);
     }
 }

@@ -1,7 +1,12 @@
-//! GPU-vs-CPU tests of every MoE kernel on fresh random inputs, at T = 0, 1, 3, 17, 256
-//! and 4099 tokens and with skewed routing (experts with no tokens, one expert with most).
-//! Output buffers are poisoned (0xff bytes: NaN, u32::MAX) before each run, so an element a
-//! kernel fails to write fails the comparison.
+//! The MoE kernels (router logits, selection, permutation, gather, combine) against the
+//! CPU reference, on every launcher (`tests/kernel_support`): the CPU emulator of the
+//! kernels always, the GPU when one opens. Both run the launches `MoeKernels` makes (the
+//! library's `*_launch` functions), with fresh random inputs; sizes per launcher (the GPU:
+//! T = 0, 1, 3, 17, 256 and 4099 tokens at dots.llm1's widths; the emulator, which runs one
+//! thread per CUDA thread: fewer and narrower, still over one and several tiles) and with
+//! skewed routing (experts with no tokens, one expert with most). Output buffers are
+//! poisoned (0xff bytes: NaN, u32::MAX) before each run, so an element a kernel fails to
+//! write fails the comparison.
 //!
 //! What "identical" means where the two sides compute differently:
 //! - The router's scores use `exp`: the GPU's (double precision, rounded) and glibc's
@@ -16,26 +21,29 @@
 //!   requires identical ids, weights within 1e-5 and logits within 1e-5 of sum |x w|.
 //! - Permutation, gather and combine are integer or exactly specified float work: bit-identical.
 //!
-//! Without a GPU every test reports that it was skipped; `DOTS_MOE_REQUIRE_GPU=1` makes
-//! that a failure.
+//! Without a GPU its half is skipped (`DOTS_MOE_REQUIRE_GPU=1` makes that a failure);
+//! without a C++ compiler the emulator's (`DOTS_MOE_REQUIRE_EMULATOR=1` makes that a failure).
 #![cfg(feature = "cuda")]
 
-use std::sync::Arc;
+mod kernel_support;
 
 use dots_moe::backend::testing;
 use dots_moe::config::{MoeConfig, RouterConfig, Scoring};
-use dots_moe::cuda::{DeviceBuffer, DeviceRouter, DeviceTensor, GpuContext, MoeKernels, MoeWorkspace};
+use dots_moe::cuda::launch::{Launch, LaunchDims};
+use dots_moe::cuda::moe::{self, WorkspaceDims, WorkspacePtrs, tiles};
+use dots_moe::cuda::workspace::{permute_status, router_status};
+use dots_moe::cuda::{DeviceBuffer, DeviceRouter, DeviceTensor, MoeWorkspace};
 use dots_moe::moe::route::sigmoid;
 use dots_moe::moe::{Permutation, combine, gather_bf16, gather_f32, permute, route_logits, router_logits};
 use dots_moe::tensor::{Dtype, TensorView};
 use half::bf16;
+use kernel_support::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const SIZES: &[usize] = &[0, 1, 3, 17, 256, 4099];
-
-fn gpu(test: &str) -> Option<(Arc<GpuContext>, MoeKernels)> {
-    testing::gpu(test)
+/// Token counts: every size class on the GPU; on the emulator, one and several tiles.
+fn sizes(dev: &Device) -> &'static [usize] {
+    dev.pick(&[0, 1, 3, 17, 256, 4099], &[1, 40])
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -155,266 +163,435 @@ fn router_cases() -> Vec<RouterCase> {
     ]
 }
 
-/// Selection (+ scatter beyond one tile) on the GPU from given logits; returns the workspace.
-fn gpu_select(
-    gpu: &GpuContext,
-    kernels: &MoeKernels,
+/// A routing workspace on a launcher: every buffer poisoned, at the addresses the launches
+/// take.
+struct Ws<'a> {
+    dev: &'a Device,
+    ptrs: WorkspacePtrs,
+    dims: WorkspaceDims,
+    n_experts: usize,
+}
+
+impl<'a> Ws<'a> {
+    fn new(dev: &'a Device, tokens: usize, n_experts: usize, s: usize, n_slots: usize) -> Self {
+        let pairs = tokens * s;
+        let ptrs = WorkspacePtrs {
+            logits: dev.poisoned(4 * tokens * n_experts),
+            slot_ids: dev.poisoned(4 * pairs),
+            slot_weights: dev.poisoned(4 * pairs),
+            pair_ranks: dev.poisoned(4 * pairs),
+            tile_counts: dev.poisoned(4 * tiles(tokens) * n_slots),
+            tile_status: dev.poisoned(8 * tiles(tokens)),
+            expert_offsets: dev.poisoned(4 * (n_slots + 1)),
+            row_pairs: dev.poisoned(4 * pairs),
+            pair_rows: dev.poisoned(4 * pairs),
+            row_weights: dev.poisoned(4 * pairs),
+        };
+        Ws { dev, ptrs, dims: WorkspaceDims { tokens, slots_per_token: s, n_slots }, n_experts }
+    }
+
+    fn pairs(&self) -> usize {
+        self.dims.tokens * self.dims.slots_per_token
+    }
+
+    /// The selection, then the scatter beyond one tile, as `MoeKernels::route` runs them.
+    fn select(&self, cfg: &RouterConfig, n_shared: usize, bias: u64) {
+        self.dev.run(moe::select_launch(cfg, n_shared, bias, &self.ptrs, &self.dims).unwrap());
+        if tiles(self.dims.tokens) != 1 {
+            self.dev.run(moe::scatter_launch(&self.ptrs, &self.dims).unwrap());
+        }
+    }
+
+    /// Rank, then scatter, as `MoeKernels::permute` runs them.
+    fn permute(&self) {
+        self.dev.run(moe::rank_launch(&self.ptrs, &self.dims).unwrap());
+        self.dev.run(moe::scatter_launch(&self.ptrs, &self.dims).unwrap());
+    }
+
+    fn ids(&self) -> Vec<u32> {
+        self.dev.download(self.ptrs.slot_ids, self.pairs())
+    }
+    fn weights(&self) -> Vec<f32> {
+        self.dev.download(self.ptrs.slot_weights, self.pairs())
+    }
+    fn logits(&self) -> Vec<f32> {
+        self.dev.download(self.ptrs.logits, self.dims.tokens * self.n_experts)
+    }
+    fn status(&self) -> Vec<u64> {
+        self.dev.download(self.ptrs.tile_status, tiles(self.dims.tokens))
+    }
+    fn permutation(&self) -> Permutation {
+        let (t, s) = (self.dims.tokens, self.dims.slots_per_token);
+        Permutation {
+            tokens: t,
+            slots_per_token: s,
+            expert_offsets: self.dev.download(self.ptrs.expert_offsets, self.dims.n_slots + 1),
+            row_pairs: self.dev.download(self.ptrs.row_pairs, t * s),
+            pair_rows: self.dev.download(self.ptrs.pair_rows, t * s),
+        }
+    }
+    fn router_error(&self) -> Result<(), String> {
+        router_status(&self.status(), &self.logits(), self.n_experts).map_err(|e| e.to_string())
+    }
+    fn permute_error(&self) -> Result<(), String> {
+        permute_status(&self.status(), &self.ids(), self.dims.slots_per_token, self.dims.n_slots)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Selection (+ scatter beyond one tile) from given logits.
+fn select<'a>(
+    dev: &'a Device,
     cfg: &RouterConfig,
     n_shared: usize,
     logits: &[f32],
     tokens: usize,
     bias: Option<&[f32]>,
-) -> MoeWorkspace {
-    let router = DeviceRouter::selection_only(gpu, cfg, n_shared, bias).unwrap();
-    let mut ws = MoeWorkspace::for_router(gpu, &router, tokens).unwrap();
-    ws.poison().unwrap();
-    ws.logits.copy_from_host("logits", logits).unwrap();
-    kernels.router_select(&router, &mut ws).unwrap();
-    // As MoeKernels::route: a single tile is scattered by the selection itself.
-    if dots_moe::cuda::moe::tiles(tokens) != 1 {
-        kernels.permute_scatter(&mut ws).unwrap();
-    }
+) -> Ws<'a> {
+    let ws = Ws::new(dev, tokens, cfg.n_experts, cfg.top_k + n_shared, cfg.n_experts + n_shared);
+    let ws = Ws { ptrs: WorkspacePtrs { logits: dev.upload(logits), ..ws.ptrs }, ..ws };
+    let bias = bias.map_or(0, |b| dev.upload(b));
+    ws.select(cfg, n_shared, bias);
     ws
 }
 
-fn assert_close(gpu: &[f32], cpu: &[f32], rel: f32, what: &str) {
-    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
-    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
-        assert!((g - c).abs() <= rel * c.abs().max(f32::MIN_POSITIVE), "{what}[{i}]: GPU {g} vs CPU {c}");
+fn assert_close(got: &[f32], cpu: &[f32], rel: f32, what: &str) {
+    assert_eq!(got.len(), cpu.len(), "{what}: lengths");
+    for (i, (&g, &c)) in got.iter().zip(cpu).enumerate() {
+        assert!((g - c).abs() <= rel * c.abs().max(f32::MIN_POSITIVE), "{what}[{i}]: kernel {g} vs CPU {c}");
     }
 }
 
 /// Checks a workspace's routing and permutation against the CPU's slot ids and weights.
-fn check_routing(ws: &MoeWorkspace, cpu_ids: &[u32], cpu_w: &[f32], weight_tol: f32, what: &str) {
-    ws.check_status().unwrap_or_else(|e| panic!("{what}: {e}"));
-    let ids = ws.slot_ids.download().unwrap();
-    let weights = ws.slot_weights.download().unwrap();
+fn check_routing(ws: &Ws, cpu_ids: &[u32], cpu_w: &[f32], weight_tol: f32, what: &str) {
+    let what = format!("{}: {what}", ws.dev.name());
+    ws.router_error().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let ids = ws.ids();
+    let weights = ws.weights();
     if let Some(i) = ids.iter().zip(cpu_ids).position(|(g, c)| g != c) {
-        let s = ws.slots_per_token;
+        let s = ws.dims.slots_per_token;
         let t = i / s;
-        panic!("{what}: token {t}: GPU ids {:?}, CPU ids {:?}", &ids[t * s..(t + 1) * s], &cpu_ids[t * s..(t + 1) * s]);
+        panic!(
+            "{what}: token {t}: kernel ids {:?}, CPU ids {:?}",
+            &ids[t * s..(t + 1) * s],
+            &cpu_ids[t * s..(t + 1) * s]
+        );
     }
     assert_eq!(ids.len(), cpu_ids.len(), "{what}");
-    assert_close(&weights, cpu_w, weight_tol, what);
-    let perm = ws.read_permutation().unwrap();
-    let cpu_perm = permute(cpu_ids, ws.tokens, ws.slots_per_token, ws.n_slots).unwrap();
+    assert_close(&weights, cpu_w, weight_tol, &what);
+    let perm = ws.permutation();
+    let cpu_perm = permute(cpu_ids, ws.dims.tokens, ws.dims.slots_per_token, ws.dims.n_slots).unwrap();
     assert_eq!(perm, cpu_perm, "{what}: permutation");
-    let row_weights = ws.row_weights.download().unwrap();
+    let row_weights: Vec<f32> = ws.dev.download(ws.ptrs.row_weights, ws.pairs());
     let expected: Vec<f32> = perm.row_pairs.iter().map(|&p| weights[p as usize]).collect();
     assert_eq!(bits(&row_weights), bits(&expected), "{what}: row weights");
     // The router's per-tile counts add up to the offsets.
-    let counts = ws.tile_counts.download().unwrap();
-    for e in 0..ws.n_slots {
-        let total: u32 = counts.chunks_exact(ws.n_slots).map(|c| c[e]).sum();
+    let n_slots = ws.dims.n_slots;
+    let counts: Vec<u32> = ws.dev.download(ws.ptrs.tile_counts, tiles(ws.dims.tokens) * n_slots);
+    for e in 0..n_slots {
+        let total: u32 = counts.chunks_exact(n_slots).map(|c| c[e]).sum();
         assert_eq!(total, perm.expert_offsets[e + 1] - perm.expert_offsets[e], "{what}: count of slot {e}");
     }
 }
 
 #[test]
 fn router_selection_matches_the_cpu_given_the_same_logits() {
-    let Some((gpu, kernels)) = gpu("router_selection_matches_the_cpu_given_the_same_logits") else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(0x5e1ec7);
-    for case in router_cases() {
-        let e = case.cfg.n_experts;
-        let bias: Option<Vec<f32>> = case.bias.then(|| (0..e).map(|_| rng.random_range(-0.05..0.05)).collect());
-        for &tokens in SIZES {
-            let logits = separated_logits(&mut rng, &case.cfg, tokens, bias.as_deref(), 1e-5);
-            let ws = gpu_select(&gpu, &kernels, &case.cfg, case.n_shared, &logits, tokens, bias.as_deref());
-            let (cpu_ids, cpu_w) = cpu_slots(&case.cfg, case.n_shared, &logits, tokens, bias.as_deref());
-            check_routing(&ws, &cpu_ids, &cpu_w, 1e-6, &format!("{} T={tokens}", case.name));
+    for dev in Device::all("router_selection_matches_the_cpu_given_the_same_logits") {
+        let mut rng = ChaCha8Rng::seed_from_u64(0x5e1ec7);
+        for case in router_cases() {
+            let e = case.cfg.n_experts;
+            let bias: Option<Vec<f32>> = case.bias.then(|| (0..e).map(|_| rng.random_range(-0.05..0.05)).collect());
+            for &tokens in sizes(&dev) {
+                let logits = separated_logits(&mut rng, &case.cfg, tokens, bias.as_deref(), 1e-5);
+                let dev = dev.fresh();
+                let ws = select(&dev, &case.cfg, case.n_shared, &logits, tokens, bias.as_deref());
+                let (cpu_ids, cpu_w) = cpu_slots(&case.cfg, case.n_shared, &logits, tokens, bias.as_deref());
+                check_routing(&ws, &cpu_ids, &cpu_w, 1e-6, &format!("{} T={tokens}", case.name));
+            }
         }
     }
 }
 
 #[test]
 fn exact_ties_go_to_the_lower_index() {
-    let Some((gpu, kernels)) = gpu("exact_ties_go_to_the_lower_index") else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let cfg = RouterConfig::dots1();
-    for tokens in [1usize, 17, 256] {
-        // Few distinct logit values and a bias of few values: many exact ties.
-        let logits: Vec<f32> = (0..tokens * 128).map(|_| f32::from(rng.random_range(0u8..3)) * 0.5).collect();
-        let bias: Vec<f32> = (0..128).map(|i| if i % 7 == 0 { 0.25 } else { 0.0 }).collect();
-        for bias in [None, Some(bias.as_slice())] {
-            let ws = gpu_select(&gpu, &kernels, &cfg, 2, &logits, tokens, bias);
-            let (cpu_ids, cpu_w) = cpu_slots(&cfg, 2, &logits, tokens, bias);
-            check_routing(&ws, &cpu_ids, &cpu_w, 1e-6, &format!("ties T={tokens}"));
+    for dev in Device::all("exact_ties_go_to_the_lower_index") {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let cfg = RouterConfig::dots1();
+        for &tokens in dev.pick(&[1usize, 17, 256][..], &[1, 40]) {
+            // Few distinct logit values and a bias of few values: many exact ties.
+            let logits: Vec<f32> = (0..tokens * 128).map(|_| f32::from(rng.random_range(0u8..3)) * 0.5).collect();
+            let bias: Vec<f32> = (0..128).map(|i| if i % 7 == 0 { 0.25 } else { 0.0 }).collect();
+            for bias in [None, Some(bias.as_slice())] {
+                let dev = dev.fresh();
+                let ws = select(&dev, &cfg, 2, &logits, tokens, bias);
+                let (cpu_ids, cpu_w) = cpu_slots(&cfg, 2, &logits, tokens, bias);
+                check_routing(&ws, &cpu_ids, &cpu_w, 1e-6, &format!("ties T={tokens}"));
+            }
         }
+        // All-equal logits and no bias: every token picks experts 0..6 in index order.
+        let cfg = RouterConfig { n_experts: 70, top_k: 6, ..RouterConfig::dots1() };
+        let logits = vec![0.25f32; 40 * 70];
+        let ws = select(&dev, &cfg, 0, &logits, 40, None);
+        assert_eq!(&ws.ids()[..6], &[0, 1, 2, 3, 4, 5], "{}", dev.name());
+        assert_eq!(ws.ids(), cpu_slots(&cfg, 0, &logits, 40, None).0, "{}", dev.name());
     }
 }
 
 #[test]
 fn skewed_routing_leaves_experts_empty_or_crowded() {
-    let Some((gpu, kernels)) = gpu("skewed_routing_leaves_experts_empty_or_crowded") else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let cfg = RouterConfig::dots1();
-    for &tokens in SIZES {
-        // Expert 77 and experts 0..5 win for every token: the other 122 experts stay empty.
-        let mut bias = vec![-1.0f32; 128];
-        bias[77] = 2.0;
-        bias[..5].fill(0.5);
-        let logits = separated_logits(&mut rng, &cfg, tokens, Some(&bias), 1e-5);
-        let ws = gpu_select(&gpu, &kernels, &cfg, 2, &logits, tokens, Some(&bias));
-        let (cpu_ids, cpu_w) = cpu_slots(&cfg, 2, &logits, tokens, Some(&bias));
-        check_routing(&ws, &cpu_ids, &cpu_w, 1e-6, &format!("skewed T={tokens}"));
-        let perm = ws.read_permutation().unwrap();
-        assert_eq!(perm.expert_rows(77).len(), tokens);
+    for dev in Device::all("skewed_routing_leaves_experts_empty_or_crowded") {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let cfg = RouterConfig::dots1();
+        for &tokens in sizes(&dev) {
+            // Expert 77 and experts 0..5 win for every token: the other 122 experts stay empty.
+            let mut bias = vec![-1.0f32; 128];
+            bias[77] = 2.0;
+            bias[..5].fill(0.5);
+            let logits = separated_logits(&mut rng, &cfg, tokens, Some(&bias), 1e-5);
+            let dev = dev.fresh();
+            let ws = select(&dev, &cfg, 2, &logits, tokens, Some(&bias));
+            let (cpu_ids, cpu_w) = cpu_slots(&cfg, 2, &logits, tokens, Some(&bias));
+            check_routing(&ws, &cpu_ids, &cpu_w, 1e-6, &format!("skewed T={tokens}"));
+            assert_eq!(ws.permutation().expert_rows(77).len(), tokens);
+        }
     }
 }
 
 #[test]
 fn a_non_finite_logit_is_the_contract_error() {
-    let Some((gpu, kernels)) = gpu("a_non_finite_logit_is_the_contract_error") else { return };
-    let cfg = RouterConfig::dots1();
-    let mut logits = vec![0.1f32; 100 * 128];
-    logits[70 * 128 + 5] = f32::NAN;
-    logits[90 * 128 + 1] = f32::INFINITY;
-    let ws = gpu_select(&gpu, &kernels, &cfg, 2, &logits, 100, None);
-    let err = ws.check_status().unwrap_err().to_string();
-    let cpu = route_logits(&cfg, &logits, 100, None).unwrap_err().to_string();
-    assert_eq!(err, cpu);
+    for dev in Device::all("a_non_finite_logit_is_the_contract_error") {
+        let cfg = RouterConfig::dots1();
+        let mut logits = vec![0.1f32; 100 * 128];
+        logits[70 * 128 + 5] = f32::NAN;
+        logits[90 * 128 + 1] = f32::INFINITY;
+        let ws = select(&dev, &cfg, 2, &logits, 100, None);
+        let cpu = route_logits(&cfg, &logits, 100, None).unwrap_err().to_string();
+        assert_eq!(ws.router_error().unwrap_err(), cpu, "{}", dev.name());
+        // Only the bad tokens' tile reports, its first bad token as (token << 32 | expert) + 1.
+        assert_eq!(ws.status(), vec![0, 0, ((70u64 << 32) | 5) + 1, 0], "{}", dev.name());
+        // A bad token is still routed in range.
+        assert!(ws.ids().iter().all(|&i| i < 130));
+        assert_eq!(*ws.permutation().expert_offsets.last().unwrap() as usize, 100 * 8);
+    }
+}
+
+/// The config of the hidden -> ids tests: dots.llm1 on the GPU; on the emulator 256 wide
+/// with 24 experts, top 4 (one thread per CUDA thread: the logits kernel's grid is T x E).
+fn hidden_config(dev: &Device) -> MoeConfig {
+    let cfg = MoeConfig { moe_intermediate_size: 8, ..MoeConfig::dots1() };
+    let small = RouterConfig { n_experts: 24, top_k: 4, ..RouterConfig::dots1() };
+    MoeConfig { hidden_size: dev.pick(cfg.hidden_size, 256), router: dev.pick(cfg.router.clone(), small), ..cfg }
+}
+
+/// Token counts of the hidden -> ids tests on `dev`.
+fn hidden_sizes(dev: &Device) -> &'static [usize] {
+    dev.pick(&[0, 1, 3, 17, 256, 4099], &[0, 1, 40])
+}
+
+/// Router logits then selection and scatter (`MoeKernels::route`), from hidden states.
+fn route<'a>(
+    dev: &'a Device,
+    cfg: &MoeConfig,
+    gate: (u64, Dtype),
+    bias: u64,
+    host: TensorView<'_>,
+    tokens: usize,
+) -> Ws<'a> {
+    let (h, e) = (cfg.hidden_size, cfg.router.n_experts);
+    let x = match host {
+        TensorView::Bf16(x) => (dev.upload(x), Dtype::Bf16),
+        TensorView::F32(x) => (dev.upload(x), Dtype::F32),
+    };
+    let ws = Ws::new(dev, tokens, e, cfg.router.top_k + cfg.n_shared_experts, cfg.n_slots());
+    dev.run(moe::logits_launch(x, gate, ws.ptrs.logits, tokens, e, h).unwrap());
+    ws.select(&cfg.router, cfg.n_shared_experts, bias);
+    ws
 }
 
 #[test]
 fn hidden_to_ids_matches_the_cpu() {
-    let Some((gpu, kernels)) = gpu("hidden_to_ids_matches_the_cpu") else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let cfg = MoeConfig { moe_intermediate_size: 8, ..MoeConfig::dots1() };
-    let (h, e) = (cfg.hidden_size, cfg.router.n_experts);
-    let bound = (3.0 / h as f32).sqrt();
-    for dtype in [Dtype::Bf16, Dtype::F32] {
-        let gate_f: Vec<f32> = (0..e * h).map(|_| rng.random_range(-bound..bound)).collect();
-        let gate_b: Vec<bf16> = gate_f.iter().map(|&v| bf16::from_f32(v)).collect();
-        let gate = if dtype == Dtype::Bf16 { TensorView::Bf16(&gate_b) } else { TensorView::F32(&gate_f) };
-        let bias: Vec<f32> = (0..e).map(|_| rng.random_range(-0.02..0.02)).collect();
-        let router = DeviceRouter::upload(&gpu, &cfg, gate, Some(&bias)).unwrap();
-        for &tokens in SIZES {
-            // Hidden rows whose CPU logits decide by a margin the summation order cannot cross.
-            let mut x = vec![0.0f32; tokens * h];
-            let mut fresh: Vec<usize> = (0..tokens).collect();
-            while !fresh.is_empty() {
-                for &t in &fresh {
-                    x[t * h..(t + 1) * h]
-                        .iter_mut()
-                        .for_each(|v| *v = bf16::from_f32(rng.random_range(-1.7..1.7)).to_f32());
+    for dev in Device::all("hidden_to_ids_matches_the_cpu") {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let cfg = hidden_config(&dev);
+        let (h, e) = (cfg.hidden_size, cfg.router.n_experts);
+        let bound = (3.0 / h as f32).sqrt();
+        for dtype in [Dtype::Bf16, Dtype::F32] {
+            let gate_f: Vec<f32> = (0..e * h).map(|_| rng.random_range(-bound..bound)).collect();
+            let gate_b: Vec<bf16> = gate_f.iter().map(|&v| bf16::from_f32(v)).collect();
+            let gate = if dtype == Dtype::Bf16 { TensorView::Bf16(&gate_b) } else { TensorView::F32(&gate_f) };
+            let bias: Vec<f32> = (0..e).map(|_| rng.random_range(-0.02..0.02)).collect();
+            for &tokens in hidden_sizes(&dev) {
+                // Hidden rows whose CPU logits decide by a margin the summation order cannot cross.
+                let mut x = vec![0.0f32; tokens * h];
+                let mut fresh: Vec<usize> = (0..tokens).collect();
+                while !fresh.is_empty() {
+                    for &t in &fresh {
+                        x[t * h..(t + 1) * h]
+                            .iter_mut()
+                            .for_each(|v| *v = bf16::from_f32(rng.random_range(-1.7..1.7)).to_f32());
+                    }
+                    let xs: Vec<f32> = fresh.iter().flat_map(|&t| x[t * h..(t + 1) * h].to_vec()).collect();
+                    let logits = router_logits(TensorView::F32(&xs), fresh.len(), h, gate, e).unwrap();
+                    fresh = fresh
+                        .iter()
+                        .zip(logits.chunks_exact(e))
+                        .filter(|(_, l)| selection_margin(&cfg.router, l, Some(&bias)) <= 1e-4)
+                        .map(|(&t, _)| t)
+                        .collect();
                 }
-                let xs: Vec<f32> = fresh.iter().flat_map(|&t| x[t * h..(t + 1) * h].to_vec()).collect();
-                let logits = router_logits(TensorView::F32(&xs), fresh.len(), h, gate, e).unwrap();
-                fresh = fresh
+                let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+                let host = if dtype == Dtype::Bf16 { TensorView::Bf16(&xb) } else { TensorView::F32(&x) };
+                let cpu_logits = router_logits(host, tokens, h, gate, e).unwrap();
+                let xa: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+                let ga: Vec<f32> = gate_f
                     .iter()
-                    .zip(logits.chunks_exact(e))
-                    .filter(|(_, l)| selection_margin(&cfg.router, l, Some(&bias)) <= 1e-4)
-                    .map(|(&t, _)| t)
+                    .zip(&gate_b)
+                    .map(|(f, b)| if dtype == Dtype::Bf16 { b.to_f32().abs() } else { f.abs() })
                     .collect();
-            }
-            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
-            let host = if dtype == Dtype::Bf16 { TensorView::Bf16(&xb) } else { TensorView::F32(&x) };
-            let cpu_logits = router_logits(host, tokens, h, gate, e).unwrap();
-            let xa: Vec<f32> = x.iter().map(|v| v.abs()).collect();
-            let ga: Vec<f32> = gate_f
-                .iter()
-                .zip(&gate_b)
-                .map(|(f, b)| if dtype == Dtype::Bf16 { b.to_f32().abs() } else { f.abs() })
-                .collect();
-            let abs_dot = router_logits(TensorView::F32(&xa), tokens, h, TensorView::F32(&ga), e).unwrap();
+                let abs_dot = router_logits(TensorView::F32(&xa), tokens, h, TensorView::F32(&ga), e).unwrap();
 
-            let dev_x = DeviceTensor::upload(&gpu, "hidden", host, &[tokens, h]).unwrap();
-            let mut ws = MoeWorkspace::for_router(&gpu, &router, tokens).unwrap();
-            ws.poison().unwrap();
-            kernels.route(&router, &dev_x, &mut ws).unwrap();
-            let logits = ws.logits.download().unwrap();
-            for (i, ((&g, &c), &a)) in logits.iter().zip(&cpu_logits).zip(&abs_dot).enumerate() {
-                assert!(
-                    (g - c).abs() <= 1e-5 * a + 1e-30,
-                    "{dtype:?} T={tokens} logit {i}: GPU {g} vs CPU {c} (sum |x w| {a})"
-                );
+                let dev = dev.fresh();
+                let gate_dev = match gate {
+                    TensorView::Bf16(g) => (dev.upload(g), Dtype::Bf16),
+                    TensorView::F32(g) => (dev.upload(g), Dtype::F32),
+                };
+                let ws = route(&dev, &cfg, gate_dev, dev.upload(&bias), host, tokens);
+                let logits = ws.logits();
+                for (i, ((&g, &c), &a)) in logits.iter().zip(&cpu_logits).zip(&abs_dot).enumerate() {
+                    assert!(
+                        (g - c).abs() <= 1e-5 * a + 1e-30,
+                        "{}: {dtype:?} T={tokens} logit {i}: kernel {g} vs CPU {c} (sum |x w| {a})",
+                        dev.name()
+                    );
+                }
+                let (cpu_ids, cpu_w) = cpu_slots(&cfg.router, cfg.n_shared_experts, &cpu_logits, tokens, Some(&bias));
+                check_routing(&ws, &cpu_ids, &cpu_w, 1e-5, &format!("hidden {dtype:?} T={tokens}"));
             }
-            let (cpu_ids, cpu_w) = cpu_slots(&cfg.router, 2, &cpu_logits, tokens, Some(&bias));
-            check_routing(&ws, &cpu_ids, &cpu_w, 1e-5, &format!("hidden {dtype:?} T={tokens}"));
         }
     }
 }
 
 #[test]
 fn routing_is_batch_invariant_and_deterministic() {
-    let Some((gpu, kernels)) = gpu("routing_is_batch_invariant_and_deterministic") else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(4);
-    let cfg = MoeConfig { moe_intermediate_size: 8, ..MoeConfig::dots1() };
-    let (h, e) = (cfg.hidden_size, cfg.router.n_experts);
-    let gate: Vec<bf16> = (0..e * h).map(|_| bf16::from_f32(rng.random_range(-0.03..0.03))).collect();
-    let router = DeviceRouter::upload(&gpu, &cfg, TensorView::Bf16(&gate), None).unwrap();
-    let x: Vec<bf16> = (0..300 * h).map(|_| bf16::from_f32(rng.random_range(-2.0..2.0))).collect();
-    let run = |rows: std::ops::Range<usize>| {
-        let t = rows.len();
-        let dev_x =
-            DeviceTensor::upload(&gpu, "hidden", TensorView::Bf16(&x[rows.start * h..rows.end * h]), &[t, h]).unwrap();
-        let mut ws = MoeWorkspace::for_router(&gpu, &router, t).unwrap();
-        ws.poison().unwrap();
-        kernels.route(&router, &dev_x, &mut ws).unwrap();
-        (
-            bits(&ws.logits.download().unwrap()),
-            ws.slot_ids.download().unwrap(),
-            bits(&ws.slot_weights.download().unwrap()),
-        )
-    };
-    let all = run(0..300);
-    assert_eq!(all, run(0..300), "run to run");
-    for part in [5..6, 33..70, 250..300] {
-        let alone = run(part.clone());
-        assert_eq!(alone.0, all.0[part.start * e..part.end * e].to_vec(), "logits of {part:?} alone");
-        assert_eq!(alone.1, all.1[part.start * 8..part.end * 8].to_vec(), "ids of {part:?} alone");
-        assert_eq!(alone.2, all.2[part.start * 8..part.end * 8].to_vec(), "weights of {part:?} alone");
+    for dev in Device::all("routing_is_batch_invariant_and_deterministic") {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let cfg = hidden_config(&dev);
+        let (h, e) = (cfg.hidden_size, cfg.router.n_experts);
+        let total = dev.pick(300, 40);
+        let s = cfg.router.top_k + cfg.n_shared_experts;
+        let gate: Vec<bf16> = (0..e * h).map(|_| bf16::from_f32(rng.random_range(-0.03..0.03))).collect();
+        let x: Vec<bf16> = (0..total * h).map(|_| bf16::from_f32(rng.random_range(-2.0..2.0))).collect();
+        let run = |rows: std::ops::Range<usize>| {
+            let dev = dev.fresh();
+            let gate_dev = (dev.upload(&gate), Dtype::Bf16);
+            let ws = route(&dev, &cfg, gate_dev, 0, TensorView::Bf16(&x[rows.start * h..rows.end * h]), rows.len());
+            (bits(&ws.logits()), ws.ids(), bits(&ws.weights()))
+        };
+        let all = run(0..total);
+        assert_eq!(all, run(0..total), "{}: run to run", dev.name());
+        for part in [5..6, 33..total, total - 10..total] {
+            let alone = run(part.clone());
+            let what = format!("{}: {part:?} alone", dev.name());
+            assert_eq!(alone.0, all.0[part.start * e..part.end * e].to_vec(), "logits of {what}");
+            assert_eq!(alone.1, all.1[part.start * s..part.end * s].to_vec(), "ids of {what}");
+            assert_eq!(alone.2, all.2[part.start * s..part.end * s].to_vec(), "weights of {what}");
+        }
     }
 }
 
-fn gpu_permute(
-    gpu: &GpuContext,
-    kernels: &MoeKernels,
-    ids: &[u32],
-    tokens: usize,
-    s: usize,
-    n_slots: usize,
-) -> MoeWorkspace {
-    let mut ws = MoeWorkspace::new(gpu, tokens, 0, s, n_slots).unwrap();
-    ws.poison().unwrap();
-    ws.slot_ids.copy_from_host("ids", ids).unwrap();
-    ws.slot_weights.copy_from_host("weights", &vec![1.0; ids.len()]).unwrap();
-    kernels.permute(&mut ws).unwrap();
+#[test]
+fn logits_are_one_order_for_one_and_four_experts_per_cta() {
+    for dev in Device::all("logits_are_one_order_for_one_and_four_experts_per_cta") {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let cases: &[(usize, usize, usize)] = dev.pick(
+            &[(1, 128, 4096), (70, 128, 4096), (17, 9, 2056), (9, 4, 13)][..],
+            &[(1, 5, 64), (9, 4, 13), (3, 2, 2056)],
+        );
+        for &(tokens, e, h) in cases {
+            for (x_bf16, w_bf16) in [(false, false), (false, true), (true, false), (true, true)] {
+                let x: Vec<f32> = (0..tokens * h).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let w: Vec<f32> = (0..e * h).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+                let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+                let xv = if x_bf16 { TensorView::Bf16(&xb) } else { TensorView::F32(&x) };
+                let wv = if w_bf16 { TensorView::Bf16(&wb) } else { TensorView::F32(&w) };
+                let cpu = router_logits(xv, tokens, h, wv, e).unwrap();
+                let dev = dev.fresh();
+                let xd = if x_bf16 { (dev.upload(&xb), Dtype::Bf16) } else { (dev.upload(&x), Dtype::F32) };
+                let wd = if w_bf16 { (dev.upload(&wb), Dtype::Bf16) } else { (dev.upload(&w), Dtype::F32) };
+                let outs = [dev.poisoned(4 * tokens * e), dev.poisoned(4 * tokens * e)];
+                // The wrapper's launch, then the same arguments on the other variant.
+                let launch = moe::logits_launch(xd, wd, outs[0], tokens, e, h).unwrap().unwrap();
+                let (e1, e4) = (moe::logits_kernel(xd.1, wd.1, 1), moe::logits_kernel(xd.1, wd.1, 1 << 20));
+                let other = if std::ptr::eq(launch.kernel, e1) { e4 } else { e1 };
+                let mut args = launch.args.clone();
+                args[2] = dots_moe::cuda::launch::KernelArg::Ptr(outs[1]);
+                let dims = LaunchDims { tokens, experts: e, hidden: h, ..LaunchDims::default() };
+                dev.run(Some(launch));
+                dev.run(Some(Launch::new(other, &dims, args).unwrap()));
+                let (a, b) = (dev.download::<f32>(outs[0], tokens * e), dev.download::<f32>(outs[1], tokens * e));
+                let what = format!("{}: {} T={tokens} E={e} H={h}", dev.name(), other.entry);
+                assert_eq!(bits(&a), bits(&b), "{what}: one and four experts per CTA must sum in the same order");
+                for (i, (&g, &c)) in a.iter().zip(&cpu).enumerate() {
+                    assert!((g - c).abs() <= 1e-5 * (1.0 + c.abs()), "{what} [{i}]: {g} vs {c}");
+                }
+            }
+        }
+    }
+}
+
+fn permute_ids<'a>(dev: &'a Device, ids: &[u32], tokens: usize, s: usize, n_slots: usize) -> Ws<'a> {
+    let ws = Ws::new(dev, tokens, 0, s, n_slots);
+    let ws = Ws {
+        ptrs: WorkspacePtrs {
+            slot_ids: dev.upload(ids),
+            slot_weights: dev.upload(&vec![1.0f32; ids.len()]),
+            ..ws.ptrs
+        },
+        ..ws
+    };
+    ws.permute();
     ws
 }
 
 #[test]
 fn permutation_matches_the_cpu() {
-    let Some((gpu, kernels)) = gpu("permutation_matches_the_cpu") else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let (s, n_slots) = (8usize, 130usize);
-    for &tokens in SIZES {
-        for skew in ["uniform", "one expert has most", "six experts only", "duplicates"] {
-            let ids: Vec<u32> = (0..tokens * s)
-                .map(|p| match skew {
-                    "uniform" => rng.random_range(0..n_slots as u32),
-                    "one expert has most" => {
-                        if rng.random_bool(0.9) {
-                            41
-                        } else {
-                            rng.random_range(0..n_slots as u32)
+    for dev in Device::all("permutation_matches_the_cpu") {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut cases: Vec<(usize, usize, usize)> = sizes(&dev).iter().map(|&t| (t, 8, 130)).collect();
+        cases.extend([(3, 3, 4), (40, 9, 300), (65, 1, 1)]);
+        for (tokens, s, n_slots) in cases {
+            for skew in ["uniform", "one expert has most", "six experts only", "duplicates"] {
+                let ids: Vec<u32> = (0..tokens * s)
+                    .map(|p| match skew {
+                        "uniform" => rng.random_range(0..n_slots as u32),
+                        "one expert has most" => {
+                            if rng.random_bool(0.9) {
+                                (41 % n_slots) as u32
+                            } else {
+                                rng.random_range(0..n_slots as u32)
+                            }
                         }
-                    }
-                    "six experts only" => (p % 6) as u32 * 25,
-                    _ => rng.random_range(0..3),
-                })
-                .collect();
-            let ws = gpu_permute(&gpu, &kernels, &ids, tokens, s, n_slots);
-            ws.check_status().unwrap();
-            let perm = ws.read_permutation().unwrap();
-            assert_eq!(perm, permute(&ids, tokens, s, n_slots).unwrap(), "T={tokens} {skew}");
+                        "six experts only" => ((p % 6) * 25 % n_slots) as u32,
+                        _ => rng.random_range(0..3.min(n_slots) as u32),
+                    })
+                    .collect();
+                let dev = dev.fresh();
+                let ws = permute_ids(&dev, &ids, tokens, s, n_slots);
+                let what = format!("{}: T={tokens} S={s} slots={n_slots} {skew}", dev.name());
+                ws.permute_error().unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!(ws.permutation(), permute(&ids, tokens, s, n_slots).unwrap(), "{what}");
+            }
         }
+        // Out of range: the CPU's error, for the first such pair of its tile.
+        let s = 8;
+        let mut ids = vec![3u32; 40 * s];
+        ids[37 * s + 2] = 130;
+        ids[38 * s] = 200;
+        let ws = permute_ids(&dev, &ids, 40, s, 130);
+        assert_eq!(ws.permute_error().unwrap_err(), permute(&ids, 40, s, 130).unwrap_err().to_string());
+        assert_eq!(ws.status(), vec![0, (37 * s + 2) as u64 + 1], "{}", dev.name());
     }
-    // Out of range: the CPU's error.
-    let mut ids = vec![3u32; 40 * s];
-    ids[37 * s + 2] = 130;
-    let err = gpu_permute(&gpu, &kernels, &ids, 40, s, n_slots).check_status().unwrap_err().to_string();
-    assert_eq!(err, permute(&ids, 40, s, n_slots).unwrap_err().to_string());
 }
 
 fn random_perm(rng: &mut ChaCha8Rng, tokens: usize, s: usize, n_slots: usize) -> Permutation {
@@ -422,50 +599,43 @@ fn random_perm(rng: &mut ChaCha8Rng, tokens: usize, s: usize, n_slots: usize) ->
     permute(&ids, tokens, s, n_slots).unwrap()
 }
 
-/// A workspace holding a CPU permutation (what the scatter would have written).
-fn workspace_with(gpu: &GpuContext, perm: &Permutation) -> MoeWorkspace {
-    let mut ws = MoeWorkspace::new(gpu, perm.tokens, 0, perm.slots_per_token, perm.n_experts()).unwrap();
-    ws.row_pairs.copy_from_host("row_pairs", &perm.row_pairs).unwrap();
-    ws.pair_rows.copy_from_host("pair_rows", &perm.pair_rows).unwrap();
-    ws
-}
-
 #[test]
 fn gather_is_bit_identical_to_the_cpu() {
-    let Some((gpu, kernels)) = gpu("gather_is_bit_identical_to_the_cpu") else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(6);
-    for &tokens in SIZES {
-        for h in [4096usize, 100, 7] {
-            if tokens == 4099 && h != 4096 {
-                continue;
-            }
-            let perm = random_perm(&mut rng, tokens, 8, 130);
-            let ws = workspace_with(&gpu, &perm);
+    for dev in Device::all("gather_is_bit_identical_to_the_cpu") {
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let cases: Vec<(usize, usize)> = dev.pick(
+            sizes(&dev)
+                .iter()
+                .flat_map(|&t| [4096usize, 100, 7].map(|h| (t, h)))
+                .filter(|&(t, h)| t != 4099 || h == 4096)
+                .collect(),
+            vec![(1, 40), (5, 13), (3, 2048 + 16)],
+        );
+        for (tokens, h) in cases {
+            let s = 8;
+            let perm = random_perm(&mut rng, tokens, s, 130);
             let x: Vec<f32> = (0..tokens * h).map(|_| rng.random_range(-3.0..3.0)).collect();
             let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
             for src in [Dtype::F32, Dtype::Bf16] {
                 let host = if src == Dtype::Bf16 { TensorView::Bf16(&xb) } else { TensorView::F32(&x) };
-                let dev_x = DeviceTensor::upload(&gpu, "hidden", host, &[tokens, h]).unwrap();
                 for out in [Dtype::F32, Dtype::Bf16] {
-                    let mut y = DeviceTensor::zeros(&gpu, out, &[tokens * 8, h]).unwrap();
-                    y.poison().unwrap();
-                    kernels.gather(&dev_x, h, &ws, &mut y).unwrap();
-                    let what = format!("gather {src:?} -> {out:?} T={tokens} H={h}");
-                    match y {
-                        DeviceTensor::Bf16(y) => {
-                            let mut cpu = vec![bf16::ZERO; tokens * 8 * h];
-                            gather_bf16(host, h, &perm, &mut cpu).unwrap();
-                            assert!(
-                                y.download().unwrap().iter().zip(&cpu).all(|(a, b)| a.to_bits() == b.to_bits()),
-                                "{what}"
-                            );
-                        }
-                        DeviceTensor::F32(y) => {
-                            let mut cpu = vec![0.0f32; tokens * 8 * h];
-                            gather_f32(host, h, &perm, &mut cpu).unwrap();
-                            assert_eq!(bits(&y.download().unwrap()), bits(&cpu), "{what}");
-                        }
-                    }
+                    let dev = dev.fresh();
+                    let xd = if src == Dtype::Bf16 { dev.upload(&xb) } else { dev.upload(&x) };
+                    let rp = dev.upload(&perm.row_pairs);
+                    let size = if out == Dtype::Bf16 { 2 } else { 4 };
+                    let od = dev.poisoned(tokens * s * h * size);
+                    dev.run(moe::gather_launch((xd, src), rp, (od, out), tokens, s, h).unwrap());
+                    let got: Vec<u8> = dev.download(od, tokens * s * h * size);
+                    let expected: Vec<u8> = if out == Dtype::Bf16 {
+                        let mut o = vec![bf16::ZERO; tokens * s * h];
+                        gather_bf16(host, h, &perm, &mut o).unwrap();
+                        bytemuck::cast_slice(&o).to_vec()
+                    } else {
+                        let mut o = vec![0.0f32; tokens * s * h];
+                        gather_f32(host, h, &perm, &mut o).unwrap();
+                        bytemuck::cast_slice(&o).to_vec()
+                    };
+                    assert!(got == expected, "{}: gather {src:?} -> {out:?} T={tokens} H={h}", dev.name());
                 }
             }
         }
@@ -474,25 +644,29 @@ fn gather_is_bit_identical_to_the_cpu() {
 
 #[test]
 fn combine_is_bit_identical_to_the_cpu_and_run_to_run() {
-    let Some((gpu, kernels)) = gpu("combine_is_bit_identical_to_the_cpu_and_run_to_run") else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(7);
-    for &tokens in SIZES {
-        for h in [4096usize, 30] {
-            let perm = random_perm(&mut rng, tokens, 8, 130);
-            let ws = workspace_with(&gpu, &perm);
+    for dev in Device::all("combine_is_bit_identical_to_the_cpu_and_run_to_run") {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let cases: Vec<(usize, usize)> = dev.pick(
+            sizes(&dev).iter().flat_map(|&t| [4096usize, 30].map(|h| (t, h))).collect(),
+            vec![(1, 40), (5, 13), (3, 2048 + 16), (0, 8)],
+        );
+        for (tokens, h) in cases {
+            let s = 8;
+            let perm = random_perm(&mut rng, tokens, s, 130);
             // Mixed magnitudes: a different summation order would change the bits.
             let rows: Vec<f32> =
-                (0..tokens * 8 * h).map(|i| rng.random_range(-1.0..1.0) * if i % 5 == 0 { 1e6 } else { 1.0 }).collect();
-            let dev_rows = DeviceBuffer::upload(&gpu, "rows", &rows, &[tokens * 8, h]).unwrap();
+                (0..tokens * s * h).map(|i| rng.random_range(-1.0..1.0) * if i % 5 == 0 { 1e6 } else { 1.0 }).collect();
             let mut cpu = vec![0.0f32; tokens * h];
             combine(&rows, h, &perm, &mut cpu).unwrap();
+            let dev = dev.fresh();
+            let rd = dev.upload(&rows);
+            let pr = dev.upload(&perm.pair_rows);
             let mut first = None;
-            for _ in 0..3 {
-                let mut out = DeviceBuffer::<f32>::zeros(&gpu, &[tokens, h]).unwrap();
-                out.poison().unwrap();
-                kernels.combine(&dev_rows, h, &ws, &mut out).unwrap();
-                let got = bits(&out.download().unwrap());
-                assert_eq!(got, bits(&cpu), "combine T={tokens} H={h}");
+            for _ in 0..dev.pick(3, 1) {
+                let out = dev.poisoned(4 * tokens * h);
+                dev.run(moe::combine_launch(rd, pr, out, tokens, s, h).unwrap());
+                let got = bits(&dev.download::<f32>(out, tokens * h));
+                assert_eq!(got, bits(&cpu), "{}: combine T={tokens} H={h}", dev.name());
                 assert_eq!(first.get_or_insert_with(|| got.clone()), &got);
             }
         }
@@ -500,8 +674,25 @@ fn combine_is_bit_identical_to_the_cpu_and_run_to_run() {
 }
 
 #[test]
+fn the_launch_checks_its_arguments_against_the_declaration() {
+    // A launch built with a wrong argument list is refused before any launcher sees it.
+    let dims = LaunchDims { tokens: 1, slots_per_token: 1, hidden: 4, ..LaunchDims::default() };
+    let launch = moe::combine_launch(16, 32, 48, 1, 1, 4).unwrap().unwrap();
+    let mut swapped = launch.args.clone();
+    swapped.swap(2, 3);
+    let refused = std::panic::catch_unwind(|| Launch::new(launch.kernel, &dims, swapped));
+    assert!(refused.is_err(), "u32 and u64 swapped went unnoticed");
+    let short = launch.args[..5].to_vec();
+    assert!(std::panic::catch_unwind(|| Launch::new(launch.kernel, &dims, short)).is_err());
+    // A grid past the limit is a typed error.
+    let huge = LaunchDims { tokens: 1 << 40, ..dims };
+    assert!(Launch::new(launch.kernel, &huge, launch.args.clone()).is_err());
+}
+
+#[test]
 fn the_pipeline_runs_inside_a_cuda_graph() {
-    let Some((gpu, kernels)) = gpu("the_pipeline_runs_inside_a_cuda_graph") else { return };
+    // The wrappers themselves (MoeKernels), captured in a CUDA graph: GPU only.
+    let Some((gpu, kernels)) = testing::gpu("the_pipeline_runs_inside_a_cuda_graph") else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let cfg = MoeConfig { moe_intermediate_size: 8, ..MoeConfig::dots1() };
     let (h, e) = (cfg.hidden_size, cfg.router.n_experts);

@@ -1,88 +1,118 @@
-//! The static proof, without a GPU: NVRTC compiles every kernel file for `sm_90a` (the
-//! H200) and `sm_80` (the portable path), and ptxas's report shows every entry point
-//! within its register budget, with no spills and no stack frame.
+//! The static proof of every kernel, without a GPU, iterating the kernel registry
+//! (`dots_moe::cuda::source::FILES`):
 //!
-//! Needs `libnvrtc.so.13` on the library path (the pip wheel `nvidia-cuda-nvrtc==13.0.88`;
-//! see README "GPU"). Without it the test is skipped, unless `DOTS_MOE_REQUIRE_NVRTC=1`,
-//! which turns the missing library into a failure (CI sets it).
+//! - NVRTC compiles every file for each target that supports its minimum architecture
+//!   (`sm_90a`, the H200, and `sm_80`, the portable path); ptxas reports exactly the
+//!   declared entry points, each within its declared register budget, with no spills, no
+//!   stack frame, no non-inlined device function and no warning;
+//! - the `wgmma` file refuses the targets below its minimum (`sm_80`, plain `sm_90`);
+//! - `cuobjdump --dump-sass` of the `sm_90a` cubins shows Hopper matrix instructions
+//!   (`HGMMA.64x256x16.F32.BF16`) in both `wgmma` kernels and `HMMA` in the other expert
+//!   GEMMs, no local memory anywhere, and the SASS guards of `reports/gpu-gemm.md`.
+//!
+//! Needs `libnvrtc.so.13` on the library path (the pip wheel `nvidia-cuda-nvrtc==13.0.88`);
+//! the SASS checks also need `cuobjdump` and `nvdisasm` (pip `nvidia-cuda-cuobjdump==13.2.51`
+//! and `nvidia-cuda-nvdisasm==13.2.51`, found through `DOTS_MOE_CUOBJDUMP`, then
+//! `.venv-cuda-tools` or `.venv-cuda` of this checkout, then `/usr/local/cuda/bin`, then
+//! `PATH`). Each missing tool skips its test, unless `DOTS_MOE_REQUIRE_NVRTC=1` (CI), which
+//! makes it a failure.
 #![cfg(feature = "cuda")]
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use dots_moe::backend::testing::Requirement;
+use dots_moe::cuda::expert_gemm::{self, DECODE_DOWN_COLUMNS, DECODE_UP_COLUMNS, MMA_DOWN_COLUMNS, MMA_UP_COLUMNS};
+use dots_moe::cuda::expert_gemm::{WG_DOWN_COLUMNS, WG_UP_COLUMNS};
 use dots_moe::cuda::moe::{MAX_SHARED_BYTES, rank_shared_bytes, scatter_shared_bytes, select_shared_bytes};
-use dots_moe::cuda::{nvrtc, source};
+use dots_moe::cuda::source::{self, FILES, KernelSource};
+use dots_moe::cuda::{Arch, nvrtc};
 
-/// Architectures every kernel must compile for.
-const ARCHS: &[&str] = &["sm_90a", "sm_80"];
+/// Targets every kernel file is compiled for, where its minimum architecture allows.
+const ARCHS: &[Arch] = &[Arch::SM_90A, Arch::SM_80];
 
-/// Register budget per entry point: at most this many registers per thread, so that the
-/// planned occupancy holds. 256-thread CTAs at 64 registers: 4 CTAs (32 warps) per SM. The
-/// router logits' 128-thread CTAs: one expert per CTA within 96 registers (5 CTAs, 20 warps
-/// per SM); four experts per CTA (32 accumulators, 4 weight chunks) within 128 (4 CTAs, 16
-/// warps), each thread keeping up to 4 chunk loads in flight.
-fn register_budget(entry: &str) -> u32 {
-    match entry {
-        e if e.starts_with("moe_router_logits") && e.ends_with("_e1") => 96,
-        e if e.starts_with("moe_router_logits") && e.ends_with("_e4") => 128,
-        _ => 64,
-    }
-}
-
-fn nvrtc_or_skip() -> bool {
+fn nvrtc_or_skip(test: &str) -> bool {
     if nvrtc::available() {
         return true;
     }
-    if std::env::var("DOTS_MOE_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
-        panic!("DOTS_MOE_REQUIRE_NVRTC=1 but NVRTC is missing: {}", dots_moe::cuda::CudaError::NoNvrtc);
-    }
-    eprintln!(
-        "skipped: no NVRTC library (libnvrtc.so.13) on the library path; set DOTS_MOE_REQUIRE_NVRTC=1 to fail instead"
-    );
+    Requirement::Nvrtc.skip_or_fail(test, "no NVRTC library (libnvrtc.so.13) on the library path");
     false
 }
 
 #[test]
-fn every_kernel_compiles_for_each_arch_without_spills() {
-    if !nvrtc_or_skip() {
+fn every_kernel_compiles_for_its_targets_within_budget_without_spills() {
+    if !nvrtc_or_skip("every_kernel_compiles_for_its_targets_within_budget_without_spills") {
         return;
     }
     let (major, minor) = nvrtc::version().expect("NVRTC version");
     eprintln!("NVRTC {major}.{minor}");
-    for arch in ARCHS {
-        for src in source::ALL {
-            let compiled = nvrtc::compile(src, arch).unwrap_or_else(|e| panic!("{e}"));
+    let mut compiled_files = 0;
+    for &arch in ARCHS {
+        for src in FILES.iter().filter(|f| arch.supports(f.min_arch)) {
+            let compiled = nvrtc::compile(src, &arch.to_string()).unwrap_or_else(|e| panic!("{e}"));
+            compiled_files += 1;
             assert!(!compiled.cubin.is_empty(), "{} for {arch}: empty cubin", src.name);
             let mut names: Vec<&str> = compiled.kernels.iter().map(|k| k.name.as_str()).collect();
             names.sort_unstable();
-            let mut expected = src.entry_points.to_vec();
+            let mut expected = src.entry_points();
             expected.sort_unstable();
             assert_eq!(names, expected, "{} for {arch}: ptxas reported other entry points\n{}", src.name, compiled.log);
             for k in &compiled.kernels {
+                let decl = src.kernels.iter().find(|d| d.entry == k.name).unwrap();
                 eprintln!(
-                    "{arch:7} {:30} {:3} registers {:5} B smem  stack {:3} B  spills {}/{} B",
-                    k.name, k.registers, k.shared_bytes, k.stack_frame_bytes, k.spill_store_bytes, k.spill_load_bytes
+                    "{arch:7} {:32} {:3} registers (budget {:3}) {:5} B static smem  stack {:3} B  spills {}/{} B",
+                    k.name,
+                    k.registers,
+                    decl.max_registers,
+                    k.shared_bytes,
+                    k.stack_frame_bytes,
+                    k.spill_store_bytes,
+                    k.spill_load_bytes
                 );
                 assert_eq!((k.spill_store_bytes, k.spill_load_bytes), (0, 0), "{} spills on {arch}", k.name);
                 assert_eq!(k.stack_frame_bytes, 0, "{} has a stack frame on {arch}", k.name);
                 assert!(k.registers > 0, "{}: no register count in the report", k.name);
                 assert!(
-                    k.registers <= register_budget(&k.name),
+                    k.registers <= decl.max_registers,
                     "{} uses {} registers on {arch}, budget {}",
                     k.name,
                     k.registers,
-                    register_budget(&k.name)
+                    decl.max_registers
                 );
+                if src.name.starts_with("expert_gemm") {
+                    // Shared memory is dynamic (sized at launch), except the schedule's none.
+                    assert_eq!(k.shared_bytes, 0, "{}: unexpected static shared memory", k.name);
+                }
             }
             assert!(
                 compiled.device_functions.is_empty(),
                 "non-inlined device functions: {:?}",
                 compiled.device_functions
             );
+            let log = compiled.log.to_lowercase();
+            assert!(!log.contains("warning"), "{} for {arch}: warnings\n{}", src.name, compiled.log);
         }
+    }
+    assert_eq!(compiled_files, 2 * FILES.len() - 1, "every file for both targets, wgmma for sm_90a only");
+}
+
+#[test]
+fn files_refuse_targets_below_their_minimum() {
+    if !nvrtc_or_skip("files_refuse_targets_below_their_minimum") {
+        return;
+    }
+    // wgmma needs the architecture-specific target: plain sm_90 and sm_80 must refuse it,
+    // which is why the wrapper only loads it on sm_90a devices.
+    for arch in [Arch::SM_80, Arch::SM_90] {
+        assert!(!arch.supports(source::WGMMA.min_arch));
+        assert!(nvrtc::compile(&source::WGMMA, &arch.to_string()).is_err(), "wgmma compiled for {arch}");
     }
 }
 
 #[test]
 fn the_compile_is_cached() {
-    if !nvrtc_or_skip() {
+    if !nvrtc_or_skip("the_compile_is_cached") {
         return;
     }
     let a = nvrtc::compile(&source::COMBINE, "sm_90a").unwrap();
@@ -94,25 +124,22 @@ fn the_compile_is_cached() {
 
 #[test]
 fn a_broken_kernel_is_a_typed_compile_error() {
-    if !nvrtc_or_skip() {
+    if !nvrtc_or_skip("a_broken_kernel_is_a_typed_compile_error") {
         return;
     }
-    let broken = source::KernelSource {
+    let broken = KernelSource {
         name: "broken.cu",
-        text: "extern \"C\" __global__ void k() { undefined_thing(); }",
-        entry_points: &["k"],
+        text: "#include \"common.cuh\"\nextern \"C\" __global__ void k() { u32 a = undefined_thing(); }",
+        min_arch: Arch::SM_80,
+        kernels: &[],
     };
     let err = nvrtc::compile(&broken, "sm_90a").unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, dots_moe::cuda::CudaError::Compile { .. }), "{msg}");
     assert!(msg.contains("broken.cu") && msg.contains("undefined_thing"), "{msg}");
-}
-
-#[test]
-fn the_kernels_include_no_toolkit_header() {
-    for src in source::ALL.iter().map(|s| s.text).chain([source::COMMON]) {
-        assert!(!src.lines().any(|l| l.trim_start().starts_with("#include")), "kernel files must be self-contained");
-    }
+    // A header that is not registered is not found: the in-memory headers are all there is.
+    let missing = KernelSource { text: "#include \"cuda_bf16.h\"\n", ..broken };
+    assert!(nvrtc::compile(&missing, "sm_90a").is_err());
 }
 
 #[test]
@@ -123,5 +150,124 @@ fn dots1_shapes_fit_the_shared_memory_limit() {
         assert!(select_shared_bytes(e, s, n) <= MAX_SHARED_BYTES);
         assert!(rank_shared_bytes(s, n) <= MAX_SHARED_BYTES);
         assert!(scatter_shared_bytes(n) <= MAX_SHARED_BYTES);
+    }
+    const { assert!(expert_gemm::MMA_SHARED_BYTES <= 48 * 1024, "the portable kernels must run without an opt-in") };
+    const { assert!(expert_gemm::WG_SHARED_BYTES <= 227 * 1024, "above the H100/H200 limit per CTA") };
+}
+
+#[test]
+fn the_shape_rule_covers_every_kernels_blocks() {
+    // The wrapper's shape rule covers every kernel's column block and k step.
+    for columns in [DECODE_UP_COLUMNS, MMA_UP_COLUMNS, WG_UP_COLUMNS] {
+        assert_eq!(expert_gemm::INTER_MULTIPLE % columns, 0);
+    }
+    for columns in [DECODE_DOWN_COLUMNS, MMA_DOWN_COLUMNS, WG_DOWN_COLUMNS] {
+        assert_eq!(expert_gemm::HIDDEN_MULTIPLE % columns, 0);
+    }
+    let decode_k = expert_gemm::DECODE_K_STEP * expert_gemm::DECODE_UNROLL;
+    for k in [decode_k, expert_gemm::MMA_BK, expert_gemm::WG_BK] {
+        assert_eq!(expert_gemm::INTER_MULTIPLE % k, 0);
+        assert_eq!(expert_gemm::HIDDEN_MULTIPLE % k, 0);
+    }
+    // 8 tiles of 8 rows: the largest decode dispatch; one tiled item is one tile.
+    assert_eq!(expert_gemm::DECODE_ITEM_ROWS, 8 * 8);
+    assert_eq!(expert_gemm::TILE_ROWS, 128);
+}
+
+// ---- SASS ----------------------------------------------------------------------------
+
+/// `cuobjdump`, or `None` with the reason.
+fn cuobjdump() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("DOTS_MOE_CUOBJDUMP") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for venv in [".venv-cuda-tools", ".venv-cuda"] {
+        let Ok(lib) = std::fs::read_dir(root.join(venv).join("lib")) else { continue };
+        for python in lib.flatten() {
+            let candidate = python.path().join("site-packages/nvidia/cu13/bin/cuobjdump");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    // A CUDA toolkit (the GPU host's), then PATH.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::iter::once(PathBuf::from("/usr/local/cuda/bin"))
+        .chain(std::env::split_paths(&path))
+        .map(|d| d.join("cuobjdump"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| "no cuobjdump (pip nvidia-cuda-cuobjdump==13.2.51 + nvidia-cuda-nvdisasm==13.2.51)".into())
+}
+
+/// The SASS of each function of `cubin`, by name.
+fn sass(tool: &Path, cubin: &[u8], name: &str) -> HashMap<String, String> {
+    let dir = std::env::temp_dir().join(format!("dots-moe-sass-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("{name}.cubin"));
+    std::fs::write(&file, cubin).unwrap();
+    // cuobjdump runs nvdisasm, which the wheels install next to it.
+    let mut path = vec![tool.parent().unwrap_or(Path::new(".")).to_path_buf()];
+    path.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    let out = Command::new(tool)
+        .arg("--dump-sass")
+        .arg(&file)
+        .env("PATH", std::env::join_paths(path).unwrap())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", tool.display()));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "cuobjdump failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_file(&file);
+    let mut functions = HashMap::new();
+    for part in text.split("Function : ").skip(1) {
+        let name = part.split_whitespace().next().unwrap_or_default().to_string();
+        functions.insert(name, part.to_string());
+    }
+    functions
+}
+
+/// The SASS of every kernel compiled for `sm_90a`, by entry point; `None` after reporting
+/// the skip.
+fn sm90a_sass(test: &str) -> Option<HashMap<String, String>> {
+    if !nvrtc_or_skip(test) {
+        return None;
+    }
+    let tool = match cuobjdump() {
+        Ok(t) => t,
+        Err(why) => {
+            Requirement::Nvrtc.skip_or_fail(test, &why);
+            return None;
+        }
+    };
+    let mut all = HashMap::new();
+    for src in source::files_for(Arch::SM_90A) {
+        let compiled = nvrtc::compile(src, "sm_90a").unwrap_or_else(|e| panic!("{e}"));
+        all.extend(sass(&tool, &compiled.cubin, src.name));
+    }
+    Some(all)
+}
+
+#[test]
+fn the_expert_kernels_contain_their_matrix_instructions_and_no_local_memory() {
+    let Some(functions) = sm90a_sass("the_expert_kernels_contain_their_matrix_instructions_and_no_local_memory") else {
+        return;
+    };
+    for decl in source::kernels() {
+        let code = functions.get(decl.entry).unwrap_or_else(|| panic!("{} missing from the SASS", decl.entry));
+        let count = |op: &str| code.matches(op).count();
+        assert_eq!(count(" LDL"), 0, "{}: local-memory loads", decl.entry);
+        assert_eq!(count(" STL"), 0, "{}: local-memory stores", decl.entry);
+        if !decl.file.starts_with("expert_gemm") {
+            continue;
+        }
+        let (hgmma, hmma) = (count("HGMMA.64x256x16.F32.BF16"), count("HMMA.16816.F32.BF16"));
+        eprintln!("sm_90a {:24} HGMMA.64x256x16 x{hgmma}  HMMA.16816 x{hmma}", decl.entry);
+        if decl.entry.ends_with("_wgmma") {
+            // 4 k16 steps per 64-wide stage, unrolled.
+            assert!(hgmma >= 4, "{}: expected HGMMA.64x256x16.F32.BF16 in the SASS", decl.entry);
+        } else if decl.entry != "moe_expert_schedule" {
+            assert!(hmma > 0, "{}: expected HMMA.16816.F32.BF16 in the SASS", decl.entry);
+            assert_eq!(hgmma, 0);
+        }
     }
 }

@@ -132,7 +132,8 @@ if [ -n "$nvrtc_dir" ]; then
 else
     echo "libnvrtc: not found (the cubin cache must serve every kernel)" >> "$out/env.txt"
 fi
-export DOTS_MOE_KERNEL_CACHE="$bin/kernel-cache" DOTS_MOE_REQUIRE_GPU=1 RUST_BACKTRACE=1
+# The kernel suites run on the GPU here, not on the CPU emulator (DOTS_MOE_CXX=none).
+export DOTS_MOE_KERNEL_CACHE="$bin/kernel-cache" DOTS_MOE_REQUIRE_GPU=1 DOTS_MOE_CXX=none RUST_BACKTRACE=1
 echo "cubin cache: $(ls "$DOTS_MOE_KERNEL_CACHE"/*.cubin 2>/dev/null | wc -l) files in $DOTS_MOE_KERNEL_CACHE" >> "$out/env.txt"
 
 if [ ! -x "$bin/dots-moe" ]; then

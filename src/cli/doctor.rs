@@ -62,7 +62,7 @@ pub fn run(_args: DoctorArgs) -> CliResult {
         Some(dir) => println!("cubin cache ({}): {}", nvrtc::KERNEL_CACHE_ENV, dir.display()),
         None => println!("cubin cache: none ({} unset)", nvrtc::KERNEL_CACHE_ENV),
     }
-    let arch = device_arch.clone().unwrap_or_else(|| "sm_90a".to_string());
+    let arch = device_arch.clone().unwrap_or_else(|| dots_moe::cuda::Arch::DEFAULT.to_string());
     let mut compiled = (0, 0);
     let mut failure = None;
     for file in super::kernels::kernel_files(&arch) {

@@ -26,45 +26,65 @@ pub struct KernelsArgs {
     pub iterations: usize,
 }
 
-/// Every kernel file that targets `arch`: the MoE steps and the portable expert GEMMs
-/// everywhere, the `wgmma` expert GEMMs on `sm_90a` only.
+/// Every kernel file of the registry that compiles for `arch` (its minimum architecture
+/// supported by `arch`); none for a name that is not an architecture.
 #[cfg(feature = "cuda")]
 pub fn kernel_files(arch: &str) -> Vec<&'static dots_moe::cuda::source::KernelSource> {
-    use dots_moe::cuda::source;
-    let mut files: Vec<_> = source::ALL.iter().chain(source::EXPERT_GEMM_PORTABLE).collect();
-    if arch == "sm_90a" {
-        files.extend(source::EXPERT_GEMM_HOPPER);
-    }
-    files
+    use dots_moe::cuda::{Arch, source};
+    Arch::parse(arch).map(|arch| source::files_for(arch).collect()).unwrap_or_default()
 }
 
 /// Runs the subcommand.
 #[cfg(feature = "cuda")]
 pub fn run(args: KernelsArgs) -> CliResult {
+    use dots_moe::cuda::launch::LaunchDims;
     use dots_moe::cuda::moe::{rank_shared_bytes, scatter_shared_bytes, select_shared_bytes};
-    use dots_moe::cuda::{GpuContext, bench, context, nvrtc};
+    use dots_moe::cuda::{Arch, GpuContext, bench, context, nvrtc, source};
 
     let arch = match &args.arch {
-        Some(arch) => arch.clone(),
-        None => context::device_info(0).map(|d| d.arch).unwrap_or_else(|_| "sm_90a".to_string()),
+        Some(arch) => Arch::parse(arch)?.to_string(),
+        None => context::device_info(0).map(|d| d.arch).unwrap_or_else(|_| Arch::DEFAULT.to_string()),
     };
     let mut kernels = Vec::new();
     for src in kernel_files(&arch) {
         kernels.extend(nvrtc::compile(src, &arch)?.kernels.iter().cloned());
     }
+    // The declarations' launch rules at dots.llm1 shapes, T = 256 (one item per slot).
+    let dims = LaunchDims::dots1(256, 130);
+    let declared = |name: &str| source::kernels().find(|k| k.entry == name);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&kernels)?);
     } else {
         let (major, minor) = nvrtc::version()?;
         println!("NVRTC {major}.{minor}, target {arch}, options {}", nvrtc::options(&arch).join(" "));
         println!(
-            "{:<28} {:>9} {:>13} {:>8} {:>11} {:>11}",
-            "kernel", "registers", "static smem B", "stack B", "spill st B", "spill ld B"
+            "{:<30} {:>9} {:>13} {:>8} {:>11} {:>11} {:>7} {:>6} {:>16} {:>11}",
+            "kernel",
+            "registers",
+            "static smem B",
+            "stack B",
+            "spill st B",
+            "spill ld B",
+            "budget",
+            "block",
+            "grid (T=256)",
+            "dyn smem B"
         );
         for k in &kernels {
+            let decl = declared(&k.name).ok_or_else(|| format!("{} is not in the kernel registry", k.name))?;
+            let (x, y) = (decl.grid)(&dims);
             println!(
-                "{:<28} {:>9} {:>13} {:>8} {:>11} {:>11}",
-                k.name, k.registers, k.shared_bytes, k.stack_frame_bytes, k.spill_store_bytes, k.spill_load_bytes
+                "{:<30} {:>9} {:>13} {:>8} {:>11} {:>11} {:>7} {:>6} {:>16} {:>11}",
+                k.name,
+                k.registers,
+                k.shared_bytes,
+                k.stack_frame_bytes,
+                k.spill_store_bytes,
+                k.spill_load_bytes,
+                decl.max_registers,
+                decl.block,
+                format!("{x} x {y}"),
+                (decl.dynamic_smem)(&dims)
             );
         }
         println!(

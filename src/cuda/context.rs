@@ -8,12 +8,16 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg, result, sys};
 use serde::Serialize;
 
+use crate::cuda::arch::Arch;
 use crate::cuda::error::CudaError;
+use crate::cuda::launch::{KernelArg, KernelDecl, Launch, Launcher};
 use crate::cuda::nvrtc;
-use crate::cuda::source::KernelSource;
+use crate::cuda::source::{self, KernelSource};
+use crate::error::MoeError;
 
 /// Whether the CUDA driver library can be loaded.
 pub fn driver_present() -> bool {
@@ -44,7 +48,7 @@ pub fn driver_version() -> Result<(i32, i32), CudaError> {
 /// The NVRTC target for a compute capability: the architecture-specific `a` target from
 /// Hopper on (`sm_90a`: `wgmma` and `setmaxnreg` need it), the plain one before.
 pub fn arch_name(major: i32, minor: i32) -> String {
-    if major >= 9 { format!("sm_{major}{minor}a") } else { format!("sm_{major}{minor}") }
+    Arch::for_device(major, minor).to_string()
 }
 
 /// What the driver says about one device.
@@ -106,7 +110,10 @@ pub struct GpuContext {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
+    target: Arch,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    shared_limits: Mutex<HashMap<&'static str, usize>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -115,50 +122,51 @@ impl std::fmt::Debug for GpuContext {
     }
 }
 
-/// One kernel argument (every parameter of the crate's kernels is a pointer or a scalar).
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum KernelArg {
-    /// A device pointer.
-    Ptr(u64),
-    /// A 32-bit unsigned scalar.
-    U32(u32),
-    /// A 64-bit unsigned scalar.
-    U64(u64),
-    /// An f32 scalar.
-    F32(f32),
-}
-
-impl GpuContext {
-    /// Queues `func` on the stream: a 2-D grid of 1-D blocks with `shared` bytes of
-    /// dynamic shared memory.
-    ///
-    /// # Safety
-    /// `args` must match the kernel's parameter list in order and type, and every pointer
-    /// must address a live buffer of this context large enough for what the kernel reads
-    /// and writes at this grid (the callers check shapes first).
-    pub(crate) unsafe fn launch(
-        &self,
-        func: &CudaFunction,
-        grid: (u32, u32),
-        block: u32,
-        shared: usize,
-        args: &[KernelArg],
-    ) -> Result<(), CudaError> {
-        let mut builder = self.stream().launch_builder(func);
-        for arg in args {
+impl Launcher for GpuContext {
+    /// Queues `launch` on the stream: a 2-D grid of 1-D blocks with its dynamic shared
+    /// memory (the function's shared-memory limit is raised first when it asks for more
+    /// than the default 48 KB). An empty grid queues nothing.
+    unsafe fn launch(&self, launch: &Launch) -> Result<(), CudaError> {
+        if launch.is_empty() {
+            return Ok(());
+        }
+        let func = self.kernel(launch.kernel)?;
+        if launch.shared > DEFAULT_SHARED_BYTES {
+            let mut raised = self.shared_limits.lock().unwrap_or_else(|e| e.into_inner());
+            let limit = raised.entry(launch.kernel.entry).or_insert(DEFAULT_SHARED_BYTES);
+            if launch.shared > *limit {
+                func.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    launch.shared as i32,
+                )?;
+                *limit = launch.shared;
+            }
+        }
+        let mut builder = self.stream().launch_builder(&func);
+        for arg in &launch.args {
             match arg {
                 KernelArg::Ptr(v) | KernelArg::U64(v) => builder.arg(v),
                 KernelArg::U32(v) => builder.arg(v),
                 KernelArg::F32(v) => builder.arg(v),
             };
         }
-        let cfg =
-            LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared as u32 };
-        // SAFETY: forwarded to the caller (see the contract above).
+        let cfg = LaunchConfig {
+            grid_dim: (launch.grid.0, launch.grid.1, 1),
+            block_dim: (launch.block, 1, 1),
+            shared_mem_bytes: launch.shared as u32,
+        };
+        // SAFETY: `Launch::new` checked the arguments against the kernel's declaration
+        // (whose agreement with the `.cu` signature tests/kernel_seam.rs proves); the
+        // caller guarantees the pointers (see the trait).
         unsafe { builder.launch(cfg) }?;
         Ok(())
     }
+}
 
+/// Dynamic shared memory a kernel may use without raising its limit.
+const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
+
+impl GpuContext {
     /// Opens device `ordinal`: [`CudaError::NoDriver`], [`CudaError::NoDevice`],
     /// [`CudaError::NoSuchDevice`] or [`CudaError::UnsupportedArch`] (compute capability
     /// below 8.0) instead of a panic.
@@ -173,7 +181,16 @@ impl GpuContext {
         // orders every use and free (what the events would otherwise enforce).
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
-        Ok(Arc::new(GpuContext { ctx, stream, info, modules: Mutex::new(HashMap::new()) }))
+        let target = Arch::for_device(info.major, info.minor);
+        Ok(Arc::new(GpuContext {
+            ctx,
+            stream,
+            info,
+            target,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            shared_limits: Mutex::new(HashMap::new()),
+        }))
     }
 
     /// The device.
@@ -181,9 +198,14 @@ impl GpuContext {
         &self.info
     }
 
-    /// The NVRTC target of the device (`sm_90a` on an H200).
+    /// The NVRTC target of the device (`sm_90a` on an H200), by name.
     pub fn arch(&self) -> &str {
         &self.info.arch
+    }
+
+    /// The NVRTC target of the device.
+    pub fn target(&self) -> Arch {
+        self.target
     }
 
     /// The stream all work of this context runs on.
@@ -201,21 +223,49 @@ impl GpuContext {
         Ok(self.stream.synchronize()?)
     }
 
-    /// The entry point `entry` of `source`, compiled by NVRTC for this device (cached per
-    /// source, arch and options) and loaded once per context.
-    pub fn function(&self, source: &KernelSource, entry: &str) -> Result<CudaFunction, CudaError> {
-        let module = {
-            let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-            match modules.get(source.name) {
-                Some(module) => module.clone(),
-                None => {
-                    let compiled = nvrtc::compile(source, self.arch())?;
-                    let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin.clone()))?;
-                    modules.insert(source.name, module.clone());
-                    module
-                }
+    /// The file of `kernel`, compiled by NVRTC for this device (cached per source, arch
+    /// and options) and loaded once per context; an error when the device's target does
+    /// not support the file.
+    pub fn module(&self, source: &KernelSource) -> Result<Arc<CudaModule>, CudaError> {
+        if !self.target.supports(source.min_arch) {
+            return Err(MoeError::Unsupported(format!(
+                "{} needs an {} device; {} is {}",
+                source.name, source.min_arch, self.info.name, self.target
+            ))
+            .into());
+        }
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(module) = modules.get(source.name) {
+            return Ok(module.clone());
+        }
+        let compiled = nvrtc::compile(source, self.arch())?;
+        let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin.clone()))?;
+        modules.insert(source.name, module.clone());
+        Ok(module)
+    }
+
+    /// The loaded function of `kernel` (compiled and loaded on first use).
+    pub fn kernel(&self, kernel: &'static KernelDecl) -> Result<CudaFunction, CudaError> {
+        if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(kernel.entry) {
+            return Ok(f.clone());
+        }
+        let source = source::file(kernel.file).ok_or_else(|| CudaError::BadProgram {
+            program: kernel.file.into(),
+            reason: format!("{} names a file that is not registered", kernel.entry),
+        })?;
+        let function = self.module(source)?.load_function(kernel.entry)?;
+        self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert(kernel.entry, function.clone());
+        Ok(function)
+    }
+
+    /// Compiles and loads every kernel of `sources` now (so that a compile error shows at
+    /// construction, not at the first launch).
+    pub fn load(&self, sources: &[&KernelSource]) -> Result<(), CudaError> {
+        for source in sources {
+            for kernel in source.kernels {
+                self.kernel(kernel)?;
             }
-        };
-        Ok(module.load_function(entry)?)
+        }
+        Ok(())
     }
 }

@@ -54,6 +54,9 @@ pub enum CudaError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A name that is not a GPU architecture (`sm_80`, `sm_90a`, ...).
+    #[error("{0:?} is not a GPU architecture like sm_80 or sm_90a")]
+    UnknownArch(String),
     /// A stream capture ended without a graph.
     #[error("CUDA stream capture returned no graph")]
     NoGraph,

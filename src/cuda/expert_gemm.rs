@@ -27,43 +27,19 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaFunction;
-use cudarc::driver::sys::CUfunction_attribute;
 use half::bf16;
 
+use crate::cuda::arch::Arch;
 use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
-use crate::cuda::context::{GpuContext, KernelArg as Arg};
+use crate::cuda::context::GpuContext;
 use crate::cuda::error::CudaError;
-use crate::cuda::source::KernelSource;
+use crate::cuda::launch::{KernelArg as Arg, KernelDecl, Launch, LaunchDims, Launcher};
+use crate::cuda::source::{self, KernelSource};
 use crate::error::MoeError;
 use crate::moe::MoeWeights;
 use crate::tensor::{Dtype, TensorView};
 
-macro_rules! gemm_source {
-    ($name:literal, [$($entry:literal),* $(,)?]) => {
-        KernelSource {
-            name: $name,
-            text: concat!(
-                include_str!("../../cuda/expert_gemm_common.cu"),
-                "\n#line 1 \"",
-                $name,
-                "\"\n",
-                include_str!(concat!("../../cuda/", $name))
-            ),
-            entry_points: &[$($entry),*],
-        }
-    };
-}
-
-/// `cuda/expert_gemm_schedule.cu`: per-slot regime and work items.
-pub const SCHEDULE: KernelSource = gemm_source!("expert_gemm_schedule.cu", ["moe_expert_schedule"]);
-/// `cuda/expert_gemm_decode.cu`: few rows per slot, weights streamed once (sm_80+).
-pub const DECODE: KernelSource =
-    gemm_source!("expert_gemm_decode.cu", ["moe_expert_up_decode", "moe_expert_down_decode"]);
-/// `cuda/expert_gemm_mma.cu`: many rows per slot, `mma.sync` tiles (sm_80+, portable).
-pub const MMA: KernelSource = gemm_source!("expert_gemm_mma.cu", ["moe_expert_up_mma", "moe_expert_down_mma"]);
-/// `cuda/expert_gemm_wgmma.cu`: many rows per slot, `wgmma` tiles (sm_90a only).
-pub const WGMMA: KernelSource = gemm_source!("expert_gemm_wgmma.cu", ["moe_expert_up_wgmma", "moe_expert_down_wgmma"]);
+pub use crate::cuda::source::{DECODE, MMA, SCHEDULE, WGMMA};
 
 /// The expert GEMM kernel files that compile for every architecture from `sm_80` on.
 pub const PORTABLE_SOURCES: &[KernelSource] = &[SCHEDULE, DECODE, MMA];
@@ -76,6 +52,12 @@ pub const DECODE_ITEM_ROWS: usize = 64;
 pub const TILE_ROWS: usize = 128;
 /// Threads of a decode CTA (`DECODE_THREADS`).
 pub const DECODE_THREADS: u32 = 128;
+/// k per decode step: 4 lanes x 8 elements (`DECODE_K_STEP`).
+pub const DECODE_K_STEP: usize = 32;
+/// Decode steps whose weight loads are in flight together (`DECODE_UNROLL`).
+pub const DECODE_UNROLL: usize = 4;
+/// CTAs per SM the decode kernels' register budget must allow (`DECODE_MIN_CTAS`).
+pub const DECODE_MIN_CTAS: usize = 4;
 /// Act columns of a decode GEMM 1 CTA (`DECODE_UP_COLUMNS`).
 pub const DECODE_UP_COLUMNS: usize = 32;
 /// Output columns of a decode GEMM 2 CTA (`DECODE_DOWN_COLUMNS`).
@@ -86,24 +68,41 @@ pub const MMA_THREADS: u32 = 256;
 pub const MMA_UP_COLUMNS: usize = 64;
 /// Output columns of an `mma.sync` GEMM 2 CTA (`MMA_BN`).
 pub const MMA_DOWN_COLUMNS: usize = 128;
+/// k of one `mma.sync` stage (`MMA_BK`).
+pub const MMA_BK: usize = 32;
+/// Stages of the `mma.sync` pipeline (`MMA_STAGES`).
+pub const MMA_STAGES: usize = 3;
 /// Dynamic shared memory of the `mma.sync` kernels (`MMA_SHARED_BYTES`: 3 stages of 16 KB).
-pub const MMA_SHARED_BYTES: usize = 3 * (128 + 128) * 32 * 2;
+pub const MMA_SHARED_BYTES: usize = MMA_STAGES * (TILE_ROWS + MMA_DOWN_COLUMNS) * MMA_BK * 2;
 /// Threads of a `wgmma` CTA (`WG_THREADS`: two warpgroups).
 pub const WG_THREADS: u32 = 256;
 /// Act columns of a `wgmma` GEMM 1 CTA (`WG_BN / 2`).
 pub const WG_UP_COLUMNS: usize = 128;
 /// Output columns of a `wgmma` GEMM 2 CTA (`WG_BN`).
 pub const WG_DOWN_COLUMNS: usize = 256;
+/// k of one `wgmma` stage (`WG_BK`).
+pub const WG_BK: usize = 64;
+/// Stages of the `wgmma` pipeline (`WG_STAGES`).
+pub const WG_STAGES: usize = 4;
+/// Alignment of the `wgmma` stages in shared memory (`WG_ALIGN`: the 128-byte swizzle's
+/// 1024-byte atoms).
+pub const WG_ALIGN: usize = 1024;
 /// Dynamic shared memory of the `wgmma` kernels (`WG_SHARED_BYTES`: 4 stages of 48 KB and
 /// 1 KB to align them).
-pub const WG_SHARED_BYTES: usize = 4 * (128 + 256) * 64 * 2 + 1024;
+pub const WG_SHARED_BYTES: usize = WG_STAGES * (TILE_ROWS + WG_DOWN_COLUMNS) * WG_BK * 2 + WG_ALIGN;
 /// `H` must be a multiple of this.
 pub const HIDDEN_MULTIPLE: usize = 256;
 /// `I` must be a multiple of this.
 pub const INTER_MULTIPLE: usize = 128;
 /// Words of one work item (`GemmItem`: slot, first row, rows, padding).
-const ITEM_WORDS: usize = 4;
-const MAX_GRID_Y: usize = 65_535;
+pub const ITEM_WORDS: usize = 4;
+/// `item_counts[COUNT_DECODE]`: decode items written.
+pub const COUNT_DECODE: usize = 0;
+/// `item_counts[COUNT_TILED]`: tiled items written.
+pub const COUNT_TILED: usize = 1;
+/// `item_counts[COUNT_OVERFLOW]`: 1 if a list was too small.
+pub const COUNT_OVERFLOW: usize = 2;
+const MAX_GRID_Y: usize = crate::cuda::launch::MAX_GRID.1;
 
 /// Which kernels run the slots with many rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -131,8 +130,23 @@ impl GemmOptions {
     /// The fastest choice for `gpu`: decode kernels up to [`DECODE_ITEM_ROWS`] rows per
     /// slot, `wgmma` tiles on `sm_90a`, `mma.sync` tiles elsewhere; not batch-invariant.
     pub fn for_device(gpu: &GpuContext) -> Self {
-        let tiled = if gpu.arch() == "sm_90a" { TiledKernel::Wgmma } else { TiledKernel::Mma };
+        Self::for_arch(gpu.target())
+    }
+
+    /// The fastest choice for a device of target `arch`: `wgmma` tiles where the `wgmma`
+    /// file compiles ([`WGMMA`]'s minimum architecture), `mma.sync` elsewhere.
+    pub fn for_arch(arch: Arch) -> Self {
+        let tiled = if arch.supports(WGMMA.min_arch) { TiledKernel::Wgmma } else { TiledKernel::Mma };
         GemmOptions { decode_max_rows: DECODE_ITEM_ROWS, tiled, batch_invariant: false }
+    }
+
+    /// The kernel files these options launch.
+    pub fn sources(&self) -> [&'static KernelSource; 3] {
+        let tiled = match self.tiled {
+            TiledKernel::Wgmma => &WGMMA,
+            TiledKernel::Mma => &MMA,
+        };
+        [&SCHEDULE, &DECODE, tiled]
     }
 
     /// The batch-invariant mode (see the module docs).
@@ -157,7 +171,7 @@ impl GemmOptions {
     }
 
     /// `(decode_max_rows, tile_rows)` as the schedule kernel takes them.
-    fn schedule_args(&self) -> (u32, u32) {
+    pub fn schedule_args(&self) -> (u32, u32) {
         if self.batch_invariant {
             (DECODE_ITEM_ROWS as u32, 0)
         } else {
@@ -267,15 +281,141 @@ fn grid_y(what: &str, n: usize) -> Result<u32, CudaError> {
     Ok(n as u32)
 }
 
+// ---- the launches, from sizes and device addresses ----------------------------------------
+//
+// Shared by the GPU wrapper below and the CPU emulator (tests/emulator).
+
+/// Device addresses of a GEMM workspace's buffers, with its list capacities.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GemmPtrs {
+    /// Decode items (`decode_capacity` x 4 words).
+    pub decode_items: u64,
+    /// Tiled items (`tiled_capacity` x 4 words).
+    pub tiled_items: u64,
+    /// `[decode items, tiled items, overflow]`.
+    pub item_counts: u64,
+    /// The activation `[R, I]` (bf16).
+    pub act: u64,
+    /// Items the decode list holds.
+    pub decode_capacity: usize,
+    /// Items the tiled list holds.
+    pub tiled_capacity: usize,
+}
+
+fn tiled_kernels(options: &GemmOptions) -> (&'static KernelDecl, &'static KernelDecl) {
+    match options.tiled {
+        TiledKernel::Wgmma => (&source::UP_WGMMA, &source::DOWN_WGMMA),
+        TiledKernel::Mma => (&source::UP_MMA, &source::DOWN_MMA),
+    }
+}
+
+/// The schedule of `n_slots` slots from `expert_offsets [n_slots + 1]`.
+pub fn schedule_launch(
+    options: &GemmOptions,
+    expert_offsets: u64,
+    n_slots: usize,
+    ws: &GemmPtrs,
+) -> Result<Launch, CudaError> {
+    let (decode_max_rows, tile_rows) = options.schedule_args();
+    let args = vec![
+        Arg::Ptr(expert_offsets),
+        Arg::U32(n_slots as u32),
+        Arg::U32(decode_max_rows),
+        Arg::U32(tile_rows),
+        Arg::U32(ws.decode_capacity as u32),
+        Arg::U32(ws.tiled_capacity as u32),
+        Arg::Ptr(ws.decode_items),
+        Arg::Ptr(ws.tiled_items),
+        Arg::Ptr(ws.item_counts),
+    ];
+    Launch::new(&source::EXPERT_SCHEDULE, &LaunchDims::default(), args)
+}
+
+/// GEMM 1 + SwiGLU, `act [R, I]` from `x [R, H]`: the decode launch, then the tiled one
+/// (each only when its list has room).
+pub fn up_launches(
+    options: &GemmOptions,
+    x: u64,
+    gate_up: u64,
+    hidden: usize,
+    inter: usize,
+    ws: &GemmPtrs,
+) -> Result<Vec<Launch>, CudaError> {
+    check_shape(hidden, inter)?;
+    let args = |items: u64| {
+        vec![
+            Arg::Ptr(x),
+            Arg::Ptr(gate_up),
+            Arg::Ptr(items),
+            Arg::Ptr(ws.item_counts),
+            Arg::U32(hidden as u32),
+            Arg::U32(inter as u32),
+            Arg::Ptr(ws.act),
+        ]
+    };
+    let mut launches = Vec::new();
+    let dims = |items| LaunchDims { hidden, inter, items, ..LaunchDims::default() };
+    if ws.decode_capacity > 0 {
+        launches.push(Launch::new(&source::UP_DECODE, &dims(ws.decode_capacity), args(ws.decode_items))?);
+    }
+    if ws.tiled_capacity > 0 {
+        launches.push(Launch::new(tiled_kernels(options).0, &dims(ws.tiled_capacity), args(ws.tiled_items))?);
+    }
+    Ok(launches)
+}
+
+/// GEMM 2 with the routing weight, `y [R, H] = row_weights[r] * (act down^T)`.
+pub fn down_launches(
+    options: &GemmOptions,
+    down: u64,
+    row_weights: u64,
+    y: u64,
+    hidden: usize,
+    inter: usize,
+    ws: &GemmPtrs,
+) -> Result<Vec<Launch>, CudaError> {
+    check_shape(hidden, inter)?;
+    let args = |items: u64| {
+        vec![
+            Arg::Ptr(ws.act),
+            Arg::Ptr(down),
+            Arg::Ptr(row_weights),
+            Arg::Ptr(items),
+            Arg::Ptr(ws.item_counts),
+            Arg::U32(hidden as u32),
+            Arg::U32(inter as u32),
+            Arg::Ptr(y),
+        ]
+    };
+    let mut launches = Vec::new();
+    let dims = |items| LaunchDims { hidden, inter, items, ..LaunchDims::default() };
+    if ws.decode_capacity > 0 {
+        launches.push(Launch::new(&source::DOWN_DECODE, &dims(ws.decode_capacity), args(ws.decode_items))?);
+    }
+    if ws.tiled_capacity > 0 {
+        launches.push(Launch::new(tiled_kernels(options).1, &dims(ws.tiled_capacity), args(ws.tiled_items))?);
+    }
+    Ok(launches)
+}
+
+impl GemmWorkspace {
+    /// Its buffers' device addresses and capacities.
+    pub fn ptrs(&self) -> GemmPtrs {
+        GemmPtrs {
+            decode_items: self.decode_items.device_ptr(),
+            tiled_items: self.tiled_items.device_ptr(),
+            item_counts: self.item_counts.device_ptr(),
+            act: self.act.device_ptr(),
+            decode_capacity: self.decode_capacity,
+            tiled_capacity: self.tiled_capacity,
+        }
+    }
+}
+
 /// The expert GEMM kernels, compiled for and loaded on one device.
 pub struct ExpertGemm {
     gpu: Arc<GpuContext>,
     options: GemmOptions,
-    schedule: CudaFunction,
-    up_decode: CudaFunction,
-    down_decode: CudaFunction,
-    up_tiled: CudaFunction,
-    down_tiled: CudaFunction,
 }
 
 impl std::fmt::Debug for ExpertGemm {
@@ -288,36 +428,17 @@ impl ExpertGemm {
     /// Compiles (NVRTC, cached) and loads the kernels `options` needs on `gpu`. `wgmma`
     /// needs an `sm_90a` device.
     pub fn new(gpu: &Arc<GpuContext>, options: GemmOptions) -> Result<Self, CudaError> {
-        if options.tiled == TiledKernel::Wgmma && gpu.arch() != "sm_90a" {
+        if options.tiled == TiledKernel::Wgmma && !gpu.target().supports(WGMMA.min_arch) {
             return Err(MoeError::Unsupported(format!(
-                "the wgmma expert kernels need an sm_90a device; {} is {}",
+                "the wgmma expert kernels need an {} device; {} is {}",
+                WGMMA.min_arch,
                 gpu.info().name,
                 gpu.arch()
             ))
             .into());
         }
-        let (up_tiled, down_tiled, shared) = match options.tiled {
-            TiledKernel::Wgmma => (
-                gpu.function(&WGMMA, "moe_expert_up_wgmma")?,
-                gpu.function(&WGMMA, "moe_expert_down_wgmma")?,
-                WG_SHARED_BYTES,
-            ),
-            TiledKernel::Mma => {
-                (gpu.function(&MMA, "moe_expert_up_mma")?, gpu.function(&MMA, "moe_expert_down_mma")?, MMA_SHARED_BYTES)
-            }
-        };
-        for f in [&up_tiled, &down_tiled] {
-            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)?;
-        }
-        Ok(ExpertGemm {
-            gpu: gpu.clone(),
-            options,
-            schedule: gpu.function(&SCHEDULE, "moe_expert_schedule")?,
-            up_decode: gpu.function(&DECODE, "moe_expert_up_decode")?,
-            down_decode: gpu.function(&DECODE, "moe_expert_down_decode")?,
-            up_tiled,
-            down_tiled,
-        })
+        gpu.load(&options.sources())?;
+        Ok(ExpertGemm { gpu: gpu.clone(), options })
     }
 
     /// The options.
@@ -360,24 +481,22 @@ impl ExpertGemm {
         Ok(())
     }
 
+    fn queue(&self, launches: impl IntoIterator<Item = Launch>) -> Result<(), CudaError> {
+        for launch in launches {
+            // SAFETY: every caller checked the shapes of the buffers the launch addresses
+            // (see each wrapper); the schedule writes items with slot < n_slots and rows
+            // inside 0..R, and check_shape makes every column block and k step in bounds.
+            unsafe { self.gpu.launch(&launch) }?;
+        }
+        Ok(())
+    }
+
     /// Queues the schedule: work items of every slot of `expert_offsets [n_slots + 1]`.
     pub fn schedule(&self, expert_offsets: &DeviceBuffer<u32>, ws: &mut GemmWorkspace) -> Result<(), CudaError> {
         let n_slots = expert_offsets.len().saturating_sub(1);
-        let (decode_max_rows, tile_rows) = self.options.schedule_args();
-        let args = [
-            Arg::Ptr(expert_offsets.device_ptr()),
-            Arg::U32(n_slots as u32),
-            Arg::U32(decode_max_rows),
-            Arg::U32(tile_rows),
-            Arg::U32(ws.decode_capacity as u32),
-            Arg::U32(ws.tiled_capacity as u32),
-            Arg::Ptr(ws.decode_items.device_ptr()),
-            Arg::Ptr(ws.tiled_items.device_ptr()),
-            Arg::Ptr(ws.item_counts.device_ptr()),
-        ];
-        // SAFETY: matches `moe_expert_schedule`; expert_offsets has n_slots + 1 entries, the
-        // item lists hold their capacities (it never writes past them), item_counts 3 words.
-        unsafe { self.gpu.launch(&self.schedule, (1, 1), 32, 0, &args) }
+        // expert_offsets has n_slots + 1 entries, the item lists hold their capacities (it
+        // never writes past them), item_counts 3 words.
+        self.queue([schedule_launch(&self.options, expert_offsets.device_ptr(), n_slots, &ws.ptrs())?])
     }
 
     /// Queues GEMM 1 + SwiGLU: `ws.act [R, I]` from `x [R, H]` (bf16, permuted order).
@@ -389,37 +508,8 @@ impl ExpertGemm {
             return Err(MoeError::Unsupported("the CUDA expert kernels take bf16 gathered rows".into()).into());
         };
         x.expect_shape("permuted hidden", &[ws.rows, h])?;
-        let args = |items: &DeviceBuffer<u32>| {
-            [
-                Arg::Ptr(x.device_ptr()),
-                Arg::Ptr(weights.gate_up.device_ptr()),
-                Arg::Ptr(items.device_ptr()),
-                Arg::Ptr(ws.item_counts.device_ptr()),
-                Arg::U32(h as u32),
-                Arg::U32(i as u32),
-                Arg::Ptr(ws.act.device_ptr()),
-            ]
-        };
-        if ws.decode_capacity > 0 {
-            let grid = ((i / DECODE_UP_COLUMNS) as u32, ws.decode_capacity as u32);
-            // SAFETY: matches `moe_expert_up_decode(x, gate_up, items, item_counts, H, I,
-            // act)`; x [R, H], act [R, I], gate_up [n_slots, 2I, H] (shapes checked); the
-            // schedule wrote items with slot < n_slots and rows inside 0..R; H % 128 and
-            // I % 32 hold (check_shape), so every column block and k step is in bounds.
-            unsafe { self.gpu.launch(&self.up_decode, grid, DECODE_THREADS, 0, &args(&ws.decode_items)) }?;
-        }
-        if ws.tiled_capacity > 0 {
-            let (columns, threads, shared) = match self.options.tiled {
-                TiledKernel::Wgmma => (WG_UP_COLUMNS, WG_THREADS, WG_SHARED_BYTES),
-                TiledKernel::Mma => (MMA_UP_COLUMNS, MMA_THREADS, MMA_SHARED_BYTES),
-            };
-            let grid = ((i / columns) as u32, ws.tiled_capacity as u32);
-            // SAFETY: as above for the tiled kernel (same parameters); I % 128 covers both
-            // column widths, H % 64 both k tiles; the dynamic shared memory is the kernel's
-            // own size, allowed by the attribute set in `new`.
-            unsafe { self.gpu.launch(&self.up_tiled, grid, threads, shared, &args(&ws.tiled_items)) }?;
-        }
-        Ok(())
+        // x [R, H], act [R, I], gate_up [n_slots, 2I, H] (shapes checked).
+        self.queue(up_launches(&self.options, x.device_ptr(), weights.gate_up.device_ptr(), h, i, &ws.ptrs())?)
     }
 
     /// Queues GEMM 2 with the routing weight: `y [R, H] = row_weights[r] * (act down^T)`.
@@ -434,35 +524,16 @@ impl ExpertGemm {
         let (h, i) = (weights.hidden_size, weights.intermediate_size);
         row_weights.expect_shape("row weights", &[ws.rows])?;
         y.expect_shape("expert output rows", &[ws.rows, h])?;
-        let args = |items: &DeviceBuffer<u32>| {
-            [
-                Arg::Ptr(ws.act.device_ptr()),
-                Arg::Ptr(weights.down.device_ptr()),
-                Arg::Ptr(row_weights.device_ptr()),
-                Arg::Ptr(items.device_ptr()),
-                Arg::Ptr(ws.item_counts.device_ptr()),
-                Arg::U32(h as u32),
-                Arg::U32(i as u32),
-                Arg::Ptr(y.device_ptr()),
-            ]
-        };
-        if ws.decode_capacity > 0 {
-            let grid = ((h / DECODE_DOWN_COLUMNS) as u32, ws.decode_capacity as u32);
-            // SAFETY: matches `moe_expert_down_decode(act, down, row_weights, items,
-            // item_counts, H, I, y)`; act [R, I], y [R, H], row_weights [R], down
-            // [n_slots, H, I] (checked); items as in `up`; H % 64 and I % 128 hold.
-            unsafe { self.gpu.launch(&self.down_decode, grid, DECODE_THREADS, 0, &args(&ws.decode_items)) }?;
-        }
-        if ws.tiled_capacity > 0 {
-            let (columns, threads, shared) = match self.options.tiled {
-                TiledKernel::Wgmma => (WG_DOWN_COLUMNS, WG_THREADS, WG_SHARED_BYTES),
-                TiledKernel::Mma => (MMA_DOWN_COLUMNS, MMA_THREADS, MMA_SHARED_BYTES),
-            };
-            let grid = ((h / columns) as u32, ws.tiled_capacity as u32);
-            // SAFETY: as above for the tiled kernel; H % 256 covers both column widths.
-            unsafe { self.gpu.launch(&self.down_tiled, grid, threads, shared, &args(&ws.tiled_items)) }?;
-        }
-        Ok(())
+        // act [R, I], y [R, H], row_weights [R], down [n_slots, H, I] (checked).
+        self.queue(down_launches(
+            &self.options,
+            weights.down.device_ptr(),
+            row_weights.device_ptr(),
+            y.device_ptr(),
+            h,
+            i,
+            &ws.ptrs(),
+        )?)
     }
 
     /// Queues the whole grouped step: schedule, GEMM 1, GEMM 2 (no host sync).

@@ -4,7 +4,10 @@
 //! machine with no CUDA at all. At run time [`GpuContext::new`] opens `libcuda` and a
 //! device, or returns a [`CudaError`] saying which is missing; nothing panics.
 //!
-//! - [`source`]: the kernel files of `cuda/`, embedded with `include_str!`.
+//! - [`source`]: the kernel registry: every kernel file of `cuda/` (embedded with
+//!   `include_str!`), its headers, minimum [`arch`] and kernels' launch contracts.
+//! - [`launch`]: a kernel's declaration, a checked [`launch::Launch`], and the
+//!   [`launch::Launcher`] trait (the GPU, or the CPU emulator of the tests).
 //! - [`nvrtc`]: NVRTC compiles them for the device's architecture (`sm_90a` on Hopper) into
 //!   cubins, cached per (source, arch, options), and reads ptxas's resource report; this
 //!   also runs without a GPU (the static proof).
@@ -17,12 +20,14 @@
 //! - [`graph`]: capture into a CUDA graph, and device time between CUDA events.
 //! - [`bench`](mod@bench): timing with CUDA events (for `dots-moe kernels --time`).
 
+pub mod arch;
 pub mod bench;
 pub mod buffer;
 pub mod context;
 mod error;
 pub mod expert_gemm;
 pub mod graph;
+pub mod launch;
 pub mod layer;
 pub mod moe;
 pub mod nvrtc;
@@ -30,6 +35,7 @@ pub mod occupancy;
 pub mod source;
 pub mod workspace;
 
+pub use arch::Arch;
 pub use buffer::{DeviceBuffer, DeviceTensor};
 pub use context::{DeviceInfo, GpuContext};
 pub use error::CudaError;

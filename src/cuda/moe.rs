@@ -22,36 +22,39 @@
 //! `moe_permute_rank` replaces the selection's ranking step when slot ids come from
 //! elsewhere ([`MoeKernels::permute`]).
 
-use cudarc::driver::CudaFunction;
-
-use crate::config::Scoring;
+use crate::config::{RouterConfig, Scoring};
 use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
-use crate::cuda::context::{GpuContext, KernelArg as Arg};
+use crate::cuda::context::GpuContext;
 use crate::cuda::error::CudaError;
+use crate::cuda::launch::{KernelArg as Arg, KernelDecl, Launch, LaunchDims, Launcher};
 use crate::cuda::source;
 use crate::cuda::workspace::{DeviceRouter, MoeWorkspace, StatusSource};
 use crate::error::MoeError;
 use crate::tensor::Dtype;
 
-/// Tokens per permutation tile (`TILE_TOKENS` in `cuda/common.cu`).
+/// Tokens per permutation tile (`TILE_TOKENS` in `cuda/include/common.cuh`).
 pub const TILE_TOKENS: usize = 32;
-pub(crate) const TILE_THREADS: u32 = 256;
-const TILE_WARPS: usize = 8;
-pub(crate) const LOGIT_THREADS: u32 = 128;
+/// Threads of every tile block: router selection, rank, scatter (`TILE_THREADS`).
+pub const TILE_THREADS: u32 = 256;
+/// Warps of a tile block (`TILE_WARPS`).
+pub const TILE_WARPS: usize = TILE_THREADS as usize / 32;
+/// Threads of a router-logits block (`LOGIT_THREADS`).
+pub const LOGIT_THREADS: u32 = 128;
 /// Up to this many tokens the router logits run one CTA per expert (`_e1`), above it one
 /// CTA per 4 experts (`_e4`); both sum in the same order.
-const LOGIT_E1_MAX_TOKENS: usize = 64;
-const LOGIT_TOKENS: u32 = 8;
-pub(crate) const GATHER_THREADS: u32 = 256;
-pub(crate) const COMBINE_THREADS: u32 = 256;
+pub const LOGIT_E1_MAX_TOKENS: usize = 64;
+/// Tokens of a router-logits block (`LOGIT_TOKENS`).
+pub const LOGIT_TOKENS: usize = 8;
+/// Threads of a gather block (`GATHER_THREADS`).
+pub const GATHER_THREADS: u32 = 256;
+/// Threads of a combine block (`COMBINE_THREADS`).
+pub const COMBINE_THREADS: u32 = 256;
 /// Most slots per token the combine kernel takes (`COMBINE_MAX_SLOTS`).
 pub const COMBINE_MAX_SLOTS: usize = 64;
 /// Most expert groups the selection kernel takes (one per lane).
 pub const MAX_GROUPS: usize = 32;
 /// Dynamic shared memory the kernels may ask for without opting in to more.
 pub const MAX_SHARED_BYTES: usize = 48 * 1024;
-const MAX_GRID_X: usize = i32::MAX as usize;
-const MAX_GRID_Y: usize = 65_535;
 
 /// Permutation tiles for `tokens` tokens.
 pub fn tiles(tokens: usize) -> usize {
@@ -78,22 +81,272 @@ fn unsupported(what: String) -> CudaError {
     CudaError::Moe(MoeError::Unsupported(what))
 }
 
-fn grid_dim(what: &str, n: usize, max: usize) -> Result<u32, CudaError> {
-    if n > max {
-        return Err(unsupported(format!("{what}: {n} blocks exceed the grid limit {max}")));
-    }
-    Ok(n as u32)
+// ---- the launches, from sizes and device addresses ----------------------------------------
+//
+// Shared by the GPU wrappers below and the CPU emulator (tests/emulator), so both run the
+// same launches. Each returns `None` when there is nothing to launch.
+
+/// Device addresses of a routing workspace's buffers (see [`MoeWorkspace`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct WorkspacePtrs {
+    pub logits: u64,
+    pub slot_ids: u64,
+    pub slot_weights: u64,
+    pub pair_ranks: u64,
+    pub tile_counts: u64,
+    pub tile_status: u64,
+    pub expert_offsets: u64,
+    pub row_pairs: u64,
+    pub pair_rows: u64,
+    pub row_weights: u64,
 }
+
+/// A workspace's sizes: `(tokens, slots per token, slots)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkspaceDims {
+    /// Tokens `T`.
+    pub tokens: usize,
+    /// Slots per token `S`.
+    pub slots_per_token: usize,
+    /// Expert slots.
+    pub n_slots: usize,
+}
+
+impl WorkspaceDims {
+    fn launch_dims(&self) -> LaunchDims {
+        LaunchDims {
+            tokens: self.tokens,
+            slots_per_token: self.slots_per_token,
+            n_slots: self.n_slots,
+            ..LaunchDims::default()
+        }
+    }
+}
+
+fn index2(a: Dtype, b: Dtype) -> usize {
+    let bit = |d: Dtype| usize::from(d == Dtype::Bf16);
+    2 * bit(a) + bit(b)
+}
+
+/// The router-logits kernel for `(x, w)` dtypes and tokens.
+pub fn logits_kernel(x: Dtype, w: Dtype, tokens: usize) -> &'static KernelDecl {
+    const E1: [&KernelDecl; 4] = [
+        &source::LOGITS_F32_F32_E1,
+        &source::LOGITS_F32_BF16_E1,
+        &source::LOGITS_BF16_F32_E1,
+        &source::LOGITS_BF16_BF16_E1,
+    ];
+    const E4: [&KernelDecl; 4] = [
+        &source::LOGITS_F32_F32_E4,
+        &source::LOGITS_F32_BF16_E4,
+        &source::LOGITS_BF16_F32_E4,
+        &source::LOGITS_BF16_BF16_E4,
+    ];
+    if tokens <= LOGIT_E1_MAX_TOKENS { E1[index2(x, w)] } else { E4[index2(x, w)] }
+}
+
+/// `logits [T, E] = fp32(x [T, H]) @ fp32(w [E, H])^T`.
+pub fn logits_launch(
+    x: (u64, Dtype),
+    w: (u64, Dtype),
+    logits: u64,
+    tokens: usize,
+    experts: usize,
+    hidden: usize,
+) -> Result<Option<Launch>, CudaError> {
+    if tokens == 0 || experts == 0 {
+        return Ok(None);
+    }
+    if tokens > u32::MAX as usize {
+        return Err(MoeError::Overflow(format!("{tokens} tokens do not fit the router kernel's 32-bit count")).into());
+    }
+    let aligned = x.0.is_multiple_of(16) && w.0.is_multiple_of(16);
+    let vectorized = u32::from(hidden.is_multiple_of(8) && aligned);
+    let dims = LaunchDims { tokens, experts, hidden, ..LaunchDims::default() };
+    let args = vec![
+        Arg::Ptr(x.0),
+        Arg::Ptr(w.0),
+        Arg::Ptr(logits),
+        Arg::U32(tokens as u32),
+        Arg::U32(experts as u32),
+        Arg::U64(hidden as u64),
+        Arg::U32(vectorized),
+    ];
+    Launch::new(logits_kernel(x.1, w.1, tokens), &dims, args).map(Some)
+}
+
+/// Checks what the selection kernel takes of a router configuration.
+pub fn check_select(cfg: &RouterConfig, slots_per_token: usize, n_slots: usize) -> Result<(), CudaError> {
+    cfg.validate().map_err(MoeError::from)?;
+    if cfg.n_group > MAX_GROUPS {
+        return Err(unsupported(format!(
+            "the router kernel takes at most {MAX_GROUPS} expert groups, got {}",
+            cfg.n_group
+        )));
+    }
+    let shared = select_shared_bytes(cfg.n_experts, slots_per_token, n_slots);
+    if shared > MAX_SHARED_BYTES {
+        return Err(unsupported(format!(
+            "the router kernel needs {shared} bytes of shared memory for {} experts and {slots_per_token} slots per token (limit {MAX_SHARED_BYTES})",
+            cfg.n_experts
+        )));
+    }
+    Ok(())
+}
+
+/// The selection from `ws.logits` (see [`MoeKernels::router_select`]); `bias` is 0 for
+/// none.
+pub fn select_launch(
+    cfg: &RouterConfig,
+    n_shared: usize,
+    bias: u64,
+    ws: &WorkspacePtrs,
+    dims: &WorkspaceDims,
+) -> Result<Option<Launch>, CudaError> {
+    check_select(cfg, dims.slots_per_token, dims.n_slots)?;
+    if dims.tokens == 0 {
+        return Ok(None);
+    }
+    let args = vec![
+        Arg::Ptr(ws.logits),
+        Arg::Ptr(bias),
+        Arg::U32(dims.tokens as u32),
+        Arg::U32(cfg.n_experts as u32),
+        Arg::U32(cfg.top_k as u32),
+        Arg::U32(n_shared as u32),
+        Arg::U32(cfg.n_group as u32),
+        Arg::U32(cfg.topk_group as u32),
+        Arg::U32(u32::from(cfg.scoring == Scoring::Softmax)),
+        Arg::U32(u32::from(cfg.norm_topk_prob)),
+        Arg::F32(cfg.routed_scaling_factor),
+        Arg::Ptr(ws.slot_ids),
+        Arg::Ptr(ws.slot_weights),
+        Arg::Ptr(ws.pair_ranks),
+        Arg::Ptr(ws.tile_counts),
+        Arg::Ptr(ws.tile_status),
+        Arg::U32(u32::from(tiles(dims.tokens) == 1)),
+        Arg::Ptr(ws.expert_offsets),
+        Arg::Ptr(ws.row_pairs),
+        Arg::Ptr(ws.pair_rows),
+        Arg::Ptr(ws.row_weights),
+    ];
+    let launch_dims = LaunchDims { experts: cfg.n_experts, ..dims.launch_dims() };
+    Launch::new(&source::SELECT, &launch_dims, args).map(Some)
+}
+
+/// The ranks and per-tile counts of the slot ids in `ws.slot_ids`.
+pub fn rank_launch(ws: &WorkspacePtrs, dims: &WorkspaceDims) -> Result<Option<Launch>, CudaError> {
+    if dims.tokens == 0 {
+        return Ok(None);
+    }
+    let shared = rank_shared_bytes(dims.slots_per_token, dims.n_slots);
+    if shared > MAX_SHARED_BYTES {
+        return Err(unsupported(format!(
+            "the permutation needs {shared} bytes of shared memory (limit {MAX_SHARED_BYTES})"
+        )));
+    }
+    let args = vec![
+        Arg::Ptr(ws.slot_ids),
+        Arg::U32(dims.tokens as u32),
+        Arg::U32(dims.slots_per_token as u32),
+        Arg::U32(dims.n_slots as u32),
+        Arg::Ptr(ws.pair_ranks),
+        Arg::Ptr(ws.tile_counts),
+        Arg::Ptr(ws.tile_status),
+    ];
+    Launch::new(&source::RANK, &dims.launch_dims(), args).map(Some)
+}
+
+/// The scatter from ranks and counts (valid for `T = 0`: all offsets 0).
+pub fn scatter_launch(ws: &WorkspacePtrs, dims: &WorkspaceDims) -> Result<Option<Launch>, CudaError> {
+    let shared = scatter_shared_bytes(dims.n_slots);
+    if shared > MAX_SHARED_BYTES {
+        return Err(unsupported(format!(
+            "the permutation needs {shared} bytes of shared memory (limit {MAX_SHARED_BYTES})"
+        )));
+    }
+    let args = vec![
+        Arg::Ptr(ws.slot_ids),
+        Arg::Ptr(ws.slot_weights),
+        Arg::Ptr(ws.pair_ranks),
+        Arg::Ptr(ws.tile_counts),
+        Arg::U32(dims.tokens as u32),
+        Arg::U32(dims.slots_per_token as u32),
+        Arg::U32(dims.n_slots as u32),
+        Arg::U32(tiles(dims.tokens) as u32),
+        Arg::Ptr(ws.expert_offsets),
+        Arg::Ptr(ws.row_pairs),
+        Arg::Ptr(ws.pair_rows),
+        Arg::Ptr(ws.row_weights),
+    ];
+    Launch::new(&source::SCATTER, &dims.launch_dims(), args).map(Some)
+}
+
+/// The gather `out [T * S, H] = hidden [row_pairs[r] / S]`.
+pub fn gather_launch(
+    hidden: (u64, Dtype),
+    row_pairs: u64,
+    out: (u64, Dtype),
+    tokens: usize,
+    slots_per_token: usize,
+    hidden_size: usize,
+) -> Result<Option<Launch>, CudaError> {
+    if tokens * slots_per_token == 0 || hidden_size == 0 {
+        return Ok(None);
+    }
+    const GATHER: [&KernelDecl; 4] =
+        [&source::GATHER_F32_F32, &source::GATHER_F32_BF16, &source::GATHER_BF16_F32, &source::GATHER_BF16_BF16];
+    let aligned = hidden.0.is_multiple_of(16) && out.0.is_multiple_of(16);
+    let vectorized = u32::from(hidden_size.is_multiple_of(8) && aligned);
+    let dims = LaunchDims { tokens, slots_per_token, hidden: hidden_size, ..LaunchDims::default() };
+    let args = vec![
+        Arg::Ptr(hidden.0),
+        Arg::Ptr(row_pairs),
+        Arg::Ptr(out.0),
+        Arg::U32(slots_per_token as u32),
+        Arg::U64(hidden_size as u64),
+        Arg::U32(vectorized),
+    ];
+    Launch::new(GATHER[index2(hidden.1, out.1)], &dims, args).map(Some)
+}
+
+/// The combine `out [T, H]` of `expert_rows [T * S, H]` through `pair_rows [T * S]`.
+pub fn combine_launch(
+    expert_rows: u64,
+    pair_rows: u64,
+    out: u64,
+    tokens: usize,
+    slots_per_token: usize,
+    hidden_size: usize,
+) -> Result<Option<Launch>, CudaError> {
+    if slots_per_token > COMBINE_MAX_SLOTS {
+        return Err(unsupported(format!(
+            "the combine kernel takes at most {COMBINE_MAX_SLOTS} slots per token, got {slots_per_token}"
+        )));
+    }
+    if tokens == 0 || hidden_size == 0 {
+        return Ok(None);
+    }
+    let aligned = expert_rows.is_multiple_of(16) && out.is_multiple_of(16);
+    let vectorized = u32::from(hidden_size.is_multiple_of(4) && aligned);
+    let dims = LaunchDims { tokens, slots_per_token, hidden: hidden_size, ..LaunchDims::default() };
+    let args = vec![
+        Arg::Ptr(expert_rows),
+        Arg::Ptr(pair_rows),
+        Arg::U32(slots_per_token as u32),
+        Arg::U64(hidden_size as u64),
+        Arg::U32(vectorized),
+        Arg::Ptr(out),
+    ];
+    Launch::new(&source::COMBINE_KERNEL, &dims, args).map(Some)
+}
+
+// ---- the GPU wrappers ----------------------------------------------------------------
 
 /// The MoE kernels, compiled for and loaded on one device.
 pub struct MoeKernels {
     gpu: std::sync::Arc<GpuContext>,
-    logits: [[CudaFunction; 4]; 2],
-    select: CudaFunction,
-    rank: CudaFunction,
-    scatter: CudaFunction,
-    gather: [CudaFunction; 4],
-    combine: CudaFunction,
 }
 
 impl std::fmt::Debug for MoeKernels {
@@ -102,47 +355,48 @@ impl std::fmt::Debug for MoeKernels {
     }
 }
 
-fn dtype_index(a: Dtype, b: Dtype) -> usize {
-    let bit = |d: Dtype| usize::from(d == Dtype::Bf16);
-    2 * bit(a) + bit(b)
+impl MoeWorkspace {
+    /// Its buffers' device addresses.
+    pub fn ptrs(&self) -> WorkspacePtrs {
+        WorkspacePtrs {
+            logits: self.logits.device_ptr(),
+            slot_ids: self.slot_ids.device_ptr(),
+            slot_weights: self.slot_weights.device_ptr(),
+            pair_ranks: self.pair_ranks.device_ptr(),
+            tile_counts: self.tile_counts.device_ptr(),
+            tile_status: self.tile_status.device_ptr(),
+            expert_offsets: self.expert_offsets.device_ptr(),
+            row_pairs: self.row_pairs.device_ptr(),
+            pair_rows: self.pair_rows.device_ptr(),
+            row_weights: self.row_weights.device_ptr(),
+        }
+    }
+
+    /// Its sizes.
+    pub fn dims(&self) -> WorkspaceDims {
+        WorkspaceDims { tokens: self.tokens, slots_per_token: self.slots_per_token, n_slots: self.n_slots }
+    }
 }
 
 impl MoeKernels {
     /// Compiles (NVRTC, cached) and loads every MoE kernel on `gpu`.
     pub fn new(gpu: &std::sync::Arc<GpuContext>) -> Result<Self, CudaError> {
-        let f = |src: &source::KernelSource, name: &str| gpu.function(src, name);
-        Ok(MoeKernels {
-            gpu: gpu.clone(),
-            logits: [
-                [
-                    f(&source::ROUTE, "moe_router_logits_f32_f32_e1")?,
-                    f(&source::ROUTE, "moe_router_logits_f32_bf16_e1")?,
-                    f(&source::ROUTE, "moe_router_logits_bf16_f32_e1")?,
-                    f(&source::ROUTE, "moe_router_logits_bf16_bf16_e1")?,
-                ],
-                [
-                    f(&source::ROUTE, "moe_router_logits_f32_f32_e4")?,
-                    f(&source::ROUTE, "moe_router_logits_f32_bf16_e4")?,
-                    f(&source::ROUTE, "moe_router_logits_bf16_f32_e4")?,
-                    f(&source::ROUTE, "moe_router_logits_bf16_bf16_e4")?,
-                ],
-            ],
-            select: f(&source::ROUTE, "moe_router_select")?,
-            rank: f(&source::PERMUTE, "moe_permute_rank")?,
-            scatter: f(&source::PERMUTE, "moe_permute_scatter")?,
-            gather: [
-                f(&source::PERMUTE, "moe_gather_f32_to_f32")?,
-                f(&source::PERMUTE, "moe_gather_f32_to_bf16")?,
-                f(&source::PERMUTE, "moe_gather_bf16_to_f32")?,
-                f(&source::PERMUTE, "moe_gather_bf16_to_bf16")?,
-            ],
-            combine: f(&source::COMBINE, "moe_combine")?,
-        })
+        gpu.load(&[&source::ROUTE, &source::PERMUTE, &source::COMBINE])?;
+        Ok(MoeKernels { gpu: gpu.clone() })
     }
 
     /// The device.
     pub fn gpu(&self) -> &std::sync::Arc<GpuContext> {
         &self.gpu
+    }
+
+    fn run(&self, launch: Option<Launch>) -> Result<(), CudaError> {
+        match launch {
+            // SAFETY: every caller checked the shapes of the buffers whose addresses the
+            // launch carries against the sizes it was built for (see each wrapper).
+            Some(launch) => unsafe { self.gpu.launch(&launch) },
+            None => Ok(()),
+        }
     }
 
     /// Queues `logits [T, E] = fp32(hidden [T, H]) @ fp32(gate [E, H])^T`.
@@ -160,40 +414,19 @@ impl MoeKernels {
             .ok_or_else(|| MoeError::MissingWeights("this device router has no gate weight (selection only)".into()))?;
         hidden.expect_shape("hidden", &[tokens, h])?;
         logits.expect_shape("router logits", &[tokens, e])?;
-        if tokens == 0 || e == 0 {
-            return Ok(());
-        }
-        if tokens > u32::MAX as usize {
-            return Err(
-                MoeError::Overflow(format!("{tokens} tokens do not fit the router kernel's 32-bit count")).into()
-            );
-        }
-        let aligned = [hidden.device_ptr(), gate.device_ptr()].iter().all(|p| p.is_multiple_of(16));
-        let vectorized = u32::from(h.is_multiple_of(8) && aligned);
-        let experts_per_cta = if tokens <= LOGIT_E1_MAX_TOKENS { 1 } else { 4 };
-        let grid = (
-            grid_dim("router logits", tokens.div_ceil(LOGIT_TOKENS as usize), MAX_GRID_X)?,
-            grid_dim("router logits", e.div_ceil(experts_per_cta), MAX_GRID_Y)?,
-        );
-        let func = &self.logits[usize::from(experts_per_cta == 4)][dtype_index(hidden.dtype(), gate.dtype())];
-        let args = [
-            Arg::Ptr(hidden.device_ptr()),
-            Arg::Ptr(gate.device_ptr()),
-            Arg::Ptr(logits.device_ptr()),
-            Arg::U32(tokens as u32),
-            Arg::U32(e as u32),
-            Arg::U64(h as u64),
-            Arg::U32(vectorized),
-        ];
-        // SAFETY: matches `router_logits(x, w, logits, tokens, experts, hidden, vectorized)`;
-        // x is [T, H], w [E, H], logits [T, E] (checked above); T and E fit u32 (E is
-        // validated by RouterConfig, T above); grid and block are the kernel's mapping.
-        unsafe { self.gpu.launch(func, grid, LOGIT_THREADS, 0, &args) }
+        // x is [T, H], w [E, H], logits [T, E] (checked above).
+        self.run(logits_launch(
+            (hidden.device_ptr(), hidden.dtype()),
+            (gate.device_ptr(), gate.dtype()),
+            logits.device_ptr(),
+            tokens,
+            e,
+            h,
+        )?)
     }
 
     fn check_router(router: &DeviceRouter, ws: &MoeWorkspace) -> Result<(), CudaError> {
         let cfg = &router.config;
-        cfg.validate().map_err(MoeError::from)?;
         if ws.n_experts != cfg.n_experts
             || ws.slots_per_token != router.slots_per_token()
             || ws.n_slots != router.n_slots()
@@ -205,20 +438,6 @@ impl MoeKernels {
             )
             .into());
         }
-        if cfg.n_group > MAX_GROUPS {
-            return Err(unsupported(format!(
-                "the router kernel takes at most {MAX_GROUPS} expert groups, got {}",
-                cfg.n_group
-            )));
-        }
-        let shared = select_shared_bytes(cfg.n_experts, router.slots_per_token(), router.n_slots());
-        if shared > MAX_SHARED_BYTES {
-            return Err(unsupported(format!(
-                "the router kernel needs {shared} bytes of shared memory for {} experts and {} slots per token (limit {MAX_SHARED_BYTES})",
-                cfg.n_experts,
-                router.slots_per_token()
-            )));
-        }
         Ok(())
     }
 
@@ -227,103 +446,30 @@ impl MoeKernels {
     /// permutation; otherwise [`MoeKernels::permute_scatter`] finishes it (calling it after a
     /// one-tile selection rewrites the same values).
     pub fn router_select(&self, router: &DeviceRouter, ws: &mut MoeWorkspace) -> Result<(), CudaError> {
+        router.config.validate().map_err(MoeError::from)?;
         Self::check_router(router, ws)?;
+        let bias = router.bias.as_ref().map_or(0, |b| b.device_ptr());
+        // The workspace was sized for this router and T (checked): ids, weights, ranks,
+        // row_pairs, pair_rows and row_weights hold T*S, tile_counts n_tiles*n_slots,
+        // expert_offsets n_slots+1; the bias is [E] or null.
+        let launch = select_launch(&router.config, router.n_shared, bias, &ws.ptrs(), &ws.dims())?;
         ws.status_source = StatusSource::Router;
-        let tokens = ws.tokens;
-        if tokens == 0 {
-            return Ok(());
-        }
-        let cfg = &router.config;
-        let shared = select_shared_bytes(cfg.n_experts, router.slots_per_token(), router.n_slots());
-        let args = [
-            Arg::Ptr(ws.logits.device_ptr()),
-            Arg::Ptr(router.bias.as_ref().map_or(0, |b| b.device_ptr())),
-            Arg::U32(tokens as u32),
-            Arg::U32(cfg.n_experts as u32),
-            Arg::U32(cfg.top_k as u32),
-            Arg::U32(router.n_shared as u32),
-            Arg::U32(cfg.n_group as u32),
-            Arg::U32(cfg.topk_group as u32),
-            Arg::U32(u32::from(cfg.scoring == Scoring::Softmax)),
-            Arg::U32(u32::from(cfg.norm_topk_prob)),
-            Arg::F32(cfg.routed_scaling_factor),
-            Arg::Ptr(ws.slot_ids.device_ptr()),
-            Arg::Ptr(ws.slot_weights.device_ptr()),
-            Arg::Ptr(ws.pair_ranks.device_ptr()),
-            Arg::Ptr(ws.tile_counts.device_ptr()),
-            Arg::Ptr(ws.tile_status.device_ptr()),
-            Arg::U32(u32::from(tiles(tokens) == 1)),
-            Arg::Ptr(ws.expert_offsets.device_ptr()),
-            Arg::Ptr(ws.row_pairs.device_ptr()),
-            Arg::Ptr(ws.pair_rows.device_ptr()),
-            Arg::Ptr(ws.row_weights.device_ptr()),
-        ];
-        let grid = (grid_dim("router selection", tiles(tokens), MAX_GRID_X)?, 1);
-        // SAFETY: matches `moe_router_select`'s parameters; the workspace was sized for
-        // this router and T (checked): ids, weights, ranks, row_pairs, pair_rows and
-        // row_weights hold T*S, tile_counts n_tiles*n_slots, expert_offsets n_slots+1; the
-        // bias is [E] or null; `shared` is the kernel's layout for these sizes, within the
-        // default limit.
-        unsafe { self.gpu.launch(&self.select, grid, TILE_THREADS, shared, &args) }
+        self.run(launch)
     }
 
     /// Queues the ranks and per-tile counts of the slot ids already in `ws.slot_ids`
     /// (ids from elsewhere than the router).
     pub fn permute_rank(&self, ws: &mut MoeWorkspace) -> Result<(), CudaError> {
         ws.status_source = StatusSource::Permute;
-        if ws.tokens == 0 {
-            return Ok(());
-        }
-        let shared = rank_shared_bytes(ws.slots_per_token, ws.n_slots);
-        if shared > MAX_SHARED_BYTES {
-            return Err(unsupported(format!(
-                "the permutation needs {shared} bytes of shared memory (limit {MAX_SHARED_BYTES})"
-            )));
-        }
-        let args = [
-            Arg::Ptr(ws.slot_ids.device_ptr()),
-            Arg::U32(ws.tokens as u32),
-            Arg::U32(ws.slots_per_token as u32),
-            Arg::U32(ws.n_slots as u32),
-            Arg::Ptr(ws.pair_ranks.device_ptr()),
-            Arg::Ptr(ws.tile_counts.device_ptr()),
-            Arg::Ptr(ws.tile_status.device_ptr()),
-        ];
-        let grid = (grid_dim("permutation", tiles(ws.tokens), MAX_GRID_X)?, 1);
-        // SAFETY: matches `moe_permute_rank`; the workspace buffers have the sizes its
-        // constructor gave for (T, S, n_slots); T * S < 2^32 (checked there).
-        unsafe { self.gpu.launch(&self.rank, grid, TILE_THREADS, shared, &args) }
+        // The workspace buffers have the sizes its constructor gave for (T, S, n_slots).
+        self.run(rank_launch(&ws.ptrs(), &ws.dims())?)
     }
 
     /// Queues the scatter: `expert_offsets`, `row_pairs`, `pair_rows` and `row_weights`
     /// from the ranks and counts (of [`MoeKernels::router_select`] or
     /// [`MoeKernels::permute_rank`]). Valid for `T = 0` (all offsets 0).
     pub fn permute_scatter(&self, ws: &mut MoeWorkspace) -> Result<(), CudaError> {
-        let shared = scatter_shared_bytes(ws.n_slots);
-        if shared > MAX_SHARED_BYTES {
-            return Err(unsupported(format!(
-                "the permutation needs {shared} bytes of shared memory (limit {MAX_SHARED_BYTES})"
-            )));
-        }
-        let n_tiles = tiles(ws.tokens);
-        let args = [
-            Arg::Ptr(ws.slot_ids.device_ptr()),
-            Arg::Ptr(ws.slot_weights.device_ptr()),
-            Arg::Ptr(ws.pair_ranks.device_ptr()),
-            Arg::Ptr(ws.tile_counts.device_ptr()),
-            Arg::U32(ws.tokens as u32),
-            Arg::U32(ws.slots_per_token as u32),
-            Arg::U32(ws.n_slots as u32),
-            Arg::U32(n_tiles as u32),
-            Arg::Ptr(ws.expert_offsets.device_ptr()),
-            Arg::Ptr(ws.row_pairs.device_ptr()),
-            Arg::Ptr(ws.pair_rows.device_ptr()),
-            Arg::Ptr(ws.row_weights.device_ptr()),
-        ];
-        let grid = (grid_dim("permutation", n_tiles.max(1), MAX_GRID_X)?, 1);
-        // SAFETY: matches `moe_permute_scatter`; buffers sized by the workspace for
-        // (T, S, n_slots); with T = 0 the one CTA only writes expert_offsets [n_slots + 1].
-        unsafe { self.gpu.launch(&self.scatter, grid, TILE_THREADS, shared, &args) }
+        self.run(scatter_launch(&ws.ptrs(), &ws.dims())?)
     }
 
     /// Routes and permutes: logits, selection, scatter (three launches; two for one tile,
@@ -350,30 +496,17 @@ impl MoeKernels {
         ws: &MoeWorkspace,
         out: &mut DeviceTensor,
     ) -> Result<(), CudaError> {
-        let rows = ws.pairs();
         hidden.expect_shape("hidden", &[ws.tokens, hidden_size])?;
-        out.expect_shape("permuted hidden", &[rows, hidden_size])?;
-        if rows == 0 || hidden_size == 0 {
-            return Ok(());
-        }
-        let aligned = hidden.device_ptr().is_multiple_of(16) && out.device_ptr().is_multiple_of(16);
-        let vectorized = u32::from(hidden_size.is_multiple_of(8) && aligned);
-        let grid = (
-            grid_dim("gather", rows, MAX_GRID_X)?,
-            grid_dim("gather", hidden_size.div_ceil(8 * GATHER_THREADS as usize), MAX_GRID_Y)?,
-        );
-        let func = &self.gather[dtype_index(hidden.dtype(), out.dtype())];
-        let args = [
-            Arg::Ptr(hidden.device_ptr()),
-            Arg::Ptr(ws.row_pairs.device_ptr()),
-            Arg::Ptr(out.device_ptr()),
-            Arg::U32(ws.slots_per_token as u32),
-            Arg::U64(hidden_size as u64),
-            Arg::U32(vectorized),
-        ];
-        // SAFETY: matches `gather(hidden, row_pairs, out, S, H, vectorized)`; hidden is
-        // [T, H], out [T*S, H], row_pairs [T*S] with values < T*S once permuted.
-        unsafe { self.gpu.launch(func, grid, GATHER_THREADS, 0, &args) }
+        out.expect_shape("permuted hidden", &[ws.pairs(), hidden_size])?;
+        // hidden is [T, H], out [T*S, H], row_pairs [T*S] with values < T*S once permuted.
+        self.run(gather_launch(
+            (hidden.device_ptr(), hidden.dtype()),
+            ws.row_pairs.device_ptr(),
+            (out.device_ptr(), out.dtype()),
+            ws.tokens,
+            ws.slots_per_token,
+            hidden_size,
+        )?)
     }
 
     /// Queues the combine `out [T, H]`: each token's `S` weighted rows of
@@ -388,30 +521,14 @@ impl MoeKernels {
         let (t, s) = (ws.tokens, ws.slots_per_token);
         expert_rows.expect_shape("expert output rows", &[t * s, hidden_size])?;
         out.expect_shape("output", &[t, hidden_size])?;
-        if s > COMBINE_MAX_SLOTS {
-            return Err(unsupported(format!(
-                "the combine kernel takes at most {COMBINE_MAX_SLOTS} slots per token, got {s}"
-            )));
-        }
-        if t == 0 || hidden_size == 0 {
-            return Ok(());
-        }
-        let aligned = expert_rows.device_ptr().is_multiple_of(16) && out.device_ptr().is_multiple_of(16);
-        let vectorized = u32::from(hidden_size.is_multiple_of(4) && aligned);
-        let grid = (
-            grid_dim("combine", t, MAX_GRID_X)?,
-            grid_dim("combine", hidden_size.div_ceil(4 * COMBINE_THREADS as usize), MAX_GRID_Y)?,
-        );
-        let args = [
-            Arg::Ptr(expert_rows.device_ptr()),
-            Arg::Ptr(ws.pair_rows.device_ptr()),
-            Arg::U32(s as u32),
-            Arg::U64(hidden_size as u64),
-            Arg::U32(vectorized),
-            Arg::Ptr(out.device_ptr()),
-        ];
-        // SAFETY: matches `moe_combine(expert_rows, pair_rows, S, H, vectorized, out)`;
-        // expert_rows [T*S, H], out [T, H], pair_rows [T*S] with S <= COMBINE_MAX_SLOTS.
-        unsafe { self.gpu.launch(&self.combine, grid, COMBINE_THREADS, 0, &args) }
+        // expert_rows [T*S, H], out [T, H], pair_rows [T*S] (S checked by the launch).
+        self.run(combine_launch(
+            expert_rows.device_ptr(),
+            ws.pair_rows.device_ptr(),
+            out.device_ptr(),
+            t,
+            s,
+            hidden_size,
+        )?)
     }
 }

@@ -23,7 +23,7 @@ use cudarc::nvrtc::{result, sys};
 use serde::Serialize;
 
 use crate::cuda::error::CudaError;
-use crate::cuda::source::KernelSource;
+use crate::cuda::source::{Header, KernelSource};
 
 /// Whether the NVRTC library can be loaded. Checked before any NVRTC call (cudarc panics
 /// on a missing library).
@@ -120,6 +120,16 @@ fn cache() -> &'static Mutex<HashMap<CacheKey, Arc<CompiledProgram>>> {
 /// FNV-1a, 64 bits: a stable hash of the program text (stable across runs and Rust versions).
 fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// What identifies one compilation: the program (its text and headers), the arch, the options.
+fn cache_key(source: &KernelSource, arch: &str) -> CacheKey {
+    CacheKey {
+        program: source.name,
+        source_hash: fnv1a(&source.fingerprint()),
+        arch: arch.to_string(),
+        options: options(arch),
+    }
 }
 
 /// The environment variable that names the on-disk cubin cache folder (see the module docs).
@@ -221,8 +231,7 @@ pub fn compile_with_cache(
     disk: Option<&Path>,
 ) -> Result<Arc<CompiledProgram>, CudaError> {
     let text = source.program();
-    let key =
-        CacheKey { program: source.name, source_hash: fnv1a(&text), arch: arch.to_string(), options: options(arch) };
+    let key = cache_key(source, arch);
     if let Some(hit) = cache().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(hit.clone());
     }
@@ -232,7 +241,7 @@ pub fn compile_with_cache(
         (Some(hit), _) => hit,
         (None, None) => return Err(CudaError::NoNvrtc),
         (None, Some(version)) => {
-            let compiled = compile_uncached(source.name, &text, arch, key.options.clone())?;
+            let compiled = compile_uncached(source.name, &text, source.headers(), arch, key.options.clone())?;
             if let Some(dir) = disk {
                 store_on_disk(dir, &key, version, &compiled);
             }
@@ -257,13 +266,39 @@ impl Drop for Program {
 fn compile_uncached(
     program: &'static str,
     text: &str,
+    headers: &[Header],
     arch: &str,
     options: Vec<String>,
 ) -> Result<CompiledProgram, CudaError> {
-    let bad = |reason: &str| CudaError::BadProgram { program: program.into(), reason: reason.into() };
-    let src = CString::new(text).map_err(|_| bad("the text contains a NUL byte"))?;
-    let name = CString::new(program).map_err(|_| bad("the name contains a NUL byte"))?;
-    let prog = Program(result::create_program(&src, Some(&name))?);
+    let c_string = |what: &str, s: &str| {
+        CString::new(s).map_err(|_| CudaError::BadProgram {
+            program: program.into(),
+            reason: format!("{what} contains a NUL byte"),
+        })
+    };
+    let src = c_string("the text", text)?;
+    let name = c_string("the name", program)?;
+    // The headers, served in memory under the names the kernel files `#include`.
+    let header_texts = headers.iter().map(|h| c_string(h.name, h.text)).collect::<Result<Vec<_>, _>>()?;
+    let header_names = headers.iter().map(|h| c_string(h.name, h.name)).collect::<Result<Vec<_>, _>>()?;
+    let text_ptrs: Vec<*const std::ffi::c_char> = header_texts.iter().map(|s| s.as_ptr()).collect();
+    let name_ptrs: Vec<*const std::ffi::c_char> = header_names.iter().map(|s| s.as_ptr()).collect();
+    let mut raw = std::mem::MaybeUninit::uninit();
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call (NVRTC copies
+    // them); the two header arrays have `headers.len()` entries each.
+    unsafe {
+        sys::nvrtcCreateProgram(
+            raw.as_mut_ptr(),
+            src.as_ptr(),
+            name.as_ptr(),
+            headers.len() as i32,
+            text_ptrs.as_ptr(),
+            name_ptrs.as_ptr(),
+        )
+    }
+    .result()?;
+    // SAFETY: nvrtcCreateProgram succeeded, so it wrote the program handle.
+    let prog = Program(unsafe { raw.assume_init() });
     // SAFETY: `prog` is a live program (destroyed on drop, after every use below); `src`
     // and `name` outlive it.
     let compiled = unsafe { result::compile_program(prog.0, &options) };
@@ -447,13 +482,8 @@ ptxas info    : Used 40 registers, used 1 barriers, 64 bytes smem\n";
         let _ = std::fs::remove_dir_all(&dir);
         let source = crate::cuda::source::COMBINE;
         let compiled = compile_with_cache(&source, "sm_80", Some(&dir)).unwrap();
-        let key = CacheKey {
-            program: source.name,
-            source_hash: fnv1a(&source.program()),
-            arch: "sm_80".into(),
-            options: options("sm_80"),
-        };
-        let cached = load_from_disk(&dir, &key, Some(version().unwrap())).expect("written after the miss");
+        let cached = load_from_disk(&dir, &cache_key(&source, "sm_80"), Some(version().unwrap()))
+            .expect("written after the miss");
         assert_eq!(cached.origin, Origin::DiskCache);
         assert!(cached.cubin == compiled.cubin, "the cached cubin differs from the compiled one");
         assert_eq!(cached.kernels, compiled.kernels);

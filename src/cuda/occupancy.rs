@@ -2,18 +2,18 @@
 //! and how many CTAs fit on one multiprocessor (`cuOccupancyMaxActiveBlocksPerMultiprocessor`),
 //! beside the device's shared-memory opt-in limit. `dots-moe doctor` prints it.
 //!
-//! The launch shapes are the ones the wrappers use at dots.llm1 shapes (E 128, 6 + 2 slots
-//! per token, 130 slot ids): the block sizes of [`crate::cuda::moe`] and
-//! [`crate::cuda::expert_gemm`], and their dynamic shared memory.
+//! The launch shapes come from each kernel's declaration in the registry
+//! ([`crate::cuda::source`]): its block size, and its dynamic shared memory at dots.llm1
+//! shapes (E 128, 6 + 2 slots per token, 130 slot ids).
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use serde::Serialize;
 
+use crate::cuda::arch::Arch;
 use crate::cuda::context::GpuContext;
 use crate::cuda::error::CudaError;
-use crate::cuda::expert_gemm as gemm;
-use crate::cuda::moe;
-use crate::cuda::source::{self, KernelSource};
+use crate::cuda::launch::{KernelDecl, LaunchDims};
+use crate::cuda::source;
 
 /// One kernel at its launch shape on one device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -56,62 +56,32 @@ pub fn shared_memory_limits(gpu: &GpuContext) -> Result<SharedMemoryLimits, Cuda
     })
 }
 
-/// Every kernel the layer launches on `gpu`, with its block size and dynamic shared memory
-/// at dots.llm1 shapes.
-fn launch_shapes(arch: &str) -> Vec<(&'static KernelSource, &'static str, u32, usize)> {
-    let (experts, slots_per_token, n_slots) = (128, 8, 130);
-    let mut shapes: Vec<(&'static KernelSource, &'static str, u32, usize)> = Vec::new();
-    for name in source::ROUTE.entry_points.iter().filter(|n| n.starts_with("moe_router_logits")) {
-        shapes.push((&source::ROUTE, name, moe::LOGIT_THREADS, 0));
-    }
-    shapes.push((
-        &source::ROUTE,
-        "moe_router_select",
-        moe::TILE_THREADS,
-        moe::select_shared_bytes(experts, slots_per_token, n_slots),
-    ));
-    shapes.push((
-        &source::PERMUTE,
-        "moe_permute_rank",
-        moe::TILE_THREADS,
-        moe::rank_shared_bytes(slots_per_token, n_slots),
-    ));
-    shapes.push((&source::PERMUTE, "moe_permute_scatter", moe::TILE_THREADS, moe::scatter_shared_bytes(n_slots)));
-    for name in source::PERMUTE.entry_points.iter().filter(|n| n.starts_with("moe_gather")) {
-        shapes.push((&source::PERMUTE, name, moe::GATHER_THREADS, 0));
-    }
-    shapes.push((&source::COMBINE, "moe_combine", moe::COMBINE_THREADS, 0));
-    shapes.push((&gemm::SCHEDULE, "moe_expert_schedule", 32, 0));
-    shapes.push((&gemm::DECODE, "moe_expert_up_decode", gemm::DECODE_THREADS, 0));
-    shapes.push((&gemm::DECODE, "moe_expert_down_decode", gemm::DECODE_THREADS, 0));
-    shapes.push((&gemm::MMA, "moe_expert_up_mma", gemm::MMA_THREADS, gemm::MMA_SHARED_BYTES));
-    shapes.push((&gemm::MMA, "moe_expert_down_mma", gemm::MMA_THREADS, gemm::MMA_SHARED_BYTES));
-    if arch == "sm_90a" {
-        shapes.push((&gemm::WGMMA, "moe_expert_up_wgmma", gemm::WG_THREADS, gemm::WG_SHARED_BYTES));
-        shapes.push((&gemm::WGMMA, "moe_expert_down_wgmma", gemm::WG_THREADS, gemm::WG_SHARED_BYTES));
-    }
-    shapes
+/// Every registered kernel for `arch`, with its block size and its dynamic shared memory at
+/// dots.llm1 shapes (the declarations' own rules).
+fn launch_shapes(arch: Arch) -> Vec<(&'static KernelDecl, usize)> {
+    let dims = LaunchDims::dots1(4096, 1);
+    source::files_for(arch).flat_map(|file| file.kernels.iter()).map(|k| (*k, (k.dynamic_smem)(&dims))).collect()
 }
 
-/// Each kernel's occupancy on `gpu` (compiles and loads every kernel file).
+/// Each kernel's occupancy on `gpu` (compiles or loads every kernel file).
 pub fn kernel_occupancy(gpu: &GpuContext) -> Result<Vec<KernelOccupancy>, CudaError> {
     gpu.cuda_context().bind_to_thread()?;
     let mut out = Vec::new();
-    for (src, name, block, dynamic) in launch_shapes(gpu.arch()) {
-        let func = gpu.function(src, name)?;
+    for (kernel, dynamic) in launch_shapes(gpu.target()) {
+        let func = gpu.kernel(kernel)?;
         if dynamic > 48 * 1024 {
             // Above 48 KB a kernel must opt in, as the wrappers do before launching.
             func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic as i32)?;
         }
-        let ctas = func.occupancy_max_active_blocks_per_multiprocessor(block, dynamic, None)?;
+        let ctas = func.occupancy_max_active_blocks_per_multiprocessor(kernel.block, dynamic, None)?;
         out.push(KernelOccupancy {
-            name: name.to_string(),
-            block_threads: block,
+            name: kernel.entry.to_string(),
+            block_threads: kernel.block,
             dynamic_shared_bytes: dynamic,
             static_shared_bytes: func.shared_size_bytes()?,
             registers: func.num_regs()?,
             ctas_per_sm: ctas,
-            warps_per_sm: ctas * block.div_ceil(32),
+            warps_per_sm: ctas * kernel.block.div_ceil(32),
         });
     }
     Ok(out)
@@ -148,31 +118,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_entry_point_has_one_launch_shape() {
-        for (arch, files) in [
-            ("sm_80", vec![source::ROUTE, source::PERMUTE, source::COMBINE, gemm::SCHEDULE, gemm::DECODE, gemm::MMA]),
-            (
-                "sm_90a",
-                vec![
-                    source::ROUTE,
-                    source::PERMUTE,
-                    source::COMBINE,
-                    gemm::SCHEDULE,
-                    gemm::DECODE,
-                    gemm::MMA,
-                    gemm::WGMMA,
-                ],
-            ),
-        ] {
-            let mut listed: Vec<&str> = launch_shapes(arch).iter().map(|s| s.1).collect();
-            let mut entries: Vec<&str> = files.iter().flat_map(|f| f.entry_points.iter().copied()).collect();
+    fn every_registered_kernel_has_one_launch_shape() {
+        for arch in [Arch::SM_80, Arch::SM_90A] {
+            let shapes = launch_shapes(arch);
+            let mut listed: Vec<&str> = shapes.iter().map(|(k, _)| k.entry).collect();
+            let mut registered: Vec<&str> = source::files_for(arch).flat_map(|f| f.entry_points()).collect();
             listed.sort_unstable();
-            entries.sort_unstable();
-            assert_eq!(listed, entries, "{arch}");
-            for (src, name, block, _) in launch_shapes(arch) {
-                assert!(src.entry_points.contains(&name), "{name} is not in {}", src.name);
-                assert!(block > 0 && block % 32 == 0, "{name}: block {block}");
+            registered.sort_unstable();
+            assert_eq!(listed, registered, "{arch}");
+            for (k, _) in &shapes {
+                assert!(k.block > 0 && k.block % 32 == 0, "{}: block {}", k.entry, k.block);
             }
         }
+        // The wgmma kernels are Hopper's only, and they are the ones that opt in past 48 KB.
+        assert!(launch_shapes(Arch::SM_80).iter().all(|(k, _)| !k.entry.contains("wgmma")));
+        assert!(launch_shapes(Arch::SM_90A).iter().any(|(k, smem)| k.entry.contains("wgmma") && *smem > 48 * 1024));
     }
 }

@@ -1,45 +1,376 @@
-//! The kernel sources, embedded in the binary.
+//! The kernel registry: every kernel file under `cuda/` (embedded in the binary), the
+//! headers of `cuda/include/` it includes, its minimum architecture, and the launch
+//! contract of each of its kernels ([`KernelDecl`]: entry point, typed parameters, block,
+//! grid rule, dynamic shared memory, register budget). The GPU launcher, the emulator, the
+//! static tests, `GemmOptions` and the CLI (`dots-moe kernels`, `doctor`) all iterate
+//! [`FILES`]; nothing else lists kernels.
 //!
-//! Every kernel file under `cuda/` is compiled as one NVRTC program: `cuda/common.cu` (the
-//! shared device helpers) followed by the file itself, behind a `#line` directive so that
-//! compiler messages name the kernel file's own lines. Nothing is read from disk at run
-//! time, so the binaries run unchanged on a machine without this checkout.
+//! Each file is one NVRTC program; its `#include "…​.cuh"` lines are served from
+//! [`HEADERS`] as in-memory headers, so NVRTC needs no include path and nothing is read
+//! from disk at run time: the binaries run unchanged on a machine without this checkout.
+//!
+//! The sizes the kernel files `#define` are owned here too ([`KERNEL_CONSTANTS`]): a test
+//! evaluates every integer `#define` of every file and header and requires it to equal the
+//! constant of the same name.
 
-/// The shared device helpers prepended to every kernel file.
-pub const COMMON: &str = include_str!("../../cuda/common.cu");
+use crate::cuda::arch::Arch;
+use crate::cuda::expert_gemm as gemm;
+use crate::cuda::launch::{Elem, KernelDecl, LaunchDims, Param};
+use crate::cuda::moe;
+
+/// An in-memory header: its `#include` name and its text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Header {
+    /// The name the kernel files include (`common.cuh`).
+    pub name: &'static str,
+    /// The text.
+    pub text: &'static str,
+}
+
+/// `cuda/include/common.cuh`: types, bf16, warp helpers and the permutation tile of every
+/// kernel file.
+pub const COMMON: Header = Header { name: "common.cuh", text: include_str!("../../cuda/include/common.cuh") };
+/// `cuda/include/expert_gemm.cuh`: work items, numerics and the PTX wrappers of the expert
+/// GEMM files.
+pub const EXPERT_GEMM: Header =
+    Header { name: "expert_gemm.cuh", text: include_str!("../../cuda/include/expert_gemm.cuh") };
+/// Every header of `cuda/include/`.
+pub const HEADERS: &[Header] = &[COMMON, EXPERT_GEMM];
 
 /// One kernel file: an NVRTC program.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug)]
 pub struct KernelSource {
     /// Program name (the file name under `cuda/`).
     pub name: &'static str,
-    /// The file's text (without [`COMMON`]).
+    /// The file's text.
     pub text: &'static str,
-    /// Its `extern "C"` entry points.
-    pub entry_points: &'static [&'static str],
+    /// The oldest target it compiles for.
+    pub min_arch: Arch,
+    /// Its kernels.
+    pub kernels: &'static [&'static KernelDecl],
 }
 
 impl KernelSource {
-    /// The full program text NVRTC compiles: [`COMMON`], then the file.
+    /// The program text NVRTC compiles (the headers come from [`HEADERS`]).
     pub fn program(&self) -> String {
-        format!("{COMMON}\n#line 1 \"{}\"\n{}", self.name, self.text)
+        self.text.to_string()
+    }
+
+    /// The headers the program may include.
+    pub fn headers(&self) -> &'static [Header] {
+        HEADERS
+    }
+
+    /// The text a compilation depends on: the file and every header (for cache keys).
+    pub fn fingerprint(&self) -> String {
+        let mut text = String::from(self.text);
+        for h in self.headers() {
+            text.push('\0');
+            text.push_str(h.name);
+            text.push('\0');
+            text.push_str(h.text);
+        }
+        text
+    }
+
+    /// Its entry points, in declaration order.
+    pub fn entry_points(&self) -> Vec<&'static str> {
+        self.kernels.iter().map(|k| k.entry).collect()
     }
 }
+
+// ---- the declarations -------------------------------------------------------------------
+
+const fn cdiv(a: usize, b: usize) -> usize {
+    a.div_ceil(b)
+}
+
+fn no_smem(_: &LaunchDims) -> usize {
+    0
+}
+
+macro_rules! router_logits {
+    ($name:ident, $entry:literal, $x:ident, $w:ident, $eb:literal, $regs:literal) => {
+        #[doc = concat!("`", $entry, "`: router logits, ", stringify!($eb), " expert(s) per CTA.")]
+        pub const $name: KernelDecl = KernelDecl {
+            entry: $entry,
+            file: "route.cu",
+            params: &[
+                Param::input("x", Elem::$x),
+                Param::input("w", Elem::$w),
+                Param::output("logits", Elem::F32),
+                Param::u32("tokens"),
+                Param::u32("experts"),
+                Param::u64("hidden"),
+                Param::u32("vectorized"),
+            ],
+            block: moe::LOGIT_THREADS,
+            grid: |d| (cdiv(d.tokens, moe::LOGIT_TOKENS), cdiv(d.experts, $eb)),
+            dynamic_smem: no_smem,
+            max_registers: $regs,
+        };
+    };
+}
+
+// Register budgets: the planned occupancy. 256-thread tile CTAs at 64 registers: 4 CTAs
+// (32 warps) per SM. Router logits, 128-thread CTAs: one expert per CTA within 96 (5 CTAs,
+// 20 warps per SM); four experts per CTA (32 accumulators, 4 weight chunks) within 128.
+router_logits!(LOGITS_F32_F32_E1, "moe_router_logits_f32_f32_e1", F32, F32, 1, 96);
+router_logits!(LOGITS_F32_BF16_E1, "moe_router_logits_f32_bf16_e1", F32, Bf16, 1, 96);
+router_logits!(LOGITS_BF16_F32_E1, "moe_router_logits_bf16_f32_e1", Bf16, F32, 1, 96);
+router_logits!(LOGITS_BF16_BF16_E1, "moe_router_logits_bf16_bf16_e1", Bf16, Bf16, 1, 96);
+router_logits!(LOGITS_F32_F32_E4, "moe_router_logits_f32_f32_e4", F32, F32, 4, 128);
+router_logits!(LOGITS_F32_BF16_E4, "moe_router_logits_f32_bf16_e4", F32, Bf16, 4, 128);
+router_logits!(LOGITS_BF16_F32_E4, "moe_router_logits_bf16_f32_e4", Bf16, F32, 4, 128);
+router_logits!(LOGITS_BF16_BF16_E4, "moe_router_logits_bf16_bf16_e4", Bf16, Bf16, 4, 128);
+
+/// `moe_router_select`: selection, ranks and tile counts (and the scatter for one tile).
+pub const SELECT: KernelDecl = KernelDecl {
+    entry: "moe_router_select",
+    file: "route.cu",
+    params: &[
+        Param::input("logits", Elem::F32),
+        Param::input("bias", Elem::F32),
+        Param::u32("tokens"),
+        Param::u32("experts"),
+        Param::u32("top_k"),
+        Param::u32("n_shared"),
+        Param::u32("n_group"),
+        Param::u32("topk_group"),
+        Param::u32("softmax"),
+        Param::u32("norm_topk_prob"),
+        Param::f32("scale"),
+        Param::output("slot_ids", Elem::U32),
+        Param::output("slot_weights", Elem::F32),
+        Param::output("pair_ranks", Elem::U32),
+        Param::output("tile_counts", Elem::U32),
+        Param::output("tile_status", Elem::U64),
+        Param::u32("fuse_scatter"),
+        Param::output("expert_offsets", Elem::U32),
+        Param::output("row_pairs", Elem::U32),
+        Param::output("pair_rows", Elem::U32),
+        Param::output("row_weights", Elem::F32),
+    ],
+    block: moe::TILE_THREADS,
+    grid: |d| (moe::tiles(d.tokens), 1),
+    dynamic_smem: |d| moe::select_shared_bytes(d.experts, d.slots_per_token, d.n_slots),
+    max_registers: 64,
+};
+
+/// `moe_permute_rank`: ranks and tile counts of given slot ids.
+pub const RANK: KernelDecl = KernelDecl {
+    entry: "moe_permute_rank",
+    file: "permute.cu",
+    params: &[
+        Param::input("slot_ids", Elem::U32),
+        Param::u32("tokens"),
+        Param::u32("slots_per_token"),
+        Param::u32("n_slots"),
+        Param::output("pair_ranks", Elem::U32),
+        Param::output("tile_counts", Elem::U32),
+        Param::output("tile_status", Elem::U64),
+    ],
+    block: moe::TILE_THREADS,
+    grid: |d| (moe::tiles(d.tokens), 1),
+    dynamic_smem: |d| moe::rank_shared_bytes(d.slots_per_token, d.n_slots),
+    max_registers: 64,
+};
+
+/// `moe_permute_scatter`: offsets, row order and row weights from ranks and counts.
+pub const SCATTER: KernelDecl = KernelDecl {
+    entry: "moe_permute_scatter",
+    file: "permute.cu",
+    params: &[
+        Param::input("slot_ids", Elem::U32),
+        Param::input("slot_weights", Elem::F32),
+        Param::input("pair_ranks", Elem::U32),
+        Param::input("tile_counts", Elem::U32),
+        Param::u32("tokens"),
+        Param::u32("slots_per_token"),
+        Param::u32("n_slots"),
+        Param::u32("n_tiles"),
+        Param::output("expert_offsets", Elem::U32),
+        Param::output("row_pairs", Elem::U32),
+        Param::output("pair_rows", Elem::U32),
+        Param::output("row_weights", Elem::F32),
+    ],
+    block: moe::TILE_THREADS,
+    grid: |d| (moe::tiles(d.tokens).max(1), 1),
+    dynamic_smem: |d| moe::scatter_shared_bytes(d.n_slots),
+    max_registers: 64,
+};
+
+macro_rules! gather {
+    ($name:ident, $entry:literal, $x:ident, $out:ident) => {
+        #[doc = concat!("`", $entry, "`: hidden rows into permuted order.")]
+        pub const $name: KernelDecl = KernelDecl {
+            entry: $entry,
+            file: "permute.cu",
+            params: &[
+                Param::input("hidden", Elem::$x),
+                Param::input("row_pairs", Elem::U32),
+                Param::output("out", Elem::$out),
+                Param::u32("slots_per_token"),
+                Param::u64("hidden_size"),
+                Param::u32("vectorized"),
+            ],
+            block: moe::GATHER_THREADS,
+            grid: |d| (d.tokens * d.slots_per_token, cdiv(d.hidden, 8 * moe::GATHER_THREADS as usize)),
+            dynamic_smem: no_smem,
+            max_registers: 64,
+        };
+    };
+}
+
+gather!(GATHER_F32_F32, "moe_gather_f32_to_f32", F32, F32);
+gather!(GATHER_F32_BF16, "moe_gather_f32_to_bf16", F32, Bf16);
+gather!(GATHER_BF16_F32, "moe_gather_bf16_to_f32", Bf16, F32);
+gather!(GATHER_BF16_BF16, "moe_gather_bf16_to_bf16", Bf16, Bf16);
+
+/// `moe_combine`: each token's weighted rows, summed in slot order.
+pub const COMBINE_KERNEL: KernelDecl = KernelDecl {
+    entry: "moe_combine",
+    file: "combine.cu",
+    params: &[
+        Param::input("expert_rows", Elem::F32),
+        Param::input("pair_rows", Elem::U32),
+        Param::u32("slots_per_token"),
+        Param::u64("hidden_size"),
+        Param::u32("vectorized"),
+        Param::output("out", Elem::F32),
+    ],
+    block: moe::COMBINE_THREADS,
+    grid: |d| (d.tokens, cdiv(d.hidden, 4 * moe::COMBINE_THREADS as usize)),
+    dynamic_smem: no_smem,
+    max_registers: 64,
+};
+
+/// `moe_expert_schedule`: the work items of every slot.
+pub const EXPERT_SCHEDULE: KernelDecl = KernelDecl {
+    entry: "moe_expert_schedule",
+    file: "expert_gemm_schedule.cu",
+    params: &[
+        Param::input("expert_offsets", Elem::U32),
+        Param::u32("n_slots"),
+        Param::u32("decode_max_rows"),
+        Param::u32("tile_rows"),
+        Param::u32("decode_capacity"),
+        Param::u32("tiled_capacity"),
+        Param::output("decode_items", Elem::Item),
+        Param::output("tiled_items", Elem::Item),
+        Param::output("item_counts", Elem::U32),
+    ],
+    block: 32,
+    grid: |_| (1, 1),
+    dynamic_smem: no_smem,
+    max_registers: 64,
+};
+
+const UP_PARAMS: &[Param] = &[
+    Param::input("x", Elem::Bf16),
+    Param::input("gate_up", Elem::Bf16),
+    Param::input("items", Elem::Item),
+    Param::input("item_counts", Elem::U32),
+    Param::u32("hidden"),
+    Param::u32("inter"),
+    Param::output("act", Elem::Bf16),
+];
+
+const DOWN_PARAMS: &[Param] = &[
+    Param::input("act", Elem::Bf16),
+    Param::input("down", Elem::Bf16),
+    Param::input("row_weights", Elem::F32),
+    Param::input("items", Elem::Item),
+    Param::input("item_counts", Elem::U32),
+    Param::u32("hidden"),
+    Param::u32("inter"),
+    Param::output("y", Elem::F32),
+];
+
+/// `moe_expert_up_decode`: GEMM 1 + SwiGLU for slots with few rows (4 CTAs per SM).
+pub const UP_DECODE: KernelDecl = KernelDecl {
+    entry: "moe_expert_up_decode",
+    file: "expert_gemm_decode.cu",
+    params: UP_PARAMS,
+    block: gemm::DECODE_THREADS,
+    grid: |d| (d.inter / gemm::DECODE_UP_COLUMNS, d.items),
+    dynamic_smem: no_smem,
+    max_registers: 128,
+};
+
+/// `moe_expert_down_decode`: GEMM 2 with the routing weight for slots with few rows.
+pub const DOWN_DECODE: KernelDecl = KernelDecl {
+    entry: "moe_expert_down_decode",
+    file: "expert_gemm_decode.cu",
+    params: DOWN_PARAMS,
+    block: gemm::DECODE_THREADS,
+    grid: |d| (d.hidden / gemm::DECODE_DOWN_COLUMNS, d.items),
+    dynamic_smem: no_smem,
+    max_registers: 128,
+};
+
+/// `moe_expert_up_mma`: GEMM 1 + SwiGLU, `mma.sync` tiles (2 CTAs per SM).
+pub const UP_MMA: KernelDecl = KernelDecl {
+    entry: "moe_expert_up_mma",
+    file: "expert_gemm_mma.cu",
+    params: UP_PARAMS,
+    block: gemm::MMA_THREADS,
+    grid: |d| (d.inter / gemm::MMA_UP_COLUMNS, d.items),
+    dynamic_smem: |_| gemm::MMA_SHARED_BYTES,
+    max_registers: 128,
+};
+
+/// `moe_expert_down_mma`: GEMM 2, `mma.sync` tiles.
+pub const DOWN_MMA: KernelDecl = KernelDecl {
+    entry: "moe_expert_down_mma",
+    file: "expert_gemm_mma.cu",
+    params: DOWN_PARAMS,
+    block: gemm::MMA_THREADS,
+    grid: |d| (d.hidden / gemm::MMA_DOWN_COLUMNS, d.items),
+    dynamic_smem: |_| gemm::MMA_SHARED_BYTES,
+    max_registers: 128,
+};
+
+/// `moe_expert_up_wgmma`: GEMM 1 + SwiGLU, `wgmma` tiles (1 CTA per SM, 128 accumulators
+/// per thread).
+pub const UP_WGMMA: KernelDecl = KernelDecl {
+    entry: "moe_expert_up_wgmma",
+    file: "expert_gemm_wgmma.cu",
+    params: UP_PARAMS,
+    block: gemm::WG_THREADS,
+    grid: |d| (d.inter / gemm::WG_UP_COLUMNS, d.items),
+    dynamic_smem: |_| gemm::WG_SHARED_BYTES,
+    max_registers: 255,
+};
+
+/// `moe_expert_down_wgmma`: GEMM 2, `wgmma` tiles.
+pub const DOWN_WGMMA: KernelDecl = KernelDecl {
+    entry: "moe_expert_down_wgmma",
+    file: "expert_gemm_wgmma.cu",
+    params: DOWN_PARAMS,
+    block: gemm::WG_THREADS,
+    grid: |d| (d.hidden / gemm::WG_DOWN_COLUMNS, d.items),
+    dynamic_smem: |_| gemm::WG_SHARED_BYTES,
+    max_registers: 255,
+};
+
+// ---- the files --------------------------------------------------------------------------
 
 /// `cuda/route.cu`: router logits and selection (fused with the permutation's ranks).
 pub const ROUTE: KernelSource = KernelSource {
     name: "route.cu",
     text: include_str!("../../cuda/route.cu"),
-    entry_points: &[
-        "moe_router_logits_f32_f32_e1",
-        "moe_router_logits_f32_bf16_e1",
-        "moe_router_logits_bf16_f32_e1",
-        "moe_router_logits_bf16_bf16_e1",
-        "moe_router_logits_f32_f32_e4",
-        "moe_router_logits_f32_bf16_e4",
-        "moe_router_logits_bf16_f32_e4",
-        "moe_router_logits_bf16_bf16_e4",
-        "moe_router_select",
+    min_arch: Arch::SM_80,
+    kernels: &[
+        &LOGITS_F32_F32_E1,
+        &LOGITS_F32_BF16_E1,
+        &LOGITS_BF16_F32_E1,
+        &LOGITS_BF16_BF16_E1,
+        &LOGITS_F32_F32_E4,
+        &LOGITS_F32_BF16_E4,
+        &LOGITS_BF16_F32_E4,
+        &LOGITS_BF16_BF16_E4,
+        &SELECT,
     ],
 };
 
@@ -47,22 +378,118 @@ pub const ROUTE: KernelSource = KernelSource {
 pub const PERMUTE: KernelSource = KernelSource {
     name: "permute.cu",
     text: include_str!("../../cuda/permute.cu"),
-    entry_points: &[
-        "moe_permute_rank",
-        "moe_permute_scatter",
-        "moe_gather_f32_to_f32",
-        "moe_gather_f32_to_bf16",
-        "moe_gather_bf16_to_f32",
-        "moe_gather_bf16_to_bf16",
-    ],
+    min_arch: Arch::SM_80,
+    kernels: &[&RANK, &SCATTER, &GATHER_F32_F32, &GATHER_F32_BF16, &GATHER_BF16_F32, &GATHER_BF16_BF16],
 };
 
 /// `cuda/combine.cu`: the fixed-order combine.
-pub const COMBINE: KernelSource =
-    KernelSource { name: "combine.cu", text: include_str!("../../cuda/combine.cu"), entry_points: &["moe_combine"] };
+pub const COMBINE: KernelSource = KernelSource {
+    name: "combine.cu",
+    text: include_str!("../../cuda/combine.cu"),
+    min_arch: Arch::SM_80,
+    kernels: &[&COMBINE_KERNEL],
+};
+
+/// `cuda/expert_gemm_schedule.cu`: per-slot regime and work items.
+pub const SCHEDULE: KernelSource = KernelSource {
+    name: "expert_gemm_schedule.cu",
+    text: include_str!("../../cuda/expert_gemm_schedule.cu"),
+    min_arch: Arch::SM_80,
+    kernels: &[&EXPERT_SCHEDULE],
+};
+
+/// `cuda/expert_gemm_decode.cu`: few rows per slot, weights streamed once.
+pub const DECODE: KernelSource = KernelSource {
+    name: "expert_gemm_decode.cu",
+    text: include_str!("../../cuda/expert_gemm_decode.cu"),
+    min_arch: Arch::SM_80,
+    kernels: &[&UP_DECODE, &DOWN_DECODE],
+};
+
+/// `cuda/expert_gemm_mma.cu`: many rows per slot, `mma.sync` tiles (portable).
+pub const MMA: KernelSource = KernelSource {
+    name: "expert_gemm_mma.cu",
+    text: include_str!("../../cuda/expert_gemm_mma.cu"),
+    min_arch: Arch::SM_80,
+    kernels: &[&UP_MMA, &DOWN_MMA],
+};
+
+/// `cuda/expert_gemm_wgmma.cu`: many rows per slot, `wgmma` tiles (`sm_90a` only).
+pub const WGMMA: KernelSource = KernelSource {
+    name: "expert_gemm_wgmma.cu",
+    text: include_str!("../../cuda/expert_gemm_wgmma.cu"),
+    min_arch: Arch::SM_90A,
+    kernels: &[&UP_WGMMA, &DOWN_WGMMA],
+};
 
 /// Every kernel file, in pipeline order.
-pub const ALL: &[KernelSource] = &[ROUTE, PERMUTE, COMBINE];
+pub const FILES: &[KernelSource] = &[ROUTE, PERMUTE, COMBINE, SCHEDULE, DECODE, MMA, WGMMA];
 
-/// The expert GEMM files, registered in `crate::cuda::expert_gemm` (portable: `sm_80` on; Hopper: `sm_90a` only).
-pub use super::expert_gemm::{HOPPER_SOURCES as EXPERT_GEMM_HOPPER, PORTABLE_SOURCES as EXPERT_GEMM_PORTABLE};
+/// The kernel files that compile for `arch`.
+pub fn files_for(arch: Arch) -> impl Iterator<Item = &'static KernelSource> {
+    FILES.iter().filter(move |f| arch.supports(f.min_arch))
+}
+
+/// Every kernel of every file.
+pub fn kernels() -> impl Iterator<Item = &'static KernelDecl> {
+    FILES.iter().flat_map(|f| f.kernels.iter().copied())
+}
+
+/// The file named `name`.
+pub fn file(name: &str) -> Option<&'static KernelSource> {
+    FILES.iter().find(|f| f.name == name)
+}
+
+/// The oldest target a kernel file compiles for: every file of the crate needs `sm_80`.
+pub const MIN_ARCH: Arch = Arch::SM_80;
+
+/// The integer constants the kernel files `#define`, with the values the Rust side launches
+/// with (checked against every file and header by `tests/kernel_seam.rs`).
+pub const KERNEL_CONSTANTS: &[(&str, usize)] = &[
+    ("FULL_MASK", u32::MAX as usize),
+    ("NO_INDEX", u32::MAX as usize),
+    ("TILE_TOKENS", moe::TILE_TOKENS),
+    ("TILE_THREADS", moe::TILE_THREADS as usize),
+    ("TILE_WARPS", moe::TILE_WARPS),
+    ("LOGIT_THREADS", moe::LOGIT_THREADS as usize),
+    ("LOGIT_WARPS", moe::LOGIT_THREADS as usize / 32),
+    ("LOGIT_TOKENS", moe::LOGIT_TOKENS),
+    ("GATHER_THREADS", moe::GATHER_THREADS as usize),
+    ("COMBINE_THREADS", moe::COMBINE_THREADS as usize),
+    ("COMBINE_MAX_SLOTS", moe::COMBINE_MAX_SLOTS),
+    ("COUNT_DECODE", gemm::COUNT_DECODE),
+    ("COUNT_TILED", gemm::COUNT_TILED),
+    ("COUNT_OVERFLOW", gemm::COUNT_OVERFLOW),
+    ("DECODE_ITEM_ROWS", gemm::DECODE_ITEM_ROWS),
+    ("DECODE_WARPS", gemm::DECODE_THREADS as usize / 32),
+    ("DECODE_THREADS", gemm::DECODE_THREADS as usize),
+    ("DECODE_K_STEP", gemm::DECODE_K_STEP),
+    ("DECODE_UNROLL", gemm::DECODE_UNROLL),
+    ("DECODE_MIN_CTAS", gemm::DECODE_MIN_CTAS),
+    ("DECODE_UP_COLUMNS", gemm::DECODE_UP_COLUMNS),
+    ("DECODE_DOWN_COLUMNS", gemm::DECODE_DOWN_COLUMNS),
+    ("MMA_BM", gemm::TILE_ROWS),
+    ("MMA_BN", gemm::MMA_DOWN_COLUMNS),
+    ("MMA_BK", gemm::MMA_BK),
+    ("MMA_STAGES", gemm::MMA_STAGES),
+    ("MMA_THREADS", gemm::MMA_THREADS as usize),
+    ("MMA_ROW_BYTES", gemm::MMA_BK * 2),
+    ("MMA_A_BYTES", gemm::TILE_ROWS * gemm::MMA_BK * 2),
+    ("MMA_B_BYTES", gemm::MMA_DOWN_COLUMNS * gemm::MMA_BK * 2),
+    ("MMA_STAGE_BYTES", (gemm::TILE_ROWS + gemm::MMA_DOWN_COLUMNS) * gemm::MMA_BK * 2),
+    ("MMA_SHARED_BYTES", gemm::MMA_SHARED_BYTES),
+    ("MMA_CHUNKS_PER_ROW", gemm::MMA_BK * 2 / 16),
+    ("WG_BM", gemm::TILE_ROWS),
+    ("WG_BN", gemm::WG_DOWN_COLUMNS),
+    ("WG_BK", gemm::WG_BK),
+    ("WG_STAGES", gemm::WG_STAGES),
+    ("WG_THREADS", gemm::WG_THREADS as usize),
+    ("WG_ROW_BYTES", gemm::WG_BK * 2),
+    ("WG_A_BYTES", gemm::TILE_ROWS * gemm::WG_BK * 2),
+    ("WG_B_BYTES", gemm::WG_DOWN_COLUMNS * gemm::WG_BK * 2),
+    ("WG_STAGE_BYTES", (gemm::TILE_ROWS + gemm::WG_DOWN_COLUMNS) * gemm::WG_BK * 2),
+    ("WG_ALIGN", gemm::WG_ALIGN),
+    ("WG_SHARED_BYTES", gemm::WG_SHARED_BYTES),
+    ("WG_CHUNKS_PER_ROW", gemm::WG_BK * 2 / 16),
+    ("WG_ACC", 64 * gemm::WG_DOWN_COLUMNS / 128),
+];

@@ -103,6 +103,26 @@ pub(crate) enum StatusSource {
     Permute,
 }
 
+/// The contract's error for the per-tile status the router selection left: the first bad
+/// token's non-finite logit (`logits [T, n_experts]`), or `Ok` when every tile is clean.
+pub fn router_status(status: &[u64], logits: &[f32], n_experts: usize) -> Result<(), MoeError> {
+    let Some(&code) = status.iter().find(|&&s| s != 0) else { return Ok(()) };
+    let code = code - 1;
+    let (token, expert) = ((code >> 32) as usize, (code & 0xffff_ffff) as usize);
+    let value = logits.get(token * n_experts + expert).copied().unwrap_or(f32::NAN);
+    Err(MoeError::NonFiniteLogit { token, expert, value })
+}
+
+/// The contract's error for the per-tile status the rank kernel left: the first pair whose
+/// slot id (`ids [T * S]`) is out of range, or `Ok` when every tile is clean.
+pub fn permute_status(status: &[u64], ids: &[u32], slots_per_token: usize, n_slots: usize) -> Result<(), MoeError> {
+    let Some(&code) = status.iter().find(|&&s| s != 0) else { return Ok(()) };
+    let pair = (code - 1) as usize;
+    let id = ids.get(pair).copied().unwrap_or(u32::MAX);
+    let token = pair / slots_per_token.max(1);
+    Err(MoeError::BadRouting { token, reason: format!("expert {id} out of range 0..{n_slots}") })
+}
+
 /// Every device buffer of one batch's routing and permutation.
 #[derive(Debug)]
 pub struct MoeWorkspace {
@@ -206,23 +226,12 @@ impl MoeWorkspace {
             return Ok(());
         }
         let status = self.tile_status.download()?;
-        let Some(&code) = status.iter().find(|&&s| s != 0) else { return Ok(()) };
-        let code = code - 1;
+        if status.iter().all(|&s| s == 0) {
+            return Ok(());
+        }
         match self.status_source {
-            StatusSource::Router => {
-                let (token, expert) = ((code >> 32) as usize, (code & 0xffff_ffff) as usize);
-                let logits = self.logits.download()?;
-                let value = logits.get(token * self.n_experts + expert).copied().unwrap_or(f32::NAN);
-                Err(MoeError::NonFiniteLogit { token, expert, value }.into())
-            }
-            _ => {
-                let pair = code as usize;
-                let ids = self.slot_ids.download()?;
-                let id = ids.get(pair).copied().unwrap_or(u32::MAX);
-                let token = pair / self.slots_per_token.max(1);
-                Err(MoeError::BadRouting { token, reason: format!("expert {id} out of range 0..{}", self.n_slots) }
-                    .into())
-            }
+            StatusSource::Router => Ok(router_status(&status, &self.logits.download()?, self.n_experts)?),
+            _ => Ok(permute_status(&status, &self.slot_ids.download()?, self.slots_per_token, self.n_slots)?),
         }
     }
 

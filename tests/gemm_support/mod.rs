@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use dots_moe::backend::testing;
-use dots_moe::cuda::GpuContext;
 use dots_moe::cuda::expert_gemm::{GemmOptions, TiledKernel};
+use dots_moe::cuda::{Arch, GpuContext};
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -62,10 +62,15 @@ pub fn rng(seed: u64) -> ChaCha8Rng {
 /// Every way the expert GEMMs can split the work on `gpu`, named: the default (decode and
 /// tiled by count), all tiled with each tiled kernel the device runs, and batch-invariant.
 pub fn all_options(gpu: &GpuContext) -> Vec<(&'static str, GemmOptions)> {
-    let default = GemmOptions::for_device(gpu);
+    all_options_for(gpu.target())
+}
+
+/// [`all_options`] for a device of target `arch`.
+pub fn all_options_for(arch: Arch) -> Vec<(&'static str, GemmOptions)> {
+    let default = GemmOptions::for_arch(arch);
     let mut all = vec![("default", default)];
     all.push(("all-tiled-mma", GemmOptions { decode_max_rows: 0, tiled: TiledKernel::Mma, ..default }));
-    if gpu.arch() == "sm_90a" {
+    if arch.supports(Arch::SM_90A) {
         all.push(("all-tiled-wgmma", GemmOptions { decode_max_rows: 0, tiled: TiledKernel::Wgmma, ..default }));
         all.push(("default-mma", GemmOptions { tiled: TiledKernel::Mma, ..default }));
     }

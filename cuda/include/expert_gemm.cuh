@@ -1,8 +1,6 @@
-#line 1 "expert_gemm_common.cu"
-// expert_gemm_common.cu: helpers of the expert GEMM kernel files (steps 3 and 4 of the MoE
-// contract, src/moe/expert.rs). src/cuda/expert_gemm.rs compiles each expert GEMM file as
-// cuda/common.cu + this file + the kernel file, one NVRTC program. No kernels here, no
-// toolkit header.
+// expert_gemm.cuh: helpers of the expert GEMM kernel files (steps 3 and 4 of the MoE
+// contract, src/moe/expert.rs), included by each of them after common.cuh. No kernels
+// here, no toolkit header.
 //
 // The contract, for every slot e (routed experts 0..E, shared halves E..E+S) and each of its
 // permuted rows r in expert_offsets[e]..expert_offsets[e+1]:
@@ -16,6 +14,9 @@
 // of items on the device; an item is one slot's contiguous rows [row_begin, row_begin +
 // rows). Every GEMM kernel runs on a grid (column blocks, item capacity): blockIdx.y is
 // the item, CTAs past the number of items written by the schedule return at once.
+
+#pragma once
+#include "common.cuh"
 
 // One work item: slot, first permuted row, number of rows (the 4th word is padding).
 struct GemmItem {
@@ -43,7 +44,7 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
 }
 
 // The PTX wrappers below are replaced by C++ models when the kernel files run on the CPU
-// (tests/emulate_gemm: DOTS_MOE_EMULATE defined); NVRTC compiles them as written.
+// (tests/emulator: DOTS_MOE_EMULATE defined); NVRTC compiles them as written.
 #ifndef DOTS_MOE_EMULATE
 
 // ---- memory ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-// gemm_ptx_models.h: C++ models of the PTX wrappers of cuda/expert_gemm_common.cu and
+// ptx_models.h: C++ models of the PTX wrappers of cuda/include/expert_gemm.cuh and
 // cuda/expert_gemm_wgmma.cu (compiled out there when DOTS_MOE_EMULATE is defined), written
 // from the PTX ISA's definitions of the instructions, not from the kernels' index math.
-// Included after common.cu and expert_gemm_common.cu (for u32 / u64 / u16).
+// Included after common.cuh (for u32 / u64 / u16).
 #pragma once
 
 inline float bf16_bits_to_f32(u32 bits) { return __uint_as_float((bits & 0xffffu) << 16); }

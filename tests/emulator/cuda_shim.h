@@ -1,9 +1,7 @@
-// cuda_shim.h: just enough of CUDA's device language to run the dots-moe kernels on the
-// CPU, one std::thread per CUDA thread, CTAs one after another. A logic check for machines
-// without a GPU: scripts/gpu/emulate/emu.cpp (router, permutation, combine; driven by
-// tests/cuda_emulated.rs) and tests/emulate_gemm/gemm_emu.cpp (expert GEMMs, which adds
-// tests/emulate_gemm/gemm_shim.h on top) both build on it. It proves nothing about speed,
-// memory ordering between CTAs, or the real compiler.
+// cuda_shim.h: just enough of CUDA's device language to run every dots-moe kernel file on
+// the CPU, one std::thread per CUDA thread, CTAs one after another (emu.cpp). A logic check
+// for machines without a GPU, driven from Rust (tests/emulator_support). It proves nothing
+// about speed, memory ordering between CTAs, or the real compiler.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -43,6 +41,8 @@ inline float2 make_float2(float x, float y) { return float2{x, y}; }
 #define __restrict__ __restrict
 #define __align__(n) alignas(n)
 #define __shared__ static
+// The kernels' dynamic shared memory is the running CTA's buffer (common.cuh).
+#define DECLARE_DYNAMIC_SMEM(name, align) unsigned char* name = emu::dynamic_smem
 
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -76,6 +76,20 @@ extern thread_local Group* group;
 extern thread_local unsigned lane;
 extern thread_local Block* block;
 extern unsigned char* dynamic_smem;
+
+// The shared-window address of the first byte of the running CTA's dynamic shared memory
+// (`dynamic_smem`): not 1024-aligned on purpose, so the wgmma kernels' own alignment is
+// exercised.
+constexpr unsigned SMEM_WINDOW_START = 16;
+
+// Host pointer of shared-window address `a`.
+inline unsigned char* smem_at(unsigned a) {
+    if (a < SMEM_WINDOW_START) {
+        fprintf(stderr, "shared address %u below the dynamic window\n", a);
+        std::abort();
+    }
+    return dynamic_smem + (a - SMEM_WINDOW_START);
+}
 
 template <class T>
 T exchange(T v, unsigned src) {
@@ -125,4 +139,8 @@ inline unsigned atomicMin(unsigned* address, unsigned v) {
     while (v < old && !a.compare_exchange_weak(old, v)) {
     }
     return old;
+}
+
+inline unsigned long long __cvta_generic_to_shared(const void* p) {
+    return (unsigned long long)((const unsigned char*)p - emu::dynamic_smem) + emu::SMEM_WINDOW_START;
 }

@@ -1,9 +1,9 @@
-// common.cu: device helpers shared by every dots-moe kernel file.
+// common.cuh: device helpers shared by every dots-moe kernel file (`#include "common.cuh"`).
 //
-// src/cuda/source.rs prepends this text to each kernel file before NVRTC compiles it (a
-// `#line` directive restores the kernel file's own line numbers). It has no kernels of its
-// own and includes no CUDA toolkit header: NVRTC's built-in declarations (warp intrinsics,
-// `float4`/`uint4`, `exp`) are all it uses, so no include path is needed on any machine.
+// src/cuda/source.rs hands this header to NVRTC in memory (no include path on any machine);
+// the CPU emulator (tests/emulator) includes it from disk after its own shim. It has no
+// kernels of its own and includes no CUDA toolkit header: NVRTC's built-in declarations
+// (warp intrinsics, `float4`/`uint4`, `exp`) are all it uses.
 //
 // Numerics shared with the CPU reference (src/moe):
 //  - bf16 -> f32 is exact (a shift); f32 -> bf16 rounds to nearest even and keeps NaNs
@@ -12,6 +12,8 @@
 //    astronomically rare cases, so it agrees with glibc's `expf` (used by the CPU
 //    reference, < 0.502 ulp) on almost every input. Where the two differ it is by one ulp.
 
+#pragma once
+
 typedef unsigned int u32;
 typedef unsigned long long u64;
 typedef unsigned short u16;
@@ -19,6 +21,13 @@ typedef unsigned short u16;
 #define FULL_MASK 0xffffffffu
 #define NO_INDEX 0xffffffffu
 #define NEG_INF __int_as_float(0xff800000)
+
+// The dynamic shared memory of a kernel: `DECLARE_DYNAMIC_SMEM(name, align);` declares
+// `name` as its first byte, `align`-byte aligned. The CPU emulator defines this macro
+// before including this header (its buffer is a per-CTA allocation).
+#ifndef DECLARE_DYNAMIC_SMEM
+#define DECLARE_DYNAMIC_SMEM(name, align) extern __shared__ __align__(align) unsigned char name[]
+#endif
 
 // ---- bf16 ----------------------------------------------------------------------------
 
@@ -95,7 +104,7 @@ __device__ __forceinline__ u32 warp_min_u32(u32 v) {
 // ---- the permutation's tiles ------------------------------------------------------------
 
 // Tokens per permutation tile: the router's selection block and the permutation kernels
-// agree on it (src/cuda/moe.rs mirrors it as TILE_TOKENS).
+// agree on it (src/cuda/moe.rs owns it as TILE_TOKENS).
 #define TILE_TOKENS 32
 // Threads of every tile block (router selection, rank, scatter).
 #define TILE_THREADS 256
