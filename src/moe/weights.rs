@@ -63,10 +63,10 @@ impl ExpertShard {
     pub fn validate(&self, cfg: &MoeConfig) -> Result<(), MoeError> {
         let e = cfg.router.n_experts;
         if self.routed.start > self.routed.end || self.routed.end > e {
-            return Err(MoeError::MissingWeights(format!(
-                "local experts {}..{} are not a range within 0..{e}",
-                self.routed.start, self.routed.end
-            )));
+            return Err(MoeError::Config(crate::ConfigError::Invalid {
+                field: "local_experts",
+                reason: format!("{}..{} is not a range within 0..{e}", self.routed.start, self.routed.end),
+            }));
         }
         Ok(())
     }
