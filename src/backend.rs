@@ -409,12 +409,13 @@ mod cuda_backend {
         }
 
         /// Whether [`super::Backend::forward`] runs all of `layer` on the GPU
-        /// ([`CudaMoeLayer`]: bf16 expert weights, [`Precision::Bf16`], a shape the expert
+        /// ([`CudaMoeLayer`]: every expert slot, bf16 expert weights, [`Precision::Bf16`], a shape the expert
         /// kernels take). Otherwise the expert GEMMs run on the CPU between the GPU's gather
         /// and combine.
         pub fn runs_whole_layer(&self, layer: &MoeLayer) -> bool {
             let cfg = layer.config();
             layer.precision() == Precision::Bf16
+                && layer.shard().is_full(cfg)
                 && layer.weights().dtype() == Dtype::Bf16
                 && check_shape(cfg.hidden_size, cfg.moe_intermediate_size).is_ok()
         }

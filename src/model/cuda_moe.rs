@@ -23,6 +23,8 @@ use crate::config::MoeConfig;
 use crate::cuda::expert_gemm::{GemmOptions, HIDDEN_MULTIPLE, INTER_MULTIPLE};
 use crate::cuda::layer::CudaMoeLayer;
 use crate::cuda::{CudaError, GpuContext};
+use crate::error::MoeError;
+use crate::moe::weights::ExpertShard;
 use crate::moe::{MoeLayer, MoeWeights, Precision, Routing};
 use crate::tensor::{Dtype, TensorData, TensorView};
 
@@ -42,6 +44,12 @@ impl std::fmt::Debug for DeviceMoe {
 impl DeviceMoe {
     /// Uploads `cpu` (any precision and weight dtype) to `gpu`, padded if need be.
     pub(crate) fn upload(gpu: &Arc<GpuContext>, cpu: &MoeLayer) -> Result<Self, CudaError> {
+        if !cpu.weights().shard().is_full(cpu.config()) {
+            return Err(MoeError::Unsupported(
+                "the model's MoE layers move to the GPU whole; this layer holds a subset of the experts".into(),
+            )
+            .into());
+        }
         let device_form = device_form(cpu.weights());
         let layer = CudaMoeLayer::new(gpu, &device_form, GemmOptions::for_device(gpu))?;
         Ok(DeviceMoe { layer, hidden: cpu.config().hidden_size })
@@ -138,11 +146,12 @@ fn device_form(w: &MoeWeights) -> MoeLayer {
         copy_rows_bf16(&mut down[s * hp * ip..(s + 1) * hp * ip], ip, d, h, i);
     }
     let mut layer = MoeLayer::new(MoeWeights {
-        cfg: padded_cfg,
+        cfg: padded_cfg.clone(),
         router_gate,
         router_bias: w.router_bias().map(<[f32]>::to_vec),
         gate_up: TensorData::Bf16(gate_up),
         down: TensorData::Bf16(down),
+        shard: ExpertShard::full(&padded_cfg),
     });
     layer.set_precision(Precision::Bf16);
     layer
@@ -193,6 +202,7 @@ mod tests {
                     router_bias: w.router_bias().map(<[f32]>::to_vec),
                     gate_up: round(w.gate_up()),
                     down: round(w.down()),
+                    shard: ExpertShard::full(&cfg),
                 });
                 same.set_precision(Precision::Bf16);
                 same.forward(TensorView::F32(&x), tokens).unwrap()

@@ -167,8 +167,13 @@ pub(crate) fn run(
         return Err(MoeError::Unsupported(format!("this CPU cannot run the {isa:?} kernels")));
     }
 
-    let used: Vec<(usize, Range<usize>)> =
-        (0..cfg.n_slots()).map(|e| (e, perm.expert_rows(e))).filter(|(_, r)| !r.is_empty()).collect();
+    // The slots with rows that this layer holds (all of them unless it is a shard: the
+    // rows of the others stay zero, so the combine sums only this shard's part).
+    let used: Vec<(usize, Range<usize>)> = (0..cfg.n_slots())
+        .filter(|&e| weights.shard.holds(cfg, e))
+        .map(|e| (e, perm.expert_rows(e)))
+        .filter(|(_, r)| !r.is_empty())
+        .collect();
     /// Each used slot's rows of `x`, prepared for the kernel (in place where possible).
     fn pack<'x>(isa: Isa, x: &'x RowBuf, w_dtype: Dtype, used: &[(usize, Range<usize>)]) -> Vec<PackedA<'x>> {
         used.par_iter().map(|(_, r)| PackedA::from_rows(isa, x, r.clone(), w_dtype)).collect()
@@ -202,8 +207,8 @@ pub(crate) fn run(
     }
 
     // GEMM 2 with the routing weight in the epilogue: tasks of (slot, hidden block).
-    // Every element of `out` is written: each row belongs to a used slot, and the tasks
-    // cover every hidden column.
+    // Every row of a used slot is written (the tasks cover every hidden column); the rows
+    // of slots a shard does not hold keep the zeros written here.
     out.clear();
     out.resize(rows * h, 0.0);
     let a = pack(isa, act, weights.down.dtype(), &used);

@@ -81,6 +81,12 @@ impl MoeLayer {
         &self.weights
     }
 
+    /// The expert slots this layer holds ([`crate::moe::ExpertShard`]; all unless it was
+    /// built as one rank's part under expert parallelism).
+    pub fn shard(&self) -> &crate::moe::ExpertShard {
+        self.weights.shard()
+    }
+
     /// The expert GEMMs' input precision.
     pub fn precision(&self) -> Precision {
         self.precision
@@ -118,6 +124,25 @@ impl MoeLayer {
         self.with_workspace(|ws| Ok(self.run(hidden, tokens, ws)?.output))
     }
 
+    /// The layer's output `[T, H]` for `hidden [T, H]` under a routing given by the caller
+    /// (`routing.top_k` choices per token, any `k`): the router is skipped. This is the
+    /// step an expert-parallel rank runs on tokens another rank routed, and what a
+    /// `fused_experts` call computes. A shard sums only the slots it holds.
+    pub fn forward_routed(
+        &self,
+        hidden: TensorView<'_>,
+        tokens: usize,
+        routing: &Routing,
+    ) -> Result<Vec<f32>, MoeError> {
+        let cfg = self.config();
+        check_len("hidden", &[tokens, cfg.hidden_size], hidden.len())?;
+        if routing.tokens != tokens {
+            return Err(MoeError::shape("routing", &[tokens, routing.top_k], &[routing.tokens, routing.top_k]));
+        }
+        routing.validate(cfg.router.n_experts)?;
+        self.with_workspace(|ws| Ok(self.run_routed(hidden, tokens, routing.clone(), ws)?.output))
+    }
+
     /// Like [`MoeLayer::forward`], keeping every step's result.
     pub fn forward_trace(&self, hidden: TensorView<'_>, tokens: usize) -> Result<MoeTrace, MoeError> {
         self.with_workspace(|ws| {
@@ -147,13 +172,31 @@ impl MoeLayer {
     /// Every step; the trace's `expert_rows` stay in `ws.rows` (left empty in the trace).
     fn run(&self, hidden: TensorView<'_>, tokens: usize, ws: &mut Workspace) -> Result<MoeTrace, MoeError> {
         let cfg = self.config();
-        let (h, k, e) = (cfg.hidden_size, cfg.router.top_k, cfg.router.n_experts);
-        let slots = cfg.slots_per_token();
+        let (h, slots) = (cfg.hidden_size, cfg.slots_per_token());
         tokens
             .checked_mul(slots)
             .and_then(|p| p.checked_mul(h))
             .ok_or_else(|| MoeError::Overflow(format!("{tokens} tokens x {slots} slots x {h}")))?;
         let routing = self.route(hidden, tokens)?;
+        self.run_routed(hidden, tokens, routing, ws)
+    }
+
+    /// Steps 2 to 5 under `routing` (well formed, `routing.tokens == tokens`).
+    fn run_routed(
+        &self,
+        hidden: TensorView<'_>,
+        tokens: usize,
+        routing: Routing,
+        ws: &mut Workspace,
+    ) -> Result<MoeTrace, MoeError> {
+        let cfg = self.config();
+        let (h, k, e) = (cfg.hidden_size, routing.top_k, cfg.router.n_experts);
+        let slots = k + cfg.n_shared_experts;
+        tokens
+            .checked_mul(slots)
+            .and_then(|p| p.checked_mul(h))
+            .ok_or_else(|| MoeError::Overflow(format!("{tokens} tokens x {slots} slots x {h}")))?;
+        check_len("hidden", &[tokens, h], hidden.len())?;
 
         let (slot_ids, slot_weights) = routing.with_shared_slots(e, cfg.n_shared_experts);
         debug_assert_eq!(slot_ids.len(), tokens * (k + cfg.n_shared_experts));

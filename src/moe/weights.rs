@@ -22,6 +22,15 @@
 //!
 //! Loading from per-expert checkpoint tensors copies each into its slot once
 //! ([`MoeLayerBuilder`]); weights keep their dtype (bf16 stays bf16).
+//!
+//! **Expert parallelism.** A layer may hold only some of the slots ([`ExpertShard`]: a
+//! contiguous range of the routed experts, and the shared experts or not). Its storage
+//! then holds just those slots, in slot order (`gate_up [stored, 2I, H]`,
+//! `down [stored, H, I]`); the router stays whole, so every shard routes every token the
+//! same way, and its output is the sum over the slots it holds only: summed over shards
+//! that hold every slot once, it is the whole layer's output.
+
+use std::ops::Range;
 
 use half::bf16;
 use rand::{Rng, SeedableRng};
@@ -33,6 +42,64 @@ use crate::error::{MoeError, check_len};
 use crate::moe::layer::MoeLayer;
 use crate::tensor::{Dtype, TensorData, TensorView};
 
+/// Which expert slots a layer holds (see the module docs): routed experts `routed`, and
+/// the `S` shared slots when `shared` is set.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ExpertShard {
+    /// The routed experts held, a contiguous range of `0..E`.
+    pub routed: Range<usize>,
+    /// Whether the shared experts are held (and so computed).
+    pub shared: bool,
+}
+
+impl ExpertShard {
+    /// Every slot of a layer of shape `cfg`.
+    pub fn full(cfg: &MoeConfig) -> Self {
+        ExpertShard { routed: 0..cfg.router.n_experts, shared: true }
+    }
+
+    /// Checks the range lies in `0..E` (an empty range is valid: a shard may hold only
+    /// the shared experts, or nothing at all).
+    pub fn validate(&self, cfg: &MoeConfig) -> Result<(), MoeError> {
+        let e = cfg.router.n_experts;
+        if self.routed.start > self.routed.end || self.routed.end > e {
+            return Err(MoeError::Config(crate::ConfigError::Invalid {
+                field: "local_experts",
+                reason: format!("{}..{} is not a range within 0..{e}", self.routed.start, self.routed.end),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Whether the shard holds every slot of `cfg`.
+    pub fn is_full(&self, cfg: &MoeConfig) -> bool {
+        *self == Self::full(cfg) || (self.routed == (0..cfg.router.n_experts) && cfg.n_shared_experts == 0)
+    }
+
+    /// Whether slot `slot` (routed `0..E`, shared `E..E+S`) is held.
+    pub fn holds(&self, cfg: &MoeConfig, slot: usize) -> bool {
+        let e = cfg.router.n_experts;
+        if slot < e { self.routed.contains(&slot) } else { self.shared && slot < cfg.n_slots() }
+    }
+
+    /// Slots stored: the routed range, plus `S` when the shared experts are held.
+    pub fn stored_slots(&self, cfg: &MoeConfig) -> usize {
+        self.routed.len() + if self.shared { cfg.n_shared_experts } else { 0 }
+    }
+
+    /// Where slot `slot` sits in the storage, if held.
+    pub fn stored_index(&self, cfg: &MoeConfig, slot: usize) -> Option<usize> {
+        let e = cfg.router.n_experts;
+        if !self.holds(cfg, slot) {
+            None
+        } else if slot < e {
+            Some(slot - self.routed.start)
+        } else {
+            Some(self.routed.len() + slot - e)
+        }
+    }
+}
+
 /// The weights of one MoE layer in the contract's layout (see the module docs).
 #[derive(Clone, Debug)]
 pub struct MoeWeights {
@@ -41,6 +108,7 @@ pub struct MoeWeights {
     pub(crate) router_bias: Option<Vec<f32>>,
     pub(crate) gate_up: TensorData,
     pub(crate) down: TensorData,
+    pub(crate) shard: ExpertShard,
 }
 
 impl MoeWeights {
@@ -59,14 +127,47 @@ impl MoeWeights {
         self.router_bias.as_deref()
     }
 
-    /// Stacked gate and up weights `[E + S, 2I, H]`.
+    /// Stacked gate and up weights `[E + S, 2I, H]` (`[stored, 2I, H]` for a partial
+    /// layer: see [`MoeWeights::shard`]).
     pub fn gate_up(&self) -> TensorView<'_> {
         self.gate_up.view()
     }
 
-    /// Down weights `[E + S, H, I]`.
+    /// Down weights `[E + S, H, I]` (`[stored, H, I]` for a partial layer).
     pub fn down(&self) -> TensorView<'_> {
         self.down.view()
+    }
+
+    /// The slots this layer holds (all of them unless built as a shard).
+    pub fn shard(&self) -> &ExpertShard {
+        &self.shard
+    }
+
+    /// The weights of the slots of `shard` only, copied out of these (which must hold
+    /// them): one rank's part of a layer under expert parallelism.
+    pub fn select(&self, shard: ExpertShard) -> Result<Self, MoeError> {
+        let cfg = &self.cfg;
+        shard.validate(cfg)?;
+        let held: Vec<usize> = (0..cfg.n_slots()).filter(|&e| shard.holds(cfg, e)).collect();
+        if let Some(&missing) = held.iter().find(|&&e| !self.shard.holds(cfg, e)) {
+            return Err(MoeError::MissingWeights(format!("slot {missing} is not held by this layer")));
+        }
+        let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let dtype = self.dtype();
+        let mut gate_up = TensorData::zeros(dtype, held.len() * 2 * i * h);
+        let mut down = TensorData::zeros(dtype, held.len() * h * i);
+        for (n, &e) in held.iter().enumerate() {
+            gate_up.write_at(n * 2 * i * h, self.slot_gate_up(e));
+            down.write_at(n * h * i, self.slot_down(e));
+        }
+        Ok(MoeWeights {
+            cfg: cfg.clone(),
+            router_gate: self.router_gate.clone(),
+            router_bias: self.router_bias.clone(),
+            gate_up,
+            down,
+            shard,
+        })
     }
 
     /// Element type of the expert weights.
@@ -74,16 +175,27 @@ impl MoeWeights {
         self.gate_up.dtype()
     }
 
-    /// Gate-and-up block `[2I, H]` of slot `e`.
+    /// Gate-and-up block `[2I, H]` of slot `e`. Panics if the layer does not hold slot
+    /// `e` ([`ExpertShard::holds`]).
     pub fn slot_gate_up(&self, e: usize) -> TensorView<'_> {
         let n = 2 * self.cfg.moe_intermediate_size * self.cfg.hidden_size;
-        self.gate_up.view().slice(e * n..(e + 1) * n)
+        let s = self.stored(e);
+        self.gate_up.view().slice(s * n..(s + 1) * n)
     }
 
-    /// Down block `[H, I]` of slot `e`.
+    /// Down block `[H, I]` of slot `e`. Panics if the layer does not hold slot `e`.
     pub fn slot_down(&self, e: usize) -> TensorView<'_> {
         let n = self.cfg.hidden_size * self.cfg.moe_intermediate_size;
-        self.down.view().slice(e * n..(e + 1) * n)
+        let s = self.stored(e);
+        self.down.view().slice(s * n..(s + 1) * n)
+    }
+
+    /// Where slot `e` is stored; panics if it is not held.
+    fn stored(&self, e: usize) -> usize {
+        match self.shard.stored_index(&self.cfg, e) {
+            Some(s) => s,
+            None => panic!("slot {e} is not held by this layer (experts {:?})", self.shard),
+        }
     }
 
     /// Bytes of all weights (router, bias, experts, shared experts).
@@ -131,7 +243,14 @@ impl MoeWeights {
         fill(&mut down, h * i, 0x3333, i);
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4444);
         let bias = (0..e).map(|_| rng.random_range(-0.02f32..0.02)).collect();
-        Ok(MoeWeights { cfg: cfg.clone(), router_gate, router_bias: Some(bias), gate_up, down })
+        Ok(MoeWeights {
+            shard: ExpertShard::full(cfg),
+            cfg: cfg.clone(),
+            router_gate,
+            router_bias: Some(bias),
+            gate_up,
+            down,
+        })
     }
 }
 
@@ -151,15 +270,26 @@ impl MoeLayerBuilder {
     /// `dtype` (inputs of the other dtype convert; f32 -> bf16 rounds to nearest even).
     /// Allocates the full expert storage up front.
     pub fn new(cfg: MoeConfig, dtype: Dtype) -> Result<Self, MoeError> {
+        let shard = ExpertShard::full(&cfg);
+        Self::with_shard(cfg, dtype, shard)
+    }
+
+    /// An empty builder for the part of a layer that holds `shard` only (expert
+    /// parallelism): the router whole, the routed experts of `shard.routed`, and the
+    /// shared experts if `shard.shared`. Only those are given and stored; the layer's
+    /// output is its partial sum (see the module docs).
+    pub fn with_shard(cfg: MoeConfig, dtype: Dtype, shard: ExpertShard) -> Result<Self, MoeError> {
         cfg.validate()?;
+        shard.validate(&cfg)?;
         let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
-        let slots = cfg.n_slots();
+        let slots = shard.stored_slots(&cfg);
         let weights = MoeWeights {
             router_gate: TensorData::zeros(dtype, cfg.router.n_experts * h),
             router_bias: None,
             gate_up: TensorData::zeros(dtype, slots * 2 * i * h),
             down: TensorData::zeros(dtype, slots * h * i),
             cfg,
+            shard,
         };
         let experts_set = vec![false; weights.cfg.router.n_experts];
         Ok(MoeLayerBuilder { weights, router_set: false, experts_set, shared_set: false })
@@ -200,13 +330,20 @@ impl MoeLayerBuilder {
         if e >= n {
             return Err(MoeError::MissingWeights(format!("expert index {e} out of range 0..{n}")));
         }
+        let Some(stored) = self.weights.shard.stored_index(cfg, e) else {
+            let r = &self.weights.shard.routed;
+            return Err(MoeError::MissingWeights(format!(
+                "expert {e} is not one of this layer's local experts {}..{}",
+                r.start, r.end
+            )));
+        };
         check_len(&format!("experts.{e}.gate_proj.weight"), &[i, h], gate.len())?;
         check_len(&format!("experts.{e}.up_proj.weight"), &[i, h], up.len())?;
         check_len(&format!("experts.{e}.down_proj.weight"), &[h, i], down.len())?;
-        let base = e * 2 * i * h;
+        let base = stored * 2 * i * h;
         self.weights.gate_up.write_at(base, gate);
         self.weights.gate_up.write_at(base + i * h, up);
-        self.weights.down.write_at(e * h * i, down);
+        self.weights.down.write_at(stored * h * i, down);
         self.experts_set[e] = true;
         Ok(self)
     }
@@ -224,11 +361,16 @@ impl MoeLayerBuilder {
         if s == 0 {
             return Err(MoeError::MissingWeights("shared experts given, but n_shared_experts is 0".into()));
         }
+        if !self.weights.shard.shared {
+            return Err(MoeError::MissingWeights("shared experts given, but this layer leaves them out".into()));
+        }
+        let first = self.weights.shard.routed.len();
         check_len("shared_experts.gate_proj.weight", &[s * i, h], gate.len())?;
         check_len("shared_experts.up_proj.weight", &[s * i, h], up.len())?;
         check_len("shared_experts.down_proj.weight", &[h, s * i], down.len())?;
+        debug_assert_eq!(self.weights.shard.stored_index(cfg, e), Some(first));
         for half in 0..s {
-            let slot = e + half;
+            let slot = first + half;
             let base = slot * 2 * i * h;
             self.weights.gate_up.write_at(base, gate.slice(half * i * h..(half + 1) * i * h));
             self.weights.gate_up.write_at(base + i * h, up.slice(half * i * h..(half + 1) * i * h));
@@ -248,10 +390,11 @@ impl MoeLayerBuilder {
         if !self.router_set {
             return Err(MoeError::MissingWeights("router gate (mlp.gate.weight)".into()));
         }
-        if let Some(e) = self.experts_set.iter().position(|set| !set) {
+        let local = self.weights.shard.routed.clone();
+        if let Some(e) = local.clone().find(|&e| !self.experts_set[e]) {
             return Err(MoeError::MissingWeights(format!("expert {e} (and possibly others)")));
         }
-        if self.weights.cfg.n_shared_experts > 0 && !self.shared_set {
+        if self.weights.cfg.n_shared_experts > 0 && self.weights.shard.shared && !self.shared_set {
             return Err(MoeError::MissingWeights("shared experts (mlp.shared_experts.*)".into()));
         }
         Ok(MoeLayer::new(self.weights))
