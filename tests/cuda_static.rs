@@ -271,3 +271,142 @@ fn the_expert_kernels_contain_their_matrix_instructions_and_no_local_memory() {
         }
     }
 }
+
+/// The instructions of one function's SASS: `(address, text)` without the predicate-free
+/// encoding lines.
+fn instructions(code: &str) -> Vec<(u64, String)> {
+    code.lines()
+        .filter_map(|line| {
+            let rest = line.trim().strip_prefix("/*")?;
+            let (addr, text) = rest.split_once("*/")?;
+            let addr = u64::from_str_radix(addr.trim(), 16).ok()?;
+            let text = text.split(';').next()?.trim();
+            (!text.is_empty()).then(|| (addr, text.to_string()))
+        })
+        .collect()
+}
+
+/// The figures of one `wgmma` kernel's main loop (the backward branch around the HGMMAs).
+#[derive(Debug, PartialEq, Eq)]
+struct MainLoop {
+    /// Instructions from the loop's `BAR.SYNC` to its first `WARPGROUP.ARRIVE` (the issue
+    /// slots spent on addresses and copies before the tensor cores start on a k-tile).
+    bar_to_arrive: usize,
+    /// `WARPGROUP.DEPBAR` per k-tile.
+    depbars: usize,
+    /// `HGMMA` per k-tile.
+    hgmmas: usize,
+}
+
+fn main_loops(code: &str) -> Vec<MainLoop> {
+    let ins = instructions(code);
+    let mut loops = Vec::new();
+    for (i, (addr, text)) in ins.iter().enumerate() {
+        let Some(target) = text.split("BRA ").nth(1).and_then(|t| t.trim().strip_prefix("0x")) else { continue };
+        let Ok(target) = u64::from_str_radix(target, 16) else { continue };
+        if target >= *addr {
+            continue;
+        }
+        let body: Vec<&(u64, String)> = ins[..=i].iter().filter(|(a, _)| *a >= target).collect();
+        let count = |op: &str| body.iter().filter(|(_, t)| t.contains(op)).count();
+        if count("HGMMA") == 0 {
+            continue;
+        }
+        let bar = body.iter().position(|(_, t)| t.contains("BAR.SYNC")).expect("a barrier in the main loop");
+        let arrive = bar + body[bar..].iter().position(|(_, t)| t.contains("WARPGROUP.ARRIVE")).expect("an arrive");
+        loops.push(MainLoop {
+            bar_to_arrive: arrive - bar,
+            depbars: count("WARPGROUP.DEPBAR"),
+            hgmmas: count("HGMMA"),
+        });
+    }
+    loops
+}
+
+/// The static SASS guards recorded in reports/gpu-gemm.md.
+#[test]
+fn sass_guards_of_the_wgmma_main_loop_and_the_stores() {
+    let Some(functions) = sm90a_sass("sass_guards_of_the_wgmma_main_loop_and_the_stores") else { return };
+    for entry in ["moe_expert_up_wgmma", "moe_expert_down_wgmma"] {
+        let loops = main_loops(&functions[entry]);
+        eprintln!("sm_90a {entry}: main loop {loops:?}");
+        assert_eq!(loops.len(), 1, "{entry}: one main loop around the HGMMAs");
+        let l = &loops[0];
+        // A k-tile of WG_BK = 64: four k16 HGMMAs, one wait for them.
+        assert_eq!(l.hgmmas, 4, "{entry}: HGMMA per k-tile");
+        assert_eq!(l.depbars, 1, "{entry}: exactly one WARPGROUP.DEPBAR per k-tile");
+        // 174 on NVRTC 13.0.88; the bound stops it from growing unnoticed.
+        assert!(
+            l.bar_to_arrive <= 176,
+            "{entry}: {} instructions between BAR.SYNC and WARPGROUP.ARRIVE",
+            l.bar_to_arrive
+        );
+    }
+    // The vectorised paths' 16-byte stores: (kernel, stores, of them 128-bit today). NVRTC
+    // 13.0 splits the combine's float4 and the f32 -> bf16 gather's uint4 into four 32-bit
+    // stores (recorded in reports/gpu-gemm.md; issue 13 vectorises them): whole or split,
+    // the number of 16-byte stores is fixed, and the 128-bit ones may only increase.
+    for (entry, stores, wide_today) in [
+        ("moe_gather_f32_to_f32", 2, 2),
+        ("moe_gather_bf16_to_f32", 2, 2),
+        ("moe_gather_bf16_to_bf16", 1, 1),
+        ("moe_gather_f32_to_bf16", 1, 0),
+        ("moe_combine", 1, 0),
+    ] {
+        let (wide, split) = global_stores(&functions[entry]);
+        eprintln!("sm_90a {entry}: STG.E.128 x{wide}, 16-byte stores split into 4 x STG.E: {split}");
+        assert_eq!(wide + split, stores, "{entry}: 16-byte stores of the vectorised path");
+        assert!(wide >= wide_today, "{entry}: {wide} 128-bit stores, {wide_today} before");
+    }
+}
+
+/// `(128-bit global stores, 16-byte stores split into four 32-bit ones)` of a function:
+/// a split store is `STG.E [R.64]` followed within 64 instructions by `+0x4`, `+0x8`, `+0xc`
+/// on the same register.
+fn global_stores(code: &str) -> (usize, usize) {
+    let ins = instructions(code);
+    let wide = ins.iter().filter(|(_, t)| t.contains("STG.E.128")).count();
+    let address = |t: &str| -> Option<String> {
+        let t = t.strip_prefix("STG.E ")?;
+        Some(t[t.rfind('[')?..t.rfind(']')? + 1].to_string())
+    };
+    let mut split = 0;
+    for (i, (_, t)) in ins.iter().enumerate() {
+        let Some(a) = address(t) else { continue };
+        if a.contains('+') || a.contains('-') {
+            continue;
+        }
+        let base = a.trim_end_matches(']').to_string();
+        let near: Vec<String> = ins[i + 1..(i + 65).min(ins.len())].iter().filter_map(|(_, t)| address(t)).collect();
+        if ["+0x4]", "+0x8]", "+0xc]"].iter().all(|o| near.contains(&format!("{base}{o}"))) {
+            split += 1;
+        }
+    }
+    (wide, split)
+}
+
+#[test]
+fn the_main_loop_reader_sees_a_second_depbar() {
+    // The guard's reader on a hand-written loop: a second WARPGROUP.DEPBAR, or a longer
+    // stretch before the arrive, shows in its figures.
+    let sass = "\
+        /*0000*/                   MOV R1, c[0x0][0x28] ;\n\
+        /*0010*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;\n\
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;\n\
+        /*0030*/                   WARPGROUP.ARRIVE ;\n\
+        /*0040*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR20], R24, gsb0 ;\n\
+        /*0050*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n\
+        /*0060*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n\
+        /*0070*/              @!P0 BRA 0x10 ;\n\
+        /*0080*/                   EXIT ;\n";
+    assert_eq!(main_loops(sass), vec![MainLoop { bar_to_arrive: 2, depbars: 2, hgmmas: 1 }]);
+    let stores = "\
+        /*0000*/                   STG.E desc[UR8][R2.64], R23 ;\n\
+        /*0010*/                   STG.E desc[UR8][R2.64+0x4], R22 ;\n\
+        /*0020*/                   STG.E desc[UR8][R2.64+0x8], R25 ;\n\
+        /*0030*/                   STG.E desc[UR8][R2.64+0xc], R24 ;\n\
+        /*0040*/                   STG.E.128 desc[UR8][R4.64], R8 ;\n\
+        /*0050*/                   STG.E desc[UR8][R6.64], RZ ;\n\
+        /*0060*/                   STG.E desc[UR8][R6.64+0x400], RZ ;\n";
+    assert_eq!(global_stores(stores), (1, 1));
+}

@@ -12,6 +12,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <vector>
 
 struct dim3 {
     unsigned x = 0, y = 0, z = 0;
@@ -62,14 +64,27 @@ struct Warp {
     unsigned long long slots[32];
     unsigned frag[32][10];  // mma / ldmatrix operands of each lane (gemm_shim.h)
 };
+// A warpgroup's wgmma state (ptx_models.h): the accumulators of the operations issued and
+// not yet waited for, and the operands each read at issue (compared again at the wait).
 struct Group {
     std::barrier<> bar{128};
-    float* acc[128];  // each thread's accumulator array (wgmma, gemm_shim.h)
+    float* acc[128];              // each thread's accumulator array, as the last wgmma saw it
+    float pending[128][128];      // the accumulators once the in-flight wgmmas complete
+    bool has_pending = false;
+    struct Operands {
+        unsigned long long desc_a, desc_b;
+        std::vector<float> values;
+    };
+    std::vector<Operands> in_flight;
 };
 struct Block {
     std::unique_ptr<std::barrier<>> bar;
     std::unique_ptr<Warp[]> warps;
-    std::unique_ptr<Group[]> groups;  // warpgroups: only the expert GEMM emulator has them
+    std::unique_ptr<Group[]> groups;
+    // Shared-memory ranges each thread's cp.async wrote (at its wait_group) and that no
+    // fence.proxy.async of that thread has made visible to wgmma yet.
+    std::mutex unfenced_lock;
+    std::vector<std::vector<std::pair<unsigned, unsigned>>> unfenced;
 };
 extern thread_local Warp* warp;
 extern thread_local Group* group;

@@ -82,6 +82,7 @@ static void launch(unsigned grid_x, unsigned grid_y, unsigned threads, size_t sh
                         blk.bar = std::make_unique<std::barrier<>>(threads);
                         blk.warps = std::make_unique<emu::Warp[]>((threads + 31) / 32);
                         blk.groups = std::make_unique<emu::Group[]>((threads + 127) / 128);
+                        blk.unfenced.assign(threads, {});
                         // Exactly `shared` bytes (AddressSanitizer sees overruns), poisoned:
                         // reads before writes show.
                         smem.reset(new unsigned char[shared > 0 ? shared : 1]);
@@ -95,6 +96,8 @@ static void launch(unsigned grid_x, unsigned grid_y, unsigned threads, size_t sh
                     emu::warp = &blk.warps[t / 32];
                     emu::group = &blk.groups[t / 128];
                     emu::lane = t % 32;
+                    emu::reset_thread_state();
+                    emu::reset_wgmma_thread();
                     kernel(args);
                     emu::warp->bar.arrive_and_drop();
                     emu::group->bar.arrive_and_drop();

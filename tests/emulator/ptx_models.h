@@ -8,7 +8,16 @@ inline float bf16_bits_to_f32(u32 bits) { return __uint_as_float((bits & 0xffffu
 
 __device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
+// Every 16-byte vector access of the wrappers must be 16-byte aligned (the hardware's rule).
+inline void check_aligned_16(const void* p, const char* what) {
+    if (((uintptr_t)p & 15u) != 0) {
+        fprintf(stderr, "%s: misaligned 16-byte access at %p\n", what, p);
+        std::abort();
+    }
+}
+
 __device__ __forceinline__ uint4 load_stream_16(const void* p) {
+    check_aligned_16(p, "ld.global.nc.v4");
     uint4 v;
     std::memcpy(&v, p, 16);
     return v;
@@ -16,22 +25,72 @@ __device__ __forceinline__ uint4 load_stream_16(const void* p) {
 
 __device__ __forceinline__ uint4 load_shared_16(const void* p) { return load_stream_16(p); }
 
-// cp.async: modelled as an immediate copy (zero fill when src_bytes is 0).
+// ---- cp.async, asynchronously ----------------------------------------------------------
+//
+// A copy's destination is poisoned (0xff bytes: bf16 NaN) when it is issued; its bytes
+// land only at the cp.async.wait_group that retires its group. Groups are per thread, in
+// commit order. So a wait that leaves the stage's group in flight, or a read before the
+// barrier that follows every thread's wait, reads NaN. The ranges that landed are recorded
+// until the thread's fence.proxy.async (what a wgmma needs before it reads them).
+namespace emu {
+struct Copy {
+    unsigned dst;
+    const void* src;
+    bool zero;
+};
+struct CopyState {
+    std::vector<Copy> open;                 // issued, not yet committed
+    std::vector<std::vector<Copy>> groups;  // committed, oldest first
+};
+inline thread_local CopyState copies;
+
+// Called by the launcher before each CTA: nothing of the previous CTA stays in flight.
+inline void reset_thread_state() {
+    copies = CopyState{};
+}
+
+inline void land(const std::vector<Copy>& group) {
+    std::vector<std::pair<unsigned, unsigned>> ranges;
+    for (const Copy& c : group) {
+        if (c.zero) {
+            std::memset(smem_at(c.dst), 0, 16);
+        } else {
+            std::memcpy(smem_at(c.dst), c.src, 16);
+        }
+        ranges.emplace_back(c.dst, c.dst + 16);
+    }
+    std::lock_guard<std::mutex> lock(block->unfenced_lock);
+    auto& mine = block->unfenced[threadIdx.x];
+    mine.insert(mine.end(), ranges.begin(), ranges.end());
+}
+}  // namespace emu
+
+// cp.async of 16 bytes (zero fill when src_bytes is 0).
 __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, u32 src_bytes) {
     if (src_bytes != 0 && src_bytes != 16) std::abort();
-    if (((uintptr_t)src & 15u) != 0 || (dst & 15u) != 0) {
-        fprintf(stderr, "cp.async: misaligned 16-byte copy\n");
+    check_aligned_16(src, "cp.async source");
+    if ((dst & 15u) != 0) {
+        fprintf(stderr, "cp.async: misaligned 16-byte destination %u\n", dst);
         std::abort();
     }
-    if (src_bytes == 16) {
-        std::memcpy(emu::smem_at(dst), src, 16);
-    } else {
-        std::memset(emu::smem_at(dst), 0, 16);
+    std::memset(emu::smem_at(dst), 0xff, 16);
+    emu::copies.open.push_back(emu::Copy{dst, src, src_bytes == 0});
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    emu::copies.groups.push_back(std::move(emu::copies.open));
+    emu::copies.open.clear();
+}
+
+// Retires this thread's oldest groups until at most N are in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    auto& groups = emu::copies.groups;
+    while (groups.size() > (size_t)N) {
+        emu::land(groups.front());
+        groups.erase(groups.begin());
     }
 }
-__device__ __forceinline__ void cp_async_commit() {}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {}
 
 // ldmatrix.m8n8.x4.b16: lane l gives the row address of row (l % 8) of matrix (l / 8);
 // lane l receives, of each matrix m, row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1.
@@ -74,20 +133,47 @@ __device__ __forceinline__ void mma_16816(float c[4], u32 a0, u32 a1, u32 a2, u3
     for (unsigned reg = 0; reg < 4; ++reg) c[reg] = out[reg];
 }
 
-// ---- wgmma -----------------------------------------------------------------------------
+// ---- wgmma, asynchronously --------------------------------------------------------------
+//
+// wgmma.mma_async reads its shared-memory operands at issue (they must be visible to the
+// async proxy: every range a cp.async landed there must have been fenced by its thread
+// with fence.proxy.async, else the emulator aborts), and writes the accumulators only at
+// wgmma.wait_group: in between they are poisoned (NaN), so reading them early, or never
+// waiting, shows. The operands are read again at the wait and must not have changed. The
+// registers must not be written between a wait and the next wgmma unless a wgmma.fence
+// comes in between (a thread's accumulators are compared with what the wgmma left).
+namespace emu {
+struct WgmmaThread {
+    bool fenced = false;
+    bool known = false;      // `last` holds what the last wgmma (or its wait) left
+    float last[128];
+};
+inline thread_local WgmmaThread wgmma_state;
 
-__device__ __forceinline__ void wgmma_fence() {}
+inline void reset_wgmma_thread() {
+    wgmma_state = WgmmaThread{};
+}
+
+inline void fail(const char* what) {
+    fprintf(stderr, "emulator: %s (thread %u of CTA (%u, %u))\n", what, threadIdx.x, blockIdx.x, blockIdx.y);
+    std::abort();
+}
+}  // namespace emu
+
+__device__ __forceinline__ void wgmma_fence() { emu::wgmma_state.fenced = true; }
 __device__ __forceinline__ void wgmma_commit() {}
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {}
-__device__ __forceinline__ void fence_proxy_async_shared() {}
+
+__device__ __forceinline__ void fence_proxy_async_shared() {
+    std::lock_guard<std::mutex> lock(emu::block->unfenced_lock);
+    emu::block->unfenced[threadIdx.x].clear();
+}
 __device__ __forceinline__ void fence_accumulators(float*) {}
 
 // Element (row, k) of a K-major operand with a 128-byte-swizzle descriptor (PTX ISA,
 // "matrix descriptor" and the canonical layouts): 8-row groups `stride byte offset` apart,
 // rows 128 bytes apart inside a group, then the swizzle on the shared-memory address:
 // bits 4..6 ^= bits 7..9.
-inline float desc_element(u64 desc, unsigned row, unsigned k) {
+inline unsigned desc_address(u64 desc, unsigned row, unsigned k) {
     if ((desc >> 62) != 1) {
         fprintf(stderr, "descriptor: swizzle mode %llu, expected 1 (128 B)\n", (unsigned long long)(desc >> 62));
         std::abort();
@@ -97,9 +183,41 @@ inline float desc_element(u64 desc, unsigned row, unsigned k) {
     const u32 stride = (u32)((desc >> 32) & 0x3FFFu) << 4;
     u32 addr = start + (row / 8) * stride + (row % 8) * 128 + 2 * k;
     addr ^= ((addr >> 7) & 7u) << 4;
+    return addr;
+}
+
+inline float desc_element(u64 desc, unsigned row, unsigned k) {
     u16 bits;
-    std::memcpy(&bits, emu::smem_at(addr), 2);
+    std::memcpy(&bits, emu::smem_at(desc_address(desc, row, k)), 2);
     return bf16_bits_to_f32(bits);
+}
+
+// The operands of one m64n256k16: A 64 x 16 then B 256 x 16, after checking that every
+// byte read was made visible to the async proxy.
+inline std::vector<float> wgmma_operands(u64 desc_a, u64 desc_b, bool check) {
+    std::vector<float> v;
+    v.reserve((64 + 256) * 16);
+    std::vector<std::pair<unsigned, unsigned>> unfenced;
+    if (check) {
+        std::lock_guard<std::mutex> lock(emu::block->unfenced_lock);
+        for (const auto& t : emu::block->unfenced) unfenced.insert(unfenced.end(), t.begin(), t.end());
+    }
+    auto read = [&](u64 desc, unsigned rows) {
+        for (unsigned m = 0; m < rows; ++m) {
+            for (unsigned k = 0; k < 16; ++k) {
+                const unsigned a = desc_address(desc, m, k);
+                for (const auto& r : unfenced) {
+                    if (a >= r.first && a < r.second) {
+                        emu::fail("wgmma reads shared memory that cp.async wrote and no fence.proxy.async made visible");
+                    }
+                }
+                v.push_back(desc_element(desc, m, k));
+            }
+        }
+    };
+    read(desc_a, 64);
+    read(desc_b, 256);
+    return v;
 }
 
 // wgmma.mma_async m64n256k16 f32 += bf16 x bf16, A and B K-major from descriptors. The
@@ -108,23 +226,58 @@ inline float desc_element(u64 desc, unsigned row, unsigned k) {
 __device__ __forceinline__ void wgmma_m64n256k16(float d[128], u64 desc_a, u64 desc_b) {
     emu::Group* g = emu::group;
     const unsigned t = threadIdx.x % 128;
+    auto& me = emu::wgmma_state;
+    if (!me.fenced && (!me.known || std::memcmp(me.last, d, sizeof me.last) != 0)) {
+        emu::fail("accumulators written outside wgmma without a wgmma.fence before the next wgmma");
+    }
     g->acc[t] = d;
     g->bar.arrive_and_wait();
     if (t == 0) {
-        static thread_local float a[64][16], b[256][16];
-        for (unsigned m = 0; m < 64; ++m)
-            for (unsigned k = 0; k < 16; ++k) a[m][k] = desc_element(desc_a, m, k);
-        for (unsigned n = 0; n < 256; ++n)
-            for (unsigned k = 0; k < 16; ++k) b[n][k] = desc_element(desc_b, n, k);
+        if (!g->has_pending) {
+            for (unsigned i = 0; i < 128; ++i) std::memcpy(g->pending[i], g->acc[i], sizeof g->pending[i]);
+            g->has_pending = true;
+        }
+        std::vector<float> ops = wgmma_operands(desc_a, desc_b, true);
+        const float* a = ops.data();
+        const float* b = ops.data() + 64 * 16;
         for (unsigned m = 0; m < 64; ++m) {
             for (unsigned n = 0; n < 256; ++n) {
                 const unsigned thread = 32 * (m / 16) + 4 * (m % 8) + (n % 8) / 2;
                 const unsigned reg = 4 * (n / 8) + 2 * ((m % 16) / 8) + n % 2;
-                float acc = g->acc[thread][reg];
-                for (unsigned k = 0; k < 16; ++k) acc += a[m][k] * b[n][k];
-                g->acc[thread][reg] = acc;
+                float acc = g->pending[thread][reg];
+                for (unsigned k = 0; k < 16; ++k) acc += a[m * 16 + k] * b[n * 16 + k];
+                g->pending[thread][reg] = acc;
             }
         }
+        g->in_flight.push_back(emu::Group::Operands{desc_a, desc_b, std::move(ops)});
     }
+    g->bar.arrive_and_wait();
+    // In flight: the registers hold nothing yet.
+    for (unsigned i = 0; i < 128; ++i) d[i] = NAN;
+    std::memcpy(me.last, d, sizeof me.last);
+    me.known = true;
+    me.fenced = false;
+}
+
+// wgmma.wait_group N: only N = 0 is modelled (every in-flight wgmma completes).
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    static_assert(N == 0, "the emulator models wgmma.wait_group 0 only");
+    emu::Group* g = emu::group;
+    const unsigned t = threadIdx.x % 128;
+    g->bar.arrive_and_wait();
+    if (t == 0) {
+        for (const auto& op : g->in_flight) {
+            if (wgmma_operands(op.desc_a, op.desc_b, false) != op.values) {
+                emu::fail("a wgmma's shared-memory operands changed before its wait_group");
+            }
+        }
+        g->in_flight.clear();
+    }
+    if (g->has_pending) std::memcpy(g->acc[t], g->pending[t], sizeof g->pending[t]);
+    std::memcpy(emu::wgmma_state.last, g->acc[t], sizeof emu::wgmma_state.last);
+    emu::wgmma_state.known = true;
+    g->bar.arrive_and_wait();
+    if (t == 0) g->has_pending = false;
     g->bar.arrive_and_wait();
 }

@@ -99,12 +99,16 @@ pub fn build(cxx: &str, files: &[(&str, &str)], extra: &[&str]) -> Result<PathBu
     for h in HEADERS {
         parts.extend([h.name, h.text]);
     }
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dots-moe-emulator-{:016x}", hash(&parts)));
+    // The build machine's target folder; elsewhere (a test binary copied to the GPU host)
+    // the temporary folder.
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let base = if base.is_dir() { base.to_path_buf() } else { std::env::temp_dir() };
+    let dir = base.join(format!("dots-moe-emulator-{:016x}", hash(&parts)));
     let binary = dir.join("emu");
     if binary.is_file() {
         return Ok(binary);
     }
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&dir).map_err(|e| format!("no folder to build the emulator in ({e})"))?;
     let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).map_err(|e| e.to_string());
     write("cuda_shim.h", SHIM)?;
     write("ptx_models.h", MODELS)?;
@@ -149,7 +153,7 @@ pub fn emulator(test: &str) -> Option<&'static Path> {
     });
     match built {
         Ok(path) => Some(path),
-        Err(why) if why.starts_with("no C++") => {
+        Err(why) if why.starts_with("no C++") || why.starts_with("no folder") => {
             Requirement::Emulator.skip_or_fail(test, why);
             None
         }

@@ -1,0 +1,180 @@
+//! The emulator models what the hardware does asynchronously (`tests/emulator/ptx_models.h`):
+//! `cp.async` lands its bytes only at the `wait_group` that retires its group (poison
+//! before), a `wgmma` may read only shared memory its writers fenced with
+//! `fence.proxy.async`, its accumulators are poisoned until `wgmma.wait_group`, and
+//! registers written between a wait and the next `wgmma` need a `wgmma.fence`. Here each of
+//! these is shown to catch a planted bug: the kernel file is mutated, the emulator rebuilt
+//! from the mutant, and the tiled expert GEMM must then fail (an abort with the emulator's
+//! message, or output that differs from the unmutated kernels'), while the unmutated
+//! kernels pass the same run. Skipped without a C++ compiler (a failure with
+//! `DOTS_MOE_REQUIRE_EMULATOR=1`).
+#![cfg(feature = "cuda")]
+
+mod kernel_support;
+
+use dots_moe::cuda::expert_gemm::{self, GemmOptions, GemmPtrs, ITEM_WORDS, TiledKernel};
+use dots_moe::cuda::source::FILES;
+use half::bf16;
+use kernel_support::{Device, Emu};
+use rand::{Rng, SeedableRng};
+
+const H: usize = 512;
+const I: usize = 128;
+/// Two slots: 130 rows (two tiled items, the second nearly empty) and 3.
+const COUNTS: [usize; 2] = [130, 3];
+
+/// The tiled GEMMs of one small batch on `emu`: `(act bits, y bits)`, or the emulator's
+/// failure.
+fn run(emu: &Emu, tiled: TiledKernel) -> Result<(Vec<u16>, Vec<u32>), String> {
+    let dev = Device::Emulator(Emu::new(emu.binary()));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+    let n_slots = COUNTS.len();
+    let rows: usize = COUNTS.iter().sum();
+    let mut random = |n: usize, scale: f32| -> Vec<bf16> {
+        (0..n).map(|_| bf16::from_f32(rng.random_range(-scale..scale))).collect()
+    };
+    let gate_up = dev.upload(&random(n_slots * 2 * I * H, 0.1));
+    let down = dev.upload(&random(n_slots * H * I, 0.1));
+    let x = dev.upload(&random(rows * H, 1.0));
+    let row_weights = dev.upload(&vec![0.75f32; rows]);
+    let offsets = dev.upload(&[0u32, COUNTS[0] as u32, rows as u32]);
+    let options = GemmOptions { decode_max_rows: 0, tiled, batch_invariant: false };
+    let (decode_capacity, tiled_capacity) = options.capacities(rows, n_slots);
+    let ws = GemmPtrs {
+        decode_items: dev.poisoned(4 * ITEM_WORDS * decode_capacity),
+        tiled_items: dev.poisoned(4 * ITEM_WORDS * tiled_capacity),
+        item_counts: dev.poisoned(12),
+        act: dev.poisoned(2 * rows * I),
+        decode_capacity,
+        tiled_capacity,
+    };
+    let y = dev.poisoned(4 * rows * H);
+    dev.run(Some(expert_gemm::schedule_launch(&options, offsets, n_slots, &ws).unwrap()));
+    for l in expert_gemm::up_launches(&options, x, gate_up, H, I, &ws).unwrap() {
+        dev.run(Some(l));
+    }
+    for l in expert_gemm::down_launches(&options, down, row_weights, y, H, I, &ws).unwrap() {
+        dev.run(Some(l));
+    }
+    dev.finish()?;
+    Ok((dev.download(ws.act, rows * I), dev.download(y, rows * H)))
+}
+
+/// Builds the emulator with `from` replaced by `to` in `file` (`None`: unmutated).
+fn emulator_with(test: &str, mutation: Option<(&str, &str, &str)>) -> Option<Emu> {
+    let binary = kernel_support::emulator(test)?;
+    let Some((file, from, to)) = mutation else { return Some(Emu::new(binary)) };
+    // The expert GEMM files alone: a smaller translation unit to build per mutant.
+    let mutated: Vec<(&str, String)> = FILES
+        .iter()
+        .filter(|f| f.name.starts_with("expert_gemm"))
+        .map(|f| {
+            if f.name == file {
+                assert_eq!(f.text.matches(from).count(), 1, "{file}: {from:?} must occur once");
+                (f.name, f.text.replace(from, to))
+            } else {
+                (f.name, f.text.to_string())
+            }
+        })
+        .collect();
+    let files: Vec<(&str, &str)> = mutated.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let cxx = kernel_support::compiler_name().expect("the emulator was built, so a compiler exists");
+    // -O1: the mutants run one small batch; a faster build matters more.
+    Some(Emu::new(&kernel_support::build(&cxx, &files, &["-O1"]).unwrap_or_else(|e| panic!("{test}: {e}"))))
+}
+
+/// The planted bug must make the run fail: an emulator abort containing `message`, or
+/// (`message` empty) results that differ from the unmutated kernels'.
+fn check_mutation(test: &str, tiled: TiledKernel, file: &str, from: &str, to: &str, message: &str) {
+    let Some(good) = emulator_with(test, None) else { return };
+    let want = run(&good, tiled).unwrap_or_else(|e| panic!("{test}: the unmutated kernels fail: {e}"));
+    assert!(want.1.iter().all(|&b| f32::from_bits(b).is_finite()), "{test}: unmutated output not finite");
+    let bad = emulator_with(test, Some((file, from, to))).unwrap();
+    match run(&bad, tiled) {
+        Err(e) => {
+            eprintln!("{test}: the mutant aborted:\n{e}");
+            assert!(e.contains(message), "{test}: the mutant failed, but not with {message:?}:\n{e}");
+        }
+        Ok(got) => {
+            assert!(message.is_empty(), "{test}: expected the emulator to abort with {message:?}");
+            assert!(got != want, "{test}: {file}: {from:?} -> {to:?} went unnoticed");
+            let nan = got.1.iter().filter(|&&b| !f32::from_bits(b).is_finite()).count();
+            eprintln!("{test}: the mutant's output differs ({nan} of {} rows' elements not finite)", got.1.len());
+        }
+    }
+}
+
+#[test]
+fn a_short_cp_async_wait_reads_poison_in_the_mma_kernels() {
+    check_mutation(
+        "a_short_cp_async_wait_reads_poison_in_the_mma_kernels",
+        TiledKernel::Mma,
+        "expert_gemm_mma.cu",
+        "cp_async_wait<MMA_STAGES - 2>();",
+        "cp_async_wait<MMA_STAGES - 1>();",
+        "",
+    );
+}
+
+#[test]
+fn a_short_cp_async_wait_reads_poison_in_the_wgmma_kernels() {
+    check_mutation(
+        "a_short_cp_async_wait_reads_poison_in_the_wgmma_kernels",
+        TiledKernel::Wgmma,
+        "expert_gemm_wgmma.cu",
+        "cp_async_wait<WG_STAGES - 2>();",
+        "cp_async_wait<WG_STAGES - 1>();",
+        "",
+    );
+}
+
+#[test]
+fn a_missing_fence_proxy_async_aborts_the_wgmma() {
+    check_mutation(
+        "a_missing_fence_proxy_async_aborts_the_wgmma",
+        TiledKernel::Wgmma,
+        "expert_gemm_wgmma.cu",
+        "        fence_proxy_async_shared();\n        __syncthreads();",
+        "        __syncthreads();",
+        "no fence.proxy.async made visible",
+    );
+}
+
+#[test]
+fn accumulators_read_without_wgmma_wait_are_poison() {
+    check_mutation(
+        "accumulators_read_without_wgmma_wait_are_poison",
+        TiledKernel::Wgmma,
+        "expert_gemm_wgmma.cu",
+        "        wgmma_wait<0>();\n",
+        "",
+        "",
+    );
+}
+
+#[test]
+fn a_missing_wgmma_fence_aborts_the_wgmma() {
+    check_mutation(
+        "a_missing_wgmma_fence_aborts_the_wgmma",
+        TiledKernel::Wgmma,
+        "expert_gemm_wgmma.cu",
+        "        wgmma_fence();\n",
+        "",
+        "without a wgmma.fence",
+    );
+}
+
+#[test]
+fn a_refilled_stage_under_a_wgmma_in_flight_aborts() {
+    // The wait for the MMAs kept only for the last k-tile: a later k-tile's cp.async
+    // refills a stage while the wgmma that reads it is still in flight (K = 512: 8 k-tiles
+    // through 4 stages).
+    check_mutation(
+        "a_refilled_stage_under_a_wgmma_in_flight_aborts",
+        TiledKernel::Wgmma,
+        "expert_gemm_wgmma.cu",
+        "        wgmma_commit();\n        wgmma_wait<0>();\n        fence_accumulators(acc);\n    }\n}",
+        "        wgmma_commit();\n        if (kt + 1 == k_tiles) wgmma_wait<0>();\n        fence_accumulators(acc);\n    }\n}",
+        "operands changed before its wait_group",
+    );
+}
