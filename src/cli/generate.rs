@@ -1,5 +1,5 @@
 //! `dots-moe generate --model DIR (--prompt TEXT | --tokens 1,2,3) [--max-new-tokens N]
-//! [--temperature T] [--top-k K] [--top-p P] [--seed S] [--chat] [--json]`
+//! [--temperature T] [--top-k K] [--top-p P] [--seed S] [--chat] [--json] [--precision bf16|f32]`
 //!
 //! Streams the new text to stdout (or the new ids, when the directory has no
 //! `tokenizer.json`), and prints load time and tokens/s to stderr. With `--json` it prints
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use clap::{ArgGroup, Args};
 
 use super::CliResult;
+use super::precision::PrecisionArg;
 use dots_moe::model::tokenizer::END_OF_RESPONSE;
 use dots_moe::model::{
     Dots1Model, GenerateOptions, Generation, LoadOptions, ModelError, SamplingParams, StopReason, TextStream,
@@ -53,11 +54,15 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Compute precision of the matrix products: bf16 inputs (engine speed) or f32 (the
+    /// exact reference).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
+    pub precision: PrecisionArg,
 }
 
 /// Loads a model, reporting the load on stderr.
-pub(crate) fn load_model(dir: &Path) -> Result<Dots1Model, ModelError> {
-    let model = Dots1Model::load_with(dir, LoadOptions { progress: true })?;
+pub(crate) fn load_model(dir: &Path, precision: PrecisionArg) -> Result<Dots1Model, ModelError> {
+    let model = Dots1Model::load_with(dir, LoadOptions { progress: true, precision: precision.into() })?;
     let report = model.load_report();
     for warning in &report.warnings {
         eprintln!("warning: {warning}");
@@ -103,7 +108,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
         return Err("the prompt is empty".into());
     }
 
-    let model = load_model(&args.model)?;
+    let model = load_model(&args.model, args.precision)?;
     let mut stop_ids = model.eos_token_ids();
     if args.chat
         && let Some(id) = tokenizer.as_ref().and_then(|t| t.token_id(END_OF_RESPONSE))

@@ -1,5 +1,6 @@
 //! `dots-moe logits --model DIR --tokens 1,2,3 --out FILE`: one full forward pass over the
-//! tokens; writes a safetensors file holding `logits`, f32 `[T, vocab]`.
+//! tokens; writes a safetensors file holding `logits`, f32 `[T, vocab]`. `--precision bf16`
+//! computes them with bf16 inputs to the matrix products (f32 is the default).
 
 use std::path::PathBuf;
 
@@ -7,6 +8,7 @@ use clap::Args;
 
 use super::CliResult;
 use super::generate::load_model;
+use super::precision::PrecisionArg;
 use dots_moe::model::ModelError;
 
 /// Arguments of `dots-moe logits`.
@@ -21,6 +23,9 @@ pub struct LogitsArgs {
     /// Output safetensors file.
     #[arg(long)]
     pub out: PathBuf,
+    /// Compute precision of the matrix products: f32 (the exact reference) or bf16 inputs.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    pub precision: PrecisionArg,
 }
 
 /// Runs `dots-moe logits`.
@@ -28,7 +33,7 @@ pub fn run(args: LogitsArgs) -> CliResult {
     if args.tokens.is_empty() {
         return Err("--tokens is empty".into());
     }
-    let model = load_model(&args.model)?;
+    let model = load_model(&args.model, args.precision)?;
     let logits = model.logits(&args.tokens)?;
     let shape = vec![args.tokens.len(), model.config().vocab_size];
     write_logits(&args.out, &logits, shape)?;
