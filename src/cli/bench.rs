@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Seconds of timing per batch size (at least 3 runs each).
     #[arg(long, default_value_t = 4.0)]
     pub seconds: f64,
+    /// Only measure and print this machine's floor (copy and read bandwidth, bf16 matmul
+    /// rate), timing no layer: a quick probe of the machine's state beside other runs.
+    #[arg(long)]
+    pub floor_only: bool,
 }
 
 fn progress(message: &str) -> ProgressBar {
@@ -75,6 +79,19 @@ pub fn run(args: BenchArgs) -> CliResult {
         floor
     };
     let mut floor = measure();
+    if args.floor_only {
+        if args.json {
+            println!("{}", serde_json::to_string(&floor)?);
+        } else {
+            println!(
+                "floor: copy {:.1} GB/s, read {:.1} GB/s, bf16 matmul {:.0} GFLOP/s",
+                floor.copy_bytes_per_s / 1e9,
+                floor.read_bytes_per_s / 1e9,
+                floor.matmul_flop_per_s / 1e9
+            );
+        }
+        return Ok(());
+    }
 
     let mut rows: Vec<BenchRow> = Vec::new();
     let wants_cpu = matches!(args.backend, BackendChoice::Cpu | BackendChoice::All);
