@@ -43,6 +43,8 @@ fn generate_json_from_prompt_text() {
         &n,
         "--temperature",
         "0",
+        "--precision",
+        "f32",
         "--json",
     ]);
     let v = json_of(&out);
@@ -66,6 +68,8 @@ fn generate_json_from_tokens_without_tokenizer() {
         &tokens,
         "--max-new-tokens",
         "12",
+        "--precision",
+        "f32",
         "--json",
     ]);
     let v = json_of(&out);
@@ -90,6 +94,8 @@ fn generate_streams_text_and_ids() {
         &tokens,
         "--max-new-tokens",
         "3",
+        "--precision",
+        "f32",
     ]);
     assert!(out.status.success());
     let printed: Vec<u32> =
@@ -242,6 +248,8 @@ fn backend_cuda_without_a_gpu_is_a_one_line_error() {
             &tokens,
             "--out",
             out_file.to_str().unwrap(),
+            "--precision",
+            "bf16",
             "--backend",
             "cuda",
         ]),
@@ -261,10 +269,63 @@ fn backend_cuda_without_a_gpu_is_a_one_line_error() {
         }
     }
     assert_eq!(out_file.exists(), gpu_here, "logits written only when the run succeeded");
+    // The CUDA layer computes the bf16 contract: f32 with cuda is refused, GPU or not.
+    let out = dots_moe(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        &tokens,
+        "--out",
+        "x",
+        "--backend",
+        "cuda",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--precision bf16"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line only: {stderr}");
 }
 
 /// Whether this machine can open GPU 0 (as `dots-moe doctor` reports it).
 fn dots_moe_has_gpu() -> bool {
     let out = dots_moe(&["doctor"]);
     String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("device 0:"))
+}
+
+#[test]
+fn precision_selects_the_compute_mode() {
+    let exp = expected("bf16");
+    let tokens = csv(&exp.prompt_tokens);
+    let model = fixture("bf16");
+    let model = model.to_str().unwrap();
+    // logits: f32 by default (the reference), bf16 on request.
+    let scratch = Scratch::new("precision");
+    let logits_with = |extra: &[&str]| {
+        let out_file = scratch.path().join("logits.safetensors");
+        let mut args = vec!["logits", "--model", model, "--tokens", &tokens, "--out", out_file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = dots_moe(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        read_f32(&out_file, "logits").1
+    };
+    let (_, want_f32) = expected_logits("bf16");
+    let (_, want_bf16) = read_f32(&fixture("bf16").join("expected_bf16.safetensors"), "logits");
+    let default = logits_with(&[]);
+    assert!(relative_error(&default, &want_f32) <= 1e-4);
+    let bf16 = logits_with(&["--precision", "bf16"]);
+    assert!(relative_error(&bf16, &want_bf16) <= 3e-2);
+    assert!(relative_error(&bf16, &default) > 1e-3, "--precision bf16 computed like f32");
+    // generate: bf16 by default.
+    let generate_with = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", model, "--tokens", &tokens, "--max-new-tokens", "6", "--json"];
+        args.extend_from_slice(extra);
+        ids(&json_of(&dots_moe(&args))["tokens"])
+    };
+    assert_eq!(generate_with(&[]), generate_with(&["--precision", "bf16"]));
+    assert_eq!(generate_with(&["--precision", "f32"]), exp.greedy_tokens[..6]);
+    // Anything else is a usage error naming the choices.
+    let out = dots_moe(&["generate", "--model", model, "--tokens", &tokens, "--precision", "f16"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bf16") && stderr.contains("f32"), "{stderr}");
 }

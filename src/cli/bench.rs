@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// bytes and FLOPs of that GEMM alone; REGIME is `decode`, `tiled` or `mixed`).
     #[arg(long)]
     pub gemm: bool,
+    /// Only measure and print this machine's floor (copy and read bandwidth, bf16 matmul
+    /// rate), timing no layer: a quick probe of the machine's state beside other runs.
+    #[arg(long)]
+    pub floor_only: bool,
 }
 
 fn progress(message: &str) -> ProgressBar {
@@ -80,7 +84,20 @@ pub fn run(args: BenchArgs) -> CliResult {
         floor
     };
     // The CUDA rows use the H200's ceilings; only the CPU rows need this machine's floor.
-    let mut floor = if args.backend == BackendChoice::Cuda { bench::H200 } else { measure() };
+    let mut floor = if args.backend == BackendChoice::Cuda && !args.floor_only { bench::H200 } else { measure() };
+    if args.floor_only {
+        if args.json {
+            println!("{}", serde_json::to_string(&floor)?);
+        } else {
+            println!(
+                "floor: copy {:.1} GB/s, read {:.1} GB/s, bf16 matmul {:.0} GFLOP/s",
+                floor.copy_bytes_per_s / 1e9,
+                floor.read_bytes_per_s / 1e9,
+                floor.matmul_flop_per_s / 1e9
+            );
+        }
+        return Ok(());
+    }
 
     let mut rows: Vec<BenchRow> = Vec::new();
     let wants_cpu = matches!(args.backend, BackendChoice::Cpu | BackendChoice::All);

@@ -1,5 +1,6 @@
 //! `dots-moe generate --model DIR (--prompt TEXT | --tokens 1,2,3) [--max-new-tokens N]
-//! [--temperature T] [--top-k K] [--top-p P] [--seed S] [--chat] [--json] [--backend cpu|cuda]`
+//! [--temperature T] [--top-k K] [--top-p P] [--seed S] [--chat] [--json]
+//! [--precision bf16|f32] [--backend cpu|cuda]`
 //!
 //! Streams the new text to stdout (or the new ids, when the directory has no
 //! `tokenizer.json`), and prints load time and tokens/s to stderr. With `--json` it prints
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use clap::{ArgGroup, Args};
 
 use super::CliResult;
+use super::precision::PrecisionArg;
 use dots_moe::model::tokenizer::END_OF_RESPONSE;
 use dots_moe::model::{
     Dots1Model, GenerateOptions, Generation, LoadOptions, ModelError, SamplingParams, StopReason, TextStream,
@@ -53,6 +55,10 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Compute precision of the matrix products: bf16 inputs (engine speed) or f32 (the
+    /// exact reference).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
+    pub precision: PrecisionArg,
     /// Where the MoE layers run: `cpu`, or `cuda` (GPU 0; attention stays on the CPU).
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: ModelBackend,
@@ -67,12 +73,20 @@ pub enum ModelBackend {
     Cuda,
 }
 
-/// Loads a model, reporting the load on stderr, and moves its MoE layers to `backend`.
-pub(crate) fn load_model(dir: &Path, backend: ModelBackend) -> Result<Dots1Model, Box<dyn std::error::Error>> {
+/// Loads a model in `precision`, reporting the load on stderr, and moves its MoE layers to
+/// `backend`. The CUDA layer computes the bf16 contract, so `cuda` needs `bf16`.
+pub(crate) fn load_model(
+    dir: &Path,
+    precision: PrecisionArg,
+    backend: ModelBackend,
+) -> Result<Dots1Model, Box<dyn std::error::Error>> {
+    if backend == ModelBackend::Cuda && precision == PrecisionArg::F32 {
+        return Err("--backend cuda computes the MoE layers with bf16 inputs: use --precision bf16".into());
+    }
     // The GPU first: without one, say so before the (possibly long) load.
     let gpu = open_backend(backend)?;
     #[allow(unused_mut)]
-    let mut model = Dots1Model::load_with(dir, LoadOptions { progress: true })?;
+    let mut model = Dots1Model::load_with(dir, LoadOptions { progress: true, precision: precision.into() })?;
     let report = model.load_report();
     for warning in &report.warnings {
         eprintln!("warning: {warning}");
@@ -148,7 +162,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
         return Err("the prompt is empty".into());
     }
 
-    let model = load_model(&args.model, args.backend)?;
+    let model = load_model(&args.model, args.precision, args.backend)?;
     let mut stop_ids = model.eos_token_ids();
     if args.chat
         && let Some(id) = tokenizer.as_ref().and_then(|t| t.token_id(END_OF_RESPONSE))

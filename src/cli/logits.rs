@@ -1,5 +1,7 @@
-//! `dots-moe logits --model DIR --tokens 1,2,3 --out FILE [--backend cpu|cuda]`: one full forward pass over the
-//! tokens; writes a safetensors file holding `logits`, f32 `[T, vocab]`.
+//! `dots-moe logits --model DIR --tokens 1,2,3 --out FILE [--precision f32|bf16]
+//! [--backend cpu|cuda]`: one full forward pass over the tokens; writes a safetensors file
+//! holding `logits`, f32 `[T, vocab]`. `--precision bf16` computes them with bf16 inputs to
+//! the matrix products (f32 is the default); `--backend cuda` runs the MoE layers on GPU 0.
 
 use std::path::PathBuf;
 
@@ -7,6 +9,7 @@ use clap::Args;
 
 use super::CliResult;
 use super::generate::{ModelBackend, load_model};
+use super::precision::PrecisionArg;
 use dots_moe::model::ModelError;
 
 /// Arguments of `dots-moe logits`.
@@ -24,6 +27,9 @@ pub struct LogitsArgs {
     /// Where the MoE layers run: `cpu`, or `cuda` (GPU 0; attention stays on the CPU).
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: ModelBackend,
+    /// Compute precision of the matrix products: f32 (the exact reference) or bf16 inputs.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    pub precision: PrecisionArg,
 }
 
 /// Runs `dots-moe logits`.
@@ -31,7 +37,7 @@ pub fn run(args: LogitsArgs) -> CliResult {
     if args.tokens.is_empty() {
         return Err("--tokens is empty".into());
     }
-    let model = load_model(&args.model, args.backend)?;
+    let model = load_model(&args.model, args.precision, args.backend)?;
     let logits = model.logits(&args.tokens)?;
     let shape = vec![args.tokens.len(), model.config().vocab_size];
     write_logits(&args.out, &logits, shape)?;

@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod generate;
 pub mod kernels;
 pub mod logits;
+pub mod precision;
 
 /// What every subcommand returns: any error, printed by `main` as `error: ...`.
 pub type CliResult = Result<(), Box<dyn std::error::Error>>;

@@ -324,6 +324,20 @@ impl Checkpoint {
         }
     }
 
+    /// `weight` as bf16: itself when it already is, otherwise an owned bf16 copy (f32
+    /// rounded to nearest even), after which the f32 pages are released. This is how
+    /// the bf16 compute mode holds f32 or f16 checkpoints: never an f32 copy of a weight.
+    pub fn to_bf16(&self, weight: Weight) -> Weight {
+        if weight.dtype() == Dtype::Bf16 {
+            return weight;
+        }
+        let view = self.view(&weight);
+        let mut data = TensorData::zeros(Dtype::Bf16, view.len());
+        data.write_at(0, view);
+        self.release(&weight);
+        Weight { storage: Storage::Owned(data), shape: weight.shape }
+    }
+
     /// Reads every page of a mapped `weight` once (after asking the OS to read ahead), so
     /// that the first forward pass does not pay for page faults; the load time then says
     /// what loading really costs. A no-op for owned weights.

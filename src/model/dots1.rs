@@ -10,9 +10,22 @@
 //! logits = lm_head(rmsnorm(h, model.norm))
 //! ```
 //!
-//! All activations are f32. Embeddings, attention, the dense MLP and `lm_head` are used
-//! straight from the memory-mapped checkpoint; only the MoE experts are copied, once, into
-//! the fused layout of [`crate::moe`] (which runs with [`Precision::F32`]).
+//! The residual stream, norms, RoPE and softmax are f32. The inputs of the matrix
+//! products are set by the compute precision ([`LoadOptions::precision`]):
+//!
+//! - [`Precision::F32`] (the default of the library): the exact reference. Activations
+//!   enter every product as f32 (bf16 weights widen exactly); the MoE layers run with
+//!   [`Precision::F32`]. This is what the golden tests compare with transformers in f32.
+//! - [`Precision::Bf16`] (what engines run, the default of `dots-moe generate`): every
+//!   product's inputs are bf16 (the attention projections, the attention core's `Q K^T`
+//!   and `P V`, the dense MLP, the MoE layers under [`Precision::Bf16`], `lm_head`),
+//!   accumulating in f32, on the bf16 dot-product kernels. f32 or f16 checkpoint tensors
+//!   are rounded to bf16 once at load (norm weights included), as `model.to(bfloat16)`
+//!   does; no weight is ever held as an f32 copy.
+//!
+//! Embeddings, attention, the dense MLP and `lm_head` of a bf16 checkpoint are used
+//! straight from the memory map; only the MoE experts are copied, once, into the fused
+//! layout of [`crate::moe`].
 
 use std::path::Path;
 use std::time::Instant;
@@ -22,11 +35,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::attention::{AttentionShape, AttentionWeights, KvCache, attention};
 use super::checkpoint::{Checkpoint, Weight};
 use super::error::ModelError;
-use super::ops::{Rope, linear, rms_norm, rms_norm_rows};
+use super::ops::{GemmInput, Rope, linear_in, rms_norm, rms_norm_rows};
 use super::weights::{GenerationConfig, expected_tensors, layer_prefix, sliding_window_layers};
 use crate::config::Dots1Config;
 use crate::moe::{MoeLayer, MoeLayerBuilder, Precision, Routing};
-use crate::tensor::{Dtype, TensorView};
+use crate::tensor::{Dtype, TensorView, round_to_bf16};
 
 /// Which rows of logits a forward pass computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,10 +51,20 @@ pub enum LogitsFor {
 }
 
 /// How to load a model.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
     /// Show an indicatif progress bar on stderr (hidden when stderr is not a terminal).
     pub progress: bool,
+    /// The compute precision of the matrix products (see the [module docs](self)):
+    /// [`Precision::F32`] by default (the exact reference), [`Precision::Bf16`] for engine
+    /// speed.
+    pub precision: Precision,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { progress: false, precision: Precision::F32 }
+    }
 }
 
 /// What loading found and cost.
@@ -51,7 +74,8 @@ pub struct LoadReport {
     pub seconds: f64,
     /// Bytes of tensor data in the checkpoint files.
     pub checkpoint_bytes: usize,
-    /// Bytes copied into the MoE layers' fused layout (and widened f16 tensors).
+    /// Bytes copied at load: the MoE layers' fused layout, widened f16 tensors, and under
+    /// [`Precision::Bf16`] the bf16 copies of f32 or f16 weights.
     pub copied_bytes: usize,
     /// Warnings: unknown extra tensors and the like.
     pub warnings: Vec<String>,
@@ -88,6 +112,7 @@ pub struct Dots1Model {
     norm: Vec<f32>,
     lm_head: Weight,
     attn_shape: AttentionShape,
+    precision: Precision,
     report: LoadReport,
 }
 
@@ -97,10 +122,30 @@ impl std::fmt::Debug for Dots1Model {
     }
 }
 
-/// A norm weight, widened to f32 (they are a few KB; everything large stays mapped).
-fn norm_weight(ckpt: &mut Checkpoint, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+/// A norm weight, widened to f32 (they are a few KB; everything large stays mapped);
+/// under [`Precision::Bf16`] an f32 one is first rounded to bf16 like every weight.
+fn norm_weight(ckpt: &mut Checkpoint, name: &str, len: usize, precision: Precision) -> Result<Vec<f32>, ModelError> {
     let w = ckpt.weight(name, &[len])?;
-    Ok(ckpt.view(&w).to_f32_vec())
+    let mut values = ckpt.view(&w).to_f32_vec();
+    if precision == Precision::Bf16 {
+        round_to_bf16(&mut values);
+    }
+    Ok(values)
+}
+
+/// A matrix weight as the compute precision holds it: in place (or as loaded) under
+/// [`Precision::F32`]; under [`Precision::Bf16`], bf16 (f32 and f16 tensors rounded once).
+fn matrix_weight(
+    ckpt: &mut Checkpoint,
+    name: &str,
+    shape: &[usize],
+    precision: Precision,
+) -> Result<Weight, ModelError> {
+    let w = ckpt.weight(name, shape)?;
+    Ok(match precision {
+        Precision::F32 => w,
+        Precision::Bf16 => ckpt.to_bf16(w),
+    })
 }
 
 impl Dots1Model {
@@ -144,45 +189,59 @@ impl Dots1Model {
             ProgressBar::hidden()
         };
 
+        let precision = options.precision;
         let embed = ckpt.weight("model.embed_tokens.weight", &[v, h])?;
         let mut copied_bytes = 0usize;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for n in 0..cfg.num_hidden_layers {
             let p = layer_prefix(n);
             let attn = AttentionWeights {
-                q_proj: ckpt.weight(&format!("{p}.self_attn.q_proj.weight"), &[heads * d, h])?,
-                k_proj: ckpt.weight(&format!("{p}.self_attn.k_proj.weight"), &[kv * d, h])?,
-                v_proj: ckpt.weight(&format!("{p}.self_attn.v_proj.weight"), &[kv * d, h])?,
-                o_proj: ckpt.weight(&format!("{p}.self_attn.o_proj.weight"), &[h, heads * d])?,
-                q_norm: norm_weight(&mut ckpt, &format!("{p}.self_attn.q_norm.weight"), d)?,
-                k_norm: norm_weight(&mut ckpt, &format!("{p}.self_attn.k_norm.weight"), d)?,
+                q_proj: matrix_weight(&mut ckpt, &format!("{p}.self_attn.q_proj.weight"), &[heads * d, h], precision)?,
+                k_proj: matrix_weight(&mut ckpt, &format!("{p}.self_attn.k_proj.weight"), &[kv * d, h], precision)?,
+                v_proj: matrix_weight(&mut ckpt, &format!("{p}.self_attn.v_proj.weight"), &[kv * d, h], precision)?,
+                o_proj: matrix_weight(&mut ckpt, &format!("{p}.self_attn.o_proj.weight"), &[h, heads * d], precision)?,
+                q_norm: norm_weight(&mut ckpt, &format!("{p}.self_attn.q_norm.weight"), d, precision)?,
+                k_norm: norm_weight(&mut ckpt, &format!("{p}.self_attn.k_norm.weight"), d, precision)?,
             };
             let mlp = if n < cfg.first_k_dense_replace {
                 let i = cfg.intermediate_size;
                 Mlp::Dense {
-                    gate: ckpt.weight(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
-                    up: ckpt.weight(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
-                    down: ckpt.weight(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
+                    gate: matrix_weight(&mut ckpt, &format!("{p}.mlp.gate_proj.weight"), &[i, h], precision)?,
+                    up: matrix_weight(&mut ckpt, &format!("{p}.mlp.up_proj.weight"), &[i, h], precision)?,
+                    down: matrix_weight(&mut ckpt, &format!("{p}.mlp.down_proj.weight"), &[h, i], precision)?,
                 }
             } else {
-                let layer = build_moe_layer(&mut ckpt, &cfg, n)?;
+                let layer = build_moe_layer(&mut ckpt, &cfg, n, precision)?;
                 copied_bytes += layer.weights().bytes();
                 Mlp::Moe(Box::new(layer))
             };
             layers.push(Layer {
-                input_norm: norm_weight(&mut ckpt, &format!("{p}.input_layernorm.weight"), h)?,
-                post_norm: norm_weight(&mut ckpt, &format!("{p}.post_attention_layernorm.weight"), h)?,
+                input_norm: norm_weight(&mut ckpt, &format!("{p}.input_layernorm.weight"), h, precision)?,
+                post_norm: norm_weight(&mut ckpt, &format!("{p}.post_attention_layernorm.weight"), h, precision)?,
                 attn,
                 mlp,
             });
             bar.inc(1);
         }
-        let norm = norm_weight(&mut ckpt, "model.norm.weight", h)?;
+        let norm = norm_weight(&mut ckpt, "model.norm.weight", h, precision)?;
         let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
-            embed.clone()
+            match precision {
+                Precision::F32 => embed.clone(),
+                Precision::Bf16 => ckpt.to_bf16(embed.clone()),
+            }
         } else {
-            ckpt.weight("lm_head.weight", &[v, h])?
+            matrix_weight(&mut ckpt, "lm_head.weight", &[v, h], precision)?
         };
+        // Weights held as owned copies (f16 widened, or rounded to bf16 in bf16 mode).
+        let owned = |w: &Weight| if w.is_mapped() { 0 } else { ckpt.view(w).len() * w.dtype().size() };
+        for layer in &layers {
+            let a = &layer.attn;
+            copied_bytes += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].into_iter().map(owned).sum::<usize>();
+            if let Mlp::Dense { gate, up, down } = &layer.mlp {
+                copied_bytes += [gate, up, down].into_iter().map(owned).sum::<usize>();
+            }
+        }
+        copied_bytes += owned(&lm_head);
         // Fault in the weights used in place on every step (not the embeddings: only the
         // rows of the tokens seen are ever read).
         for layer in &layers {
@@ -217,11 +276,13 @@ impl Dots1Model {
             eps: cfg.rms_norm_eps,
             rope: Rope::new(d, cfg.rope_theta),
         };
-        Ok(Dots1Model { cfg, generation, ckpt, embed, layers, norm, lm_head, attn_shape, report })
+        Ok(Dots1Model { cfg, generation, ckpt, embed, layers, norm, lm_head, attn_shape, precision, report })
     }
 
     /// Moves every MoE layer onto `gpu`: the weights are uploaded once (expert weights as
     /// bf16, the kernels' contract; see [`super::cuda_moe`]) and the CPU copy is dropped.
+    /// On the device the MoE layers compute [`Precision::Bf16`] whatever the model's
+    /// precision (the CLI asks for `--precision bf16` with `--backend cuda`).
     /// Attention, norms, the dense layers and `lm_head` stay on the CPU. All layers are
     /// uploaded before any is replaced, so on an error the model is left as it was.
     #[cfg(feature = "cuda")]
@@ -258,6 +319,11 @@ impl Dots1Model {
             }
         }
         ids
+    }
+
+    /// The compute precision of the matrix products (see the [module docs](self)).
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// What loading found and cost.
@@ -301,7 +367,8 @@ impl Dots1Model {
         };
         let m = rows.len() / h;
         let normed = rms_norm(rows, &self.norm, self.cfg.rms_norm_eps);
-        Ok(linear(&normed, self.ckpt.view(&self.lm_head), m, self.cfg.vocab_size, h))
+        let normed = GemmInput::new(&normed, self.precision);
+        Ok(linear_in(&normed, self.ckpt.view(&self.lm_head), m, self.cfg.vocab_size, h))
     }
 
     /// The router's choice in MoE layer `layer` for `tokens` run from position 0.
@@ -364,11 +431,14 @@ impl Dots1Model {
         for (row, &id) in hidden.chunks_mut(h).zip(tokens) {
             let id = id as usize;
             embed.slice(id * h..(id + 1) * h).copy_to_f32(row);
+            if self.precision == Precision::Bf16 && embed.dtype() != Dtype::Bf16 {
+                round_to_bf16(row);
+            }
         }
         let eps = self.cfg.rms_norm_eps;
         for (n, layer) in self.layers.iter().enumerate() {
             let normed = rms_norm(&hidden, &layer.input_norm, eps);
-            let attn_out = attention(&self.ckpt, &layer.attn, &self.attn_shape, &normed, t, cache, n);
+            let attn_out = attention(&self.ckpt, &layer.attn, &self.attn_shape, &normed, t, cache, n, self.precision);
             add_in_place(&mut hidden, &attn_out);
             let mut normed = hidden.clone();
             rms_norm_rows(&mut normed, &layer.post_norm, eps);
@@ -378,11 +448,14 @@ impl Dots1Model {
             let mlp_out = match &layer.mlp {
                 Mlp::Dense { gate, up, down } => {
                     let i = self.cfg.intermediate_size;
-                    let g = linear(&normed, self.ckpt.view(gate), t, i, h);
-                    let u = linear(&normed, self.ckpt.view(up), t, i, h);
+                    let input = GemmInput::new(&normed, self.precision);
+                    let g = linear_in(&input, self.ckpt.view(gate), t, i, h);
+                    let u = linear_in(&input, self.ckpt.view(up), t, i, h);
+                    drop(input);
                     let mut act = vec![0.0f32; t * i];
                     crate::cpu::swiglu(&g, &u, &mut act);
-                    linear(&act, self.ckpt.view(down), t, h, i)
+                    let act = GemmInput::new(&act, self.precision);
+                    linear_in(&act, self.ckpt.view(down), t, h, i)
                 }
                 Mlp::Moe(moe) => moe.forward(TensorView::F32(&normed), t)?,
                 #[cfg(feature = "cuda")]
@@ -401,8 +474,15 @@ fn add_in_place(acc: &mut [f32], x: &[f32]) {
 }
 
 /// Builds MoE layer `n` from the checkpoint: the router and every expert are copied into
-/// the fused layout, in the dtype of the experts (f32 if any expert tensor is f32 or f16).
-fn build_moe_layer(ckpt: &mut Checkpoint, cfg: &Dots1Config, n: usize) -> Result<MoeLayer, ModelError> {
+/// the fused layout, in the dtype of the experts (f32 if any expert tensor is f32 or f16)
+/// under [`Precision::F32`], in bf16 (f32 rounded) under [`Precision::Bf16`], which the
+/// layer then runs with.
+fn build_moe_layer(
+    ckpt: &mut Checkpoint,
+    cfg: &Dots1Config,
+    n: usize,
+    precision: Precision,
+) -> Result<MoeLayer, ModelError> {
     let p = layer_prefix(n);
     let moe_cfg = cfg.moe();
     let (h, i, e_count, s) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.router.n_experts, cfg.n_shared_experts);
@@ -433,7 +513,7 @@ fn build_moe_layer(ckpt: &mut Checkpoint, cfg: &Dots1Config, n: usize) -> Result
         None
     };
     let all_bf16 = experts.iter().chain(shared.iter()).flatten().all(|w| w.dtype() == Dtype::Bf16);
-    let dtype = if all_bf16 { Dtype::Bf16 } else { Dtype::F32 };
+    let dtype = if all_bf16 || precision == Precision::Bf16 { Dtype::Bf16 } else { Dtype::F32 };
     let mut builder = MoeLayerBuilder::new(moe_cfg, dtype)?;
     builder.router(ckpt.view(&gate), bias.as_ref().map(|b| ckpt.view(b)))?;
     ckpt.release(&gate);
@@ -450,6 +530,6 @@ fn build_moe_layer(ckpt: &mut Checkpoint, cfg: &Dots1Config, n: usize) -> Result
         weights.iter().for_each(|w| ckpt.release(w));
     }
     let mut layer = builder.build()?;
-    layer.set_precision(Precision::F32);
+    layer.set_precision(precision);
     Ok(layer)
 }

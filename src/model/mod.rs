@@ -5,7 +5,8 @@
 //!   bf16/f32 weights used in place.
 //! - [`weights`]: every tensor the config implies, with its shape; `generation_config.json`.
 //! - [`dots1`]: [`Dots1Model`]: embedding, attention ([`attention`]), dense MLP or the MoE
-//!   layer of [`crate::moe`], final norm, `lm_head`; all activations f32.
+//!   layer of [`crate::moe`], final norm, `lm_head`; the residual stream in f32, the
+//!   matrix products in the compute precision [`Precision`] (f32 or bf16 inputs).
 //! - `cuda_moe` (feature `cuda`): the MoE layers moved to the GPU
 //!   ([`Dots1Model::moe_to_cuda`]), attention staying on the CPU.
 //! - [`mod@generate`], [`sampling`], [`tokenizer`]: prefill plus cached decode, greedy or
@@ -26,6 +27,7 @@ pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
+pub use crate::moe::Precision;
 pub use attention::KvCache;
 pub use checkpoint::Checkpoint;
 pub use dots1::{Dots1Model, LoadOptions, LoadReport, LogitsFor};

@@ -1,19 +1,61 @@
 //! The small numeric pieces of the decoder: linear layers, RMSNorm, RoPE, SwiGLU.
 //!
 //! Activations are `f32` rows; weights are `[out, in]` like `torch.nn.Linear`, `f32` or
-//! `bf16` (converted exactly). Every matrix product goes through
-//! [`crate::cpu::par_gemm_nt`], the same kernel the MoE layer uses.
+//! `bf16`. Every matrix product goes through [`crate::cpu::par_gemm_nt`], the same
+//! register-tiled kernels the MoE layer uses. Under [`Precision::F32`] the activations go
+//! in as f32 (bf16 weights widen exactly); under [`Precision::Bf16`] they are rounded to
+//! bf16 first ([`GemmInput`]) and bf16 weights multiply them by the bf16 dot-product
+//! kernel, accumulating in f32.
 
+use half::bf16;
 use rayon::prelude::*;
 
+use crate::moe::Precision;
 use crate::tensor::TensorView;
+
+/// The left operand of one or more linear layers, in the compute precision: the f32 rows
+/// borrowed, or rounded to bf16 (nearest even) once for every product that reads them.
+pub enum GemmInput<'a> {
+    /// f32 rows, used as they are.
+    F32(&'a [f32]),
+    /// The rows rounded to bf16.
+    Bf16(Vec<bf16>),
+}
+
+impl<'a> GemmInput<'a> {
+    /// `x` prepared for `precision`.
+    pub fn new(x: &'a [f32], precision: Precision) -> Self {
+        match precision {
+            Precision::F32 => GemmInput::F32(x),
+            Precision::Bf16 => {
+                let mut rounded = vec![bf16::ZERO; x.len()];
+                crate::cpu::f32_to_bf16(x, &mut rounded);
+                GemmInput::Bf16(rounded)
+            }
+        }
+    }
+
+    /// The rows as a tensor view.
+    pub fn view(&self) -> TensorView<'_> {
+        match self {
+            GemmInput::F32(x) => TensorView::F32(x),
+            GemmInput::Bf16(x) => TensorView::Bf16(x),
+        }
+    }
+}
 
 /// `x [m, k] @ w[n, k]^T -> [m, n]` in f32.
 pub fn linear(x: &[f32], w: TensorView<'_>, m: usize, n: usize, k: usize) -> Vec<f32> {
+    linear_in(&GemmInput::F32(x), w, m, n, k)
+}
+
+/// `x [m, k] @ w[n, k]^T -> [m, n]` with `x` already in its compute precision; f32 out.
+pub fn linear_in(x: &GemmInput<'_>, w: TensorView<'_>, m: usize, n: usize, k: usize) -> Vec<f32> {
+    let x = x.view();
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
     let mut out = vec![0.0f32; m * n];
-    crate::cpu::par_gemm_nt(TensorView::F32(x), w, m, n, k, &mut out, n);
+    crate::cpu::par_gemm_nt(x, w, m, n, k, &mut out, n);
     out
 }
 
