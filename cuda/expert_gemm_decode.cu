@@ -39,7 +39,7 @@
 // Bytes per used slot (dots.llm1, H 4096, I 1408): GEMM 1 reads 2 I H x 2 = 23.1 MB of
 // weights once + the item's x rows once per CTA (L2), writes 2 I per row; GEMM 2 reads
 // H I x 2 = 11.5 MB once + activations, writes 4 H per row. FLOPs 6 H I per row (x 2 for
-// padding to 8). Floor (PERF.md): 34.6 MB per used slot at 4.3 TB/s, 8.0 us per slot.
+// padding to 8). Floor (docs/perf.md): 34.6 MB per used slot at 4.3 TB/s, 8.0 us per slot.
 //
 // Requirements (checked by src/cuda/expert_gemm.rs): K % (DECODE_K_STEP * DECODE_UNROLL)
 // == 0 for both GEMMs (H % 128, I % 128), I % 32 and H % 64 for the column blocks,

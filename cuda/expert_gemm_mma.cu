@@ -33,7 +33,7 @@
 // Bytes: weights read once per row tile of the slot (from L2 for every tile after the
 // first when the slot's tiles run together: consecutive blockIdx.y), x / act rows once per
 // column block; FLOPs 2 x 128 x 128 x K per CTA (rows past the item are zeros, computed
-// but never stored). The PERF.md floors hold for the wgmma path; this one is the portable
+// but never stored). The docs/perf.md floors hold for the wgmma path; this one is the portable
 // fallback, expected well below the Hopper peak (mma.sync issues from one warp at a time).
 //
 // Requirements (src/cuda/expert_gemm.rs): H % MMA_BK == 0, I % MMA_BK == 0, I % 64 == 0,

@@ -1,6 +1,6 @@
 //! The dots.llm1 configuration, parsed from a Hugging Face `config.json`.
 //!
-//! Every field DOTS1.md lists is read; where a field is absent the Hugging Face
+//! Every field docs/model.md lists is read; where a field is absent the Hugging Face
 //! default applies (`n_group`, `topk_group` -> 1; `head_dim` -> hidden / heads). A
 //! parsed config is validated once ([`Dots1Config::validate`]) and every error names
 //! the offending field.

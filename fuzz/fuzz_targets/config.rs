@@ -161,7 +161,7 @@ fn get(json: &Map<String, Value>, name: &str) -> Option<u64> {
     json.get(name).and_then(Value::as_u64)
 }
 
-/// Whether a complete, well-typed structured config is valid, by the rules of DOTS1.md
+/// Whether a complete, well-typed structured config is valid, by the rules of docs/model.md
 /// and src/config.rs, written out independently.
 fn expected_valid(json: &Map<String, Value>) -> bool {
     let f = |name: &str| get(json, name).map(u128::from);

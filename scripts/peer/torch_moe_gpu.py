@@ -13,7 +13,7 @@ Paths:
 
     python3 scripts/peer/torch_moe_gpu.py --tokens 1,16,64,256,1024,4096,16384
 
-Prints one JSON object per (path, tokens), then a table with the floor of PERF.md
+Prints one JSON object per (path, tokens), then a table with the floor of docs/perf.md
 (4.3 TB/s, 790 TFLOP/s) and floor / time. Needs only torch and a CUDA device.
 """
 import argparse

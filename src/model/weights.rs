@@ -1,5 +1,5 @@
 //! What a checkpoint must hold: every tensor name and the shape the config implies
-//! (DOTS1.md, "Checkpoint tensor names"), and `generation_config.json`.
+//! (docs/model.md, "Checkpoint tensors"), and `generation_config.json`.
 
 use std::path::Path;
 
