@@ -242,6 +242,22 @@ fn dtype(code: u32, name: &str) -> Result<Dtype, Failure> {
 ///
 /// # Safety
 /// As [`slice`].
+/// The hidden states `[tokens, H]` of `layer` at `hidden`, in the dtype code `hidden_dtype`.
+///
+/// # Safety
+/// As [`view`]: `hidden` holds `tokens * H` elements of that dtype, live for `'a`.
+unsafe fn hidden_view<'a>(
+    layer: &MoeLayer,
+    hidden_dtype: u32,
+    hidden: *const c_void,
+    tokens: usize,
+) -> Result<TensorView<'a>, Failure> {
+    let h = layer.config().hidden_size;
+    let n = tokens.checked_mul(h).ok_or_else(|| invalid(format!("{tokens} tokens x {h} overflows")))?;
+    // SAFETY: forwarded.
+    unsafe { view(hidden, n, dtype(hidden_dtype, "hidden_dtype")?, "hidden") }
+}
+
 unsafe fn view<'a>(p: *const c_void, len: usize, dtype: Dtype, name: &str) -> Result<TensorView<'a>, Failure> {
     // SAFETY (both): forwarded.
     Ok(match dtype {
@@ -389,8 +405,7 @@ pub unsafe extern "C" fn dots_moe_layer_forward(
         // SAFETY (all): the caller's promises.
         let layer = unsafe { layer_ref(layer)? };
         let h = layer.config().hidden_size;
-        let n = tokens.checked_mul(h).ok_or_else(|| invalid(format!("{tokens} tokens x {h} overflows")))?;
-        let x = unsafe { view(hidden, n, dtype(hidden_dtype, "hidden_dtype")?, "hidden")? };
+        let x = unsafe { hidden_view(layer, hidden_dtype, hidden, tokens)? };
         dots_moe::error::check_len("out", &[tokens, h], out_len)?;
         let out = unsafe { slice_mut(out, out_len, "out")? };
         let y = layer.forward(x, tokens)?;
@@ -418,10 +433,8 @@ pub unsafe extern "C" fn dots_moe_layer_route(
     guard(|| {
         // SAFETY (all): the caller's promises.
         let layer = unsafe { layer_ref(layer)? };
-        let cfg = layer.config();
-        let (h, k) = (cfg.hidden_size, cfg.router.top_k);
-        let n = tokens.checked_mul(h).ok_or_else(|| invalid(format!("{tokens} tokens x {h} overflows")))?;
-        let x = unsafe { view(hidden, n, dtype(hidden_dtype, "hidden_dtype")?, "hidden")? };
+        let k = layer.config().router.top_k;
+        let x = unsafe { hidden_view(layer, hidden_dtype, hidden, tokens)? };
         dots_moe::error::check_len("expert_ids", &[tokens, k], len)?;
         let ids = unsafe { slice_mut(expert_ids, len, "expert_ids")? };
         let w = unsafe { slice_mut(weights, len, "weights")? };
@@ -456,9 +469,8 @@ pub unsafe extern "C" fn dots_moe_layer_forward_routed(
         // SAFETY (all): the caller's promises.
         let layer = unsafe { layer_ref(layer)? };
         let h = layer.config().hidden_size;
-        let n = tokens.checked_mul(h).ok_or_else(|| invalid(format!("{tokens} tokens x {h} overflows")))?;
         let pairs = tokens.checked_mul(top_k).ok_or_else(|| invalid(format!("{tokens} x {top_k} overflows")))?;
-        let x = unsafe { view(hidden, n, dtype(hidden_dtype, "hidden_dtype")?, "hidden")? };
+        let x = unsafe { hidden_view(layer, hidden_dtype, hidden, tokens)? };
         let ids = unsafe { slice(expert_ids, pairs, "expert_ids")? };
         let w = unsafe { slice(weights, pairs, "weights")? };
         dots_moe::error::check_len("out", &[tokens, h], out_len)?;

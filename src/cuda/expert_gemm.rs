@@ -353,15 +353,7 @@ pub fn up_launches(
             Arg::Ptr(ws.act),
         ]
     };
-    let mut launches = Vec::new();
-    let dims = |items| LaunchDims { hidden, inter, items, ..LaunchDims::default() };
-    if ws.decode_capacity > 0 {
-        launches.push(Launch::new(&source::UP_DECODE, &dims(ws.decode_capacity), args(ws.decode_items))?);
-    }
-    if ws.tiled_capacity > 0 {
-        launches.push(Launch::new(tiled_kernels(options).0, &dims(ws.tiled_capacity), args(ws.tiled_items))?);
-    }
-    Ok(launches)
+    regime_launches((&source::UP_DECODE, tiled_kernels(options).0), hidden, inter, ws, args)
 }
 
 /// GEMM 2 with the routing weight, `y [R, H] = row_weights[r] * (act down^T)`.
@@ -387,13 +379,26 @@ pub fn down_launches(
             Arg::Ptr(y),
         ]
     };
-    let mut launches = Vec::new();
+    regime_launches((&source::DOWN_DECODE, tiled_kernels(options).1), hidden, inter, ws, args)
+}
+
+/// One GEMM's launches: its decode kernel over the decode items and its tiled kernel over
+/// the tiled items, each only when its list has room; `args` builds the arguments for an
+/// item list.
+fn regime_launches(
+    (decode, tiled): (&'static KernelDecl, &'static KernelDecl),
+    hidden: usize,
+    inter: usize,
+    ws: &GemmPtrs,
+    args: impl Fn(u64) -> Vec<Arg>,
+) -> Result<Vec<Launch>, CudaError> {
     let dims = |items| LaunchDims { hidden, inter, items, ..LaunchDims::default() };
+    let mut launches = Vec::new();
     if ws.decode_capacity > 0 {
-        launches.push(Launch::new(&source::DOWN_DECODE, &dims(ws.decode_capacity), args(ws.decode_items))?);
+        launches.push(Launch::new(decode, &dims(ws.decode_capacity), args(ws.decode_items))?);
     }
     if ws.tiled_capacity > 0 {
-        launches.push(Launch::new(tiled_kernels(options).1, &dims(ws.tiled_capacity), args(ws.tiled_items))?);
+        launches.push(Launch::new(tiled, &dims(ws.tiled_capacity), args(ws.tiled_items))?);
     }
     Ok(launches)
 }

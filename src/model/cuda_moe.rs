@@ -15,6 +15,7 @@
 //! and up rows, so its activation is `silu(0) * 0 = 0`, and its down column is zero; padded
 //! output columns are dropped.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use half::bf16;
@@ -60,17 +61,18 @@ impl DeviceMoe {
         self.layer.config().hidden_size
     }
 
-    /// `hidden [T, H]` padded with zero columns to the device layer's width.
-    fn pad(&self, hidden: &[f32], tokens: usize) -> Vec<f32> {
+    /// `hidden [T, H]` padded with zero columns to the device layer's width (borrowed as it
+    /// is when no padding is needed).
+    fn pad<'a>(&self, hidden: &'a [f32], tokens: usize) -> Cow<'a, [f32]> {
         let (h, hp) = (self.hidden, self.padded_hidden());
         if h == hp {
-            return hidden.to_vec();
+            return Cow::Borrowed(hidden);
         }
         let mut out = vec![0.0f32; tokens * hp];
         for (dst, src) in out.chunks_exact_mut(hp).zip(hidden.chunks_exact(h)) {
             dst[..h].copy_from_slice(src);
         }
-        out
+        Cow::Owned(out)
     }
 
     /// The layer's output `[T, H]` (f32) for the normed hidden states `[T, H]`.
