@@ -1,18 +1,22 @@
 //! The emulator models what the hardware does asynchronously (`tests/emulator/ptx_models.h`):
 //! `cp.async` lands its bytes only at the `wait_group` that retires its group (poison
-//! before), a `wgmma` may read only shared memory its writers fenced with
-//! `fence.proxy.async`, its accumulators are poisoned until `wgmma.wait_group`, and
-//! registers written between a wait and the next `wgmma` need a `wgmma.fence`. Here each of
-//! these is shown to catch a planted bug: the kernel file is mutated, the emulator rebuilt
-//! from the mutant, and the tiled expert GEMM must then fail (an abort with the emulator's
-//! message, or output that differs from the unmutated kernels'), while the unmutated
-//! kernels pass the same run. Skipped without a C++ compiler (a failure with
-//! `DOTS_MOE_REQUIRE_EMULATOR=1`).
+//! before); a `wgmma` may read only shared memory its writers fenced with
+//! `fence.proxy.async`; its accumulators stay poisoned until a `wgmma.wait_group` leaves
+//! none of its groups in flight, and its operands must not change before its group
+//! completes; registers written between a wait and the next `wgmma` need a `wgmma.fence`.
+//! The warps of a CTA take turns in a seeded order between barriers
+//! (`tests/emulator/cuda_shim.h`), and every vector access is checked for its alignment
+//! (`-fsanitize=alignment`). Here each of these is shown to catch a planted bug: the kernel
+//! file is mutated, the emulator rebuilt from the mutant, and a run of its kernels must then
+//! fail (an abort with the emulator's message, or output that differs from the unmutated
+//! kernels'), while the unmutated kernels pass the same run. Skipped without a C++ compiler
+//! (a failure with `DOTS_MOE_REQUIRE_EMULATOR=1`).
 #![cfg(feature = "cuda")]
 
 mod kernel_support;
 
 use dots_moe::cuda::expert_gemm::{self, GemmOptions, GemmPtrs, ITEM_WORDS, TiledKernel};
+use dots_moe::cuda::moe;
 use dots_moe::cuda::source::FILES;
 use half::bf16;
 use kernel_support::{Device, Emu};
@@ -60,48 +64,60 @@ fn run(emu: &Emu, tiled: TiledKernel) -> Result<(Vec<u16>, Vec<u32>), String> {
     Ok((dev.download(ws.act, rows * I), dev.download(y, rows * H)))
 }
 
-/// Builds the emulator with `from` replaced by `to` in `file` (`None`: unmutated).
-fn emulator_with(test: &str, mutation: Option<(&str, &str, &str)>) -> Option<Emu> {
-    let binary = kernel_support::emulator(test)?;
-    let Some((file, from, to)) = mutation else { return Some(Emu::new(binary)) };
-    // The expert GEMM files alone: a smaller translation unit to build per mutant.
+/// A mutation: in kernel file `file`, `from` (which must occur once) becomes `to`.
+type Mutation<'a> = (&'a str, &'a str, &'a str);
+
+/// Builds the emulator of the kernel files whose names start with `prefix` (a smaller
+/// translation unit to build per mutant), with `mutation` applied (`None`: unmutated).
+fn emulator_with(test: &str, prefix: &str, mutation: Option<Mutation>) -> Option<Emu> {
+    kernel_support::emulator(test)?;
     let mutated: Vec<(&str, String)> = FILES
         .iter()
-        .filter(|f| f.name.starts_with("expert_gemm"))
-        .map(|f| {
-            if f.name == file {
+        .filter(|f| f.name.starts_with(prefix))
+        .map(|f| match mutation {
+            Some((file, from, to)) if f.name == file => {
                 assert_eq!(f.text.matches(from).count(), 1, "{file}: {from:?} must occur once");
                 (f.name, f.text.replace(from, to))
-            } else {
-                (f.name, f.text.to_string())
             }
+            _ => (f.name, f.text.to_string()),
         })
         .collect();
+    assert!(mutation.is_none_or(|(file, ..)| mutated.iter().any(|(n, _)| *n == file)));
     let files: Vec<(&str, &str)> = mutated.iter().map(|(n, t)| (*n, t.as_str())).collect();
     let cxx = kernel_support::compiler_name().expect("the emulator was built, so a compiler exists");
     // -O1: the mutants run one small batch; a faster build matters more.
     Some(Emu::new(&kernel_support::build(&cxx, &files, &["-O1"]).unwrap_or_else(|e| panic!("{test}: {e}"))))
 }
 
-/// The planted bug must make the run fail: an emulator abort containing `message`, or
-/// (`message` empty) results that differ from the unmutated kernels'.
+/// The planted bug must make `run` fail: an emulator abort containing `message`, or
+/// (`message` empty) results that differ from the unmutated kernels' (which must pass
+/// `sane`).
+fn check<T: PartialEq>(
+    test: &str,
+    prefix: &str,
+    mutation: Mutation,
+    message: &str,
+    run: impl Fn(&Emu) -> Result<T, String>,
+    sane: impl Fn(&T) -> bool,
+) {
+    let Some(good) = emulator_with(test, prefix, None) else { return };
+    let want = run(&good).unwrap_or_else(|e| panic!("{test}: the unmutated kernels fail: {e}"));
+    assert!(sane(&want), "{test}: the unmutated kernels' output is wrong");
+    let bad = emulator_with(test, prefix, Some(mutation)).unwrap();
+    let (file, from, to) = mutation;
+    kernel_support::expect_caught(test, &format!("{file}: {from:?} -> {to:?}"), message, &want, run(&bad));
+}
+
+/// The tiled expert GEMM kernels of `file` with `from` -> `to` must fail (see [`check`]).
 fn check_mutation(test: &str, tiled: TiledKernel, file: &str, from: &str, to: &str, message: &str) {
-    let Some(good) = emulator_with(test, None) else { return };
-    let want = run(&good, tiled).unwrap_or_else(|e| panic!("{test}: the unmutated kernels fail: {e}"));
-    assert!(want.1.iter().all(|&b| f32::from_bits(b).is_finite()), "{test}: unmutated output not finite");
-    let bad = emulator_with(test, Some((file, from, to))).unwrap();
-    match run(&bad, tiled) {
-        Err(e) => {
-            eprintln!("{test}: the mutant aborted:\n{e}");
-            assert!(e.contains(message), "{test}: the mutant failed, but not with {message:?}:\n{e}");
-        }
-        Ok(got) => {
-            assert!(message.is_empty(), "{test}: expected the emulator to abort with {message:?}");
-            assert!(got != want, "{test}: {file}: {from:?} -> {to:?} went unnoticed");
-            let nan = got.1.iter().filter(|&&b| !f32::from_bits(b).is_finite()).count();
-            eprintln!("{test}: the mutant's output differs ({nan} of {} rows' elements not finite)", got.1.len());
-        }
-    }
+    check(
+        test,
+        "expert_gemm",
+        (file, from, to),
+        message,
+        |emu| run(emu, tiled),
+        |(_, y)| y.iter().all(|&b| f32::from_bits(b).is_finite()),
+    );
 }
 
 #[test]
@@ -153,6 +169,20 @@ fn accumulators_read_without_wgmma_wait_are_poison() {
 }
 
 #[test]
+fn a_wait_group_that_leaves_the_last_wgmma_in_flight_aborts() {
+    // wgmma.wait_group 1 keeps each k-tile's wgmmas in flight into the next k-tile, whose
+    // cp.async refills the stage they read (what the ring's depth assumes is free).
+    check_mutation(
+        "a_wait_group_that_leaves_the_last_wgmma_in_flight_aborts",
+        TiledKernel::Wgmma,
+        "expert_gemm_wgmma.cu",
+        "        wgmma_wait<0>();\n",
+        "        wgmma_wait<1>();\n",
+        "operands changed before its wait_group",
+    );
+}
+
+#[test]
 fn a_missing_wgmma_fence_aborts_the_wgmma() {
     check_mutation(
         "a_missing_wgmma_fence_aborts_the_wgmma",
@@ -176,5 +206,62 @@ fn a_refilled_stage_under_a_wgmma_in_flight_aborts() {
         "        wgmma_commit();\n        wgmma_wait<0>();\n        fence_accumulators(acc);\n    }\n}",
         "        wgmma_commit();\n        if (kt + 1 == k_tiles) wgmma_wait<0>();\n        fence_accumulators(acc);\n    }\n}",
         "operands changed before its wait_group",
+    );
+}
+
+/// `moe_combine` of `tokens` tokens of 8 slots and `hidden` columns on `emu` (the output's
+/// bits), or the emulator's failure.
+fn run_combine(emu: &Emu, tokens: usize, hidden: usize) -> Result<Vec<u32>, String> {
+    let dev = Device::Emulator(Emu::new(emu.binary()));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let s = 8;
+    let rows: Vec<f32> = (0..tokens * s * hidden).map(|_| rng.random_range(-1.0..1.0)).collect();
+    // Each token's rows at scattered places of the permuted order.
+    let mut pair_rows: Vec<u32> = (0..(tokens * s) as u32).collect();
+    for i in (1..pair_rows.len()).rev() {
+        pair_rows.swap(i, rng.random_range(0..=i));
+    }
+    let rd = dev.upload(&rows);
+    let pr = dev.upload(&pair_rows);
+    let out = dev.poisoned(4 * tokens * hidden);
+    dev.run(moe::combine_launch(rd, pr, out, tokens, s, hidden).unwrap());
+    dev.finish()?;
+    Ok(dev.download(out, tokens * hidden))
+}
+
+fn finite(bits: &[u32]) -> bool {
+    bits.iter().all(|&b| f32::from_bits(b).is_finite())
+}
+
+#[test]
+fn a_missing_syncthreads_reads_shared_memory_another_warp_has_not_written() {
+    // Warp 0 stages the token's row indices in shared memory; without the barrier the other
+    // seven warps may read them first (the warps' turns make that happen, reproducibly).
+    // 2064 columns: every warp of the CTA owns columns.
+    check(
+        "a_missing_syncthreads_reads_shared_memory_another_warp_has_not_written",
+        "combine",
+        (
+            "combine.cu",
+            "rows[j] = pair_rows[token * S + j];\n    __syncthreads();\n",
+            "rows[j] = pair_rows[token * S + j];\n",
+        ),
+        "",
+        |emu| run_combine(emu, 3, 2048 + 16),
+        |y: &Vec<u32>| finite(y),
+    );
+}
+
+#[test]
+fn a_misaligned_vector_access_aborts() {
+    // The float4 path taken for a hidden size that is not a multiple of 4: rows start
+    // 8 bytes off a 16-byte boundary.
+    check(
+        "a_misaligned_vector_access_aborts",
+        "combine",
+        ("combine.cu", "if (vectorized) {", "if (vectorized || hidden_size > 0) {"),
+        "misaligned address",
+        |emu| run_combine(emu, 3, 2048 + 2),
+        |y: &Vec<u32>| finite(y),
     );
 }

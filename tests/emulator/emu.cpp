@@ -12,6 +12,7 @@
 // bytes, u32 args, u64 per arg (scalars zero-extended, f32 as its bits, pointers as device
 // addresses: buffer i starts at (i + 1) << 32, 0 is null). OUTPUT: u32 buffers, per
 // buffer u64 bytes + the bytes, after the launches ran in order.
+#include <chrono>
 #include <cstdio>
 #include <functional>
 #include <map>
@@ -64,12 +65,35 @@ static const std::map<std::string, std::pair<unsigned, Kernel>>& kernels() {
     return table;
 }
 
+// The seed of the warps' turns (DOTS_MOE_EMU_SEED, else 0) and whether threads run freely
+// instead (DOTS_MOE_EMU_SCHEDULE=free); see cuda_shim.h.
+static unsigned long long schedule_seed() {
+    const char* s = std::getenv("DOTS_MOE_EMU_SEED");
+    return s ? std::strtoull(s, nullptr, 0) : 0;
+}
+static bool schedule_free() {
+    const char* s = std::getenv("DOTS_MOE_EMU_SCHEDULE");
+    return s && std::string(s) == "free";
+}
+
+// splitmix64: one generator seed per CTA of every launch, from the run's seed.
+static unsigned long long mix(unsigned long long x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
 // Runs `kernel` on every CTA of `grid`, one std::thread per CUDA thread; the same threads
-// run the CTAs one after another (per-CTA barriers and shared memory are made fresh by
-// thread 0 between two CTAs, behind a barrier every thread always reaches).
-static void launch(unsigned grid_x, unsigned grid_y, unsigned threads, size_t shared, Kernel kernel, const Args& args) {
+// run the CTAs one after another (per-CTA state and shared memory are made fresh by thread
+// 0 between two CTAs, behind a barrier every thread always reaches). Inside a CTA the warps
+// take turns (cuda_shim.h).
+static void launch(unsigned index, unsigned grid_x, unsigned grid_y, unsigned threads, size_t shared, Kernel kernel,
+                   const Args& args) {
     gridDim = dim3{grid_x, grid_y, 1};
     blockDim = dim3{threads, 1, 1};
+    static const unsigned long long seed = schedule_seed();
+    static const bool free = schedule_free();
     std::barrier<> between(threads);
     emu::Block blk;
     std::unique_ptr<unsigned char[]> smem;
@@ -79,9 +103,14 @@ static void launch(unsigned grid_x, unsigned grid_y, unsigned threads, size_t sh
             for (unsigned by = 0; by < grid_y; ++by) {
                 for (unsigned bx = 0; bx < grid_x; ++bx) {
                     if (t == 0) {
-                        blk.bar = std::make_unique<std::barrier<>>(threads);
+                        const unsigned long long cta = mix(mix(mix(seed) ^ index) ^ by) ^ bx;
+                        blk.turns = std::make_unique<emu::Turns>(threads, mix(cta), free);
+                        blk.bar = emu::TurnBarrier{threads};
                         blk.warps = std::make_unique<emu::Warp[]>((threads + 31) / 32);
                         blk.groups = std::make_unique<emu::Group[]>((threads + 127) / 128);
+                        for (unsigned g = 0; g < (threads + 127) / 128; ++g) {
+                            blk.groups[g].bar = emu::TurnBarrier{std::min(128u, threads - 128 * g)};
+                        }
                         blk.unfenced.assign(threads, {});
                         // Exactly `shared` bytes (AddressSanitizer sees overruns), poisoned:
                         // reads before writes show.
@@ -98,10 +127,10 @@ static void launch(unsigned grid_x, unsigned grid_y, unsigned threads, size_t sh
                     emu::lane = t % 32;
                     emu::reset_thread_state();
                     emu::reset_wgmma_thread();
+                    blk.turns->begin(t / 32);
                     kernel(args);
                     emu::warp->bar.arrive_and_drop();
-                    emu::group->bar.arrive_and_drop();
-                    emu::block->bar->arrive_and_drop();
+                    blk.turns->exit(t / 32, {&emu::group->bar, &blk.bar});
                     between.arrive_and_wait();
                 }
             }
@@ -120,11 +149,34 @@ struct Reader {
     }
 };
 
+// Aborts the run when no turn has passed and no wait was released for
+// DOTS_MOE_EMU_TIMEOUT_S seconds (default 300): a hang, such as a wait nothing completes
+// while a thread still runs, or a warp-level wait the turns cannot see.
+static void start_watchdog() {
+    const char* s = std::getenv("DOTS_MOE_EMU_TIMEOUT_S");
+    const unsigned limit = s ? (unsigned)std::strtoul(s, nullptr, 0) : 300;
+    std::thread([limit] {
+        unsigned long long last = emu::progress.load();
+        unsigned still = 0;
+        for (;;) {
+            std::this_thread::sleep_for(std::chrono::seconds(1));
+            const unsigned long long now = emu::progress.load();
+            still = now == last ? still + 1 : 0;
+            last = now;
+            if (still >= limit) {
+                fprintf(stderr, "emulator: no warp made progress for %u s: a hang\n", limit);
+                std::abort();
+            }
+        }
+    }).detach();
+}
+
 int main(int argc, char** argv) {
     if (argc != 3) {
         fprintf(stderr, "usage: emu PROGRAM OUTPUT\n");
         return 2;
     }
+    start_watchdog();
     try {
         FILE* f = fopen(argv[1], "rb");
         if (!f) throw std::runtime_error("cannot open program");
@@ -148,7 +200,7 @@ int main(int argc, char** argv) {
             auto kernel = kernels().find(name);
             if (kernel == kernels().end()) throw std::runtime_error("unknown kernel " + name);
             if (kernel->second.first != args.size()) throw std::runtime_error(name + ": wrong argument count");
-            launch(grid_x, grid_y, threads, shared, kernel->second.second, args);
+            launch(l, grid_x, grid_y, threads, shared, kernel->second.second, args);
         }
         fclose(f);
         FILE* out = fopen(argv[2], "wb");

@@ -1,6 +1,7 @@
-// ptx_models.h: C++ models of the PTX wrappers of cuda/include/expert_gemm.cuh and
-// cuda/expert_gemm_wgmma.cu (compiled out there when DOTS_MOE_EMULATE is defined), written
-// from the PTX ISA's definitions of the instructions, not from the kernels' index math.
+// ptx_models.h: C++ models of the PTX wrappers of
+// cuda/include/expert_gemm.cuh and cuda/expert_gemm_wgmma.cu (compiled out there when
+// DOTS_MOE_EMULATE is defined), written from the PTX ISA's definitions of the
+// instructions, not from the kernels' index math.
 // Included after common.cuh (for u32 / u64 / u16).
 #pragma once
 
@@ -24,6 +25,7 @@ __device__ __forceinline__ uint4 load_stream_16(const void* p) {
 }
 
 __device__ __forceinline__ uint4 load_shared_16(const void* p) { return load_stream_16(p); }
+
 
 // ---- cp.async, asynchronously ----------------------------------------------------------
 //
@@ -154,14 +156,17 @@ inline void reset_wgmma_thread() {
     wgmma_state = WgmmaThread{};
 }
 
-inline void fail(const char* what) {
-    fprintf(stderr, "emulator: %s (thread %u of CTA (%u, %u))\n", what, threadIdx.x, blockIdx.x, blockIdx.y);
-    std::abort();
-}
 }  // namespace emu
 
 __device__ __forceinline__ void wgmma_fence() { emu::wgmma_state.fenced = true; }
-__device__ __forceinline__ void wgmma_commit() {}
+// wgmma.commit_group: the wgmmas issued since the last commit become one group.
+__device__ __forceinline__ void wgmma_commit() {
+    emu::Group* g = emu::group;
+    if (threadIdx.x % 128 == 0) {
+        g->committed.push_back(std::move(g->open));
+        g->open.clear();
+    }
+}
 
 __device__ __forceinline__ void fence_proxy_async_shared() {
     std::lock_guard<std::mutex> lock(emu::block->unfenced_lock);
@@ -230,8 +235,11 @@ __device__ __forceinline__ void wgmma_m64n256k16(float d[128], u64 desc_a, u64 d
     if (!me.fenced && (!me.known || std::memcmp(me.last, d, sizeof me.last) != 0)) {
         emu::fail("accumulators written outside wgmma without a wgmma.fence before the next wgmma");
     }
+    if (g->has_pending && g->acc[t] != d) {
+        emu::fail("a wgmma adds to other accumulators than the wgmmas in flight (the emulator models one set)");
+    }
     g->acc[t] = d;
-    g->bar.arrive_and_wait();
+    emu::sync(g->bar);
     if (t == 0) {
         if (!g->has_pending) {
             for (unsigned i = 0; i < 128; ++i) std::memcpy(g->pending[i], g->acc[i], sizeof g->pending[i]);
@@ -249,9 +257,9 @@ __device__ __forceinline__ void wgmma_m64n256k16(float d[128], u64 desc_a, u64 d
                 g->pending[thread][reg] = acc;
             }
         }
-        g->in_flight.push_back(emu::Group::Operands{desc_a, desc_b, std::move(ops)});
+        g->open.push_back(emu::Group::Operands{desc_a, desc_b, std::move(ops)});
     }
-    g->bar.arrive_and_wait();
+    emu::sync(g->bar);
     // In flight: the registers hold nothing yet.
     for (unsigned i = 0; i < 128; ++i) d[i] = NAN;
     std::memcpy(me.last, d, sizeof me.last);
@@ -259,25 +267,35 @@ __device__ __forceinline__ void wgmma_m64n256k16(float d[128], u64 desc_a, u64 d
     me.fenced = false;
 }
 
-// wgmma.wait_group N: only N = 0 is modelled (every in-flight wgmma completes).
+// wgmma.wait_group N: every committed group but the newest N completes (its operands are
+// compared with what they were at issue). The accumulators are written once nothing of
+// theirs is left in flight (the kernels keep one accumulator set per thread, which every
+// in-flight wgmma adds to); until then they stay poisoned.
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
-    static_assert(N == 0, "the emulator models wgmma.wait_group 0 only");
+    static_assert(N >= 0 && N <= 7, "wgmma.wait_group takes 0..7");
     emu::Group* g = emu::group;
     const unsigned t = threadIdx.x % 128;
-    g->bar.arrive_and_wait();
+    emu::sync(g->bar);
     if (t == 0) {
-        for (const auto& op : g->in_flight) {
-            if (wgmma_operands(op.desc_a, op.desc_b, false) != op.values) {
-                emu::fail("a wgmma's shared-memory operands changed before its wait_group");
+        while (g->committed.size() > (size_t)N) {
+            for (const auto& op : g->committed.front()) {
+                if (wgmma_operands(op.desc_a, op.desc_b, false) != op.values) {
+                    emu::fail("a wgmma's shared-memory operands changed before its wait_group");
+                }
             }
+            g->committed.erase(g->committed.begin());
         }
-        g->in_flight.clear();
+        g->complete = g->committed.empty() && g->open.empty();
     }
-    if (g->has_pending) std::memcpy(g->acc[t], g->pending[t], sizeof g->pending[t]);
-    std::memcpy(emu::wgmma_state.last, g->acc[t], sizeof emu::wgmma_state.last);
-    emu::wgmma_state.known = true;
-    g->bar.arrive_and_wait();
-    if (t == 0) g->has_pending = false;
-    g->bar.arrive_and_wait();
+    emu::sync(g->bar);
+    if (g->complete) {
+        if (g->has_pending) std::memcpy(g->acc[t], g->pending[t], sizeof g->pending[t]);
+        std::memcpy(emu::wgmma_state.last, g->acc[t], sizeof emu::wgmma_state.last);
+        emu::wgmma_state.known = true;
+    }
+    emu::sync(g->bar);
+    if (t == 0 && g->complete) g->has_pending = false;
+    emu::sync(g->bar);
 }
+

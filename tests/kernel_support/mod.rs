@@ -1,8 +1,8 @@
 //! The launchers a kernel test runs on, in the spirit of candle's `test_device!`: the CPU
 //! emulator of the kernels always (`tests/emulator`, built here from Rust with a C++20
-//! compiler and AddressSanitizer), and the GPU when one opens. Tests build their launches
-//! with the library's own `*_launch` functions (the ones `MoeKernels` and `ExpertGemm` use),
-//! so both launchers run exactly the launches the wrappers make.
+//! compiler, AddressSanitizer and alignment checks), and the GPU when one opens. Tests build
+//! their launches with the library's own `*_launch` functions (the ones `MoeKernels` and
+//! `ExpertGemm` use), so both launchers run exactly the launches the wrappers make.
 //!
 //! Without a C++ compiler the emulator is skipped (a failure with
 //! `DOTS_MOE_REQUIRE_EMULATOR=1`); without a GPU the GPU is skipped (a failure with
@@ -23,8 +23,16 @@ use dots_moe::cuda::{DeviceBuffer, GpuContext};
 const SHIM: &str = include_str!("../emulator/cuda_shim.h");
 const MODELS: &str = include_str!("../emulator/ptx_models.h");
 const MAIN: &str = include_str!("../emulator/emu.cpp");
-const FLAGS: &[&str] =
-    &["-std=c++20", "-O2", "-g", "-pthread", "-fno-strict-aliasing", "-ffp-contract=off", "-fsanitize=address"];
+const FLAGS: &[&str] = &[
+    "-std=c++20",
+    "-O2",
+    "-g",
+    "-pthread",
+    "-fno-strict-aliasing",
+    "-ffp-contract=off",
+    "-fsanitize=address,alignment",
+    "-fno-sanitize-recover=alignment",
+];
 
 /// `kernels.inc`: the shim, the headers, the PTX models and every kernel file of the
 /// registry, as one translation unit.
@@ -370,5 +378,22 @@ impl Device {
             }
         };
         bytemuck::pod_collect_to_vec(&raw)
+    }
+}
+
+/// A mutant's run (`got`) must fail: an emulator abort whose message contains `message`,
+/// or (`message` empty) an abort or output that differs from the unmutated kernels'
+/// (`want`). `what` names the mutation.
+pub fn expect_caught<T: PartialEq>(test: &str, what: &str, message: &str, want: &T, got: Result<T, String>) {
+    match got {
+        Err(e) => {
+            eprintln!("{test}: the mutant aborted:\n{e}");
+            assert!(e.contains(message), "{test}: the mutant failed, but not with {message:?}:\n{e}");
+        }
+        Ok(got) => {
+            assert!(message.is_empty(), "{test}: expected the emulator to abort with {message:?}");
+            assert!(&got != want, "{test}: {what} went unnoticed");
+            eprintln!("{test}: the mutant's output differs");
+        }
     }
 }
