@@ -5,8 +5,8 @@
 //   grid (T, ceil(H / (4 * COMBINE_THREADS))), block COMBINE_THREADS. One CTA owns one
 //   token's row (or 4 * COMBINE_THREADS columns of it); its S row indices are staged in
 //   shared memory, then each thread owns 4 consecutive columns (16-byte float4 loads and
-//   store; one column a thread when H % 4 != 0) and adds the token's rows in slot order
-//   j = 0..S-1, starting from 0.0f, one f32 add per slot: exactly the CPU's sum, so the
+//   one 128-bit store; one column a thread when H % 4 != 0) and adds the token's rows in
+//   slot order j = 0..S-1, starting from 0.0f, one f32 add per slot: exactly the CPU's sum, so the
 //   output is bit-identical to it and run to run. No atomics; a token's output depends on
 //   its own rows only. Bytes: 4 T S H read + 4 T H written + 4 T S. FLOPs: T S H adds.
 
@@ -35,7 +35,7 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
             acc.z = __fadd_rn(acc.z, v.z);
             acc.w = __fadd_rn(acc.w, v.w);
         }
-        *reinterpret_cast<float4*>(dst + k) = acc;
+        store_global_16(dst + k, acc);
     } else {
         const u64 end = min(hidden_size, ((u64)blockIdx.y + 1) * COMBINE_THREADS * 4);
         for (u64 k = (u64)blockIdx.y * COMBINE_THREADS * 4 + threadIdx.x; k < end; k += COMBINE_THREADS) {

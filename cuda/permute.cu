@@ -120,7 +120,7 @@ __device__ __forceinline__ void store8(u16* dst, const float v[8]) {
     packed.y = (u32)f32_to_bf16(v[2]) | ((u32)f32_to_bf16(v[3]) << 16);
     packed.z = (u32)f32_to_bf16(v[4]) | ((u32)f32_to_bf16(v[5]) << 16);
     packed.w = (u32)f32_to_bf16(v[6]) | ((u32)f32_to_bf16(v[7]) << 16);
-    *reinterpret_cast<uint4*>(dst) = packed;
+    store_global_16(dst, packed);
 }
 
 __device__ __forceinline__ void store1(float* dst, float v) { *dst = v; }

@@ -342,21 +342,19 @@ fn sass_guards_of_the_wgmma_main_loop_and_the_stores() {
             l.bar_to_arrive
         );
     }
-    // The vectorised paths' 16-byte stores: (kernel, stores, of them 128-bit today). NVRTC
-    // 13.0 splits the combine's float4 and the f32 -> bf16 gather's uint4 into four 32-bit
-    // stores (recorded in reports/gpu-gemm.md; issue 13 vectorises them): whole or split,
-    // the number of 16-byte stores is fixed, and the 128-bit ones may only increase.
-    for (entry, stores, wide_today) in [
-        ("moe_gather_f32_to_f32", 2, 2),
-        ("moe_gather_bf16_to_f32", 2, 2),
-        ("moe_gather_bf16_to_bf16", 1, 1),
-        ("moe_gather_f32_to_bf16", 1, 0),
-        ("moe_combine", 1, 0),
+    // The vectorised paths' 16-byte stores: (kernel, stores). Each is one 128-bit store
+    // (`store_global_16` in common.cuh: NVRTC 13.0 split the combine's float4 and the
+    // f32 -> bf16 gather's uint4, built lane by lane, into four 32-bit stores).
+    for (entry, stores) in [
+        ("moe_gather_f32_to_f32", 2),
+        ("moe_gather_bf16_to_f32", 2),
+        ("moe_gather_bf16_to_bf16", 1),
+        ("moe_gather_f32_to_bf16", 1),
+        ("moe_combine", 1),
     ] {
         let (wide, split) = global_stores(&functions[entry]);
         eprintln!("sm_90a {entry}: STG.E.128 x{wide}, 16-byte stores split into 4 x STG.E: {split}");
-        assert_eq!(wide + split, stores, "{entry}: 16-byte stores of the vectorised path");
-        assert!(wide >= wide_today, "{entry}: {wide} 128-bit stores, {wide_today} before");
+        assert_eq!((wide, split), (stores, 0), "{entry}: 128-bit and split 16-byte stores of the vectorised path");
     }
 }
 
@@ -409,4 +407,35 @@ fn the_main_loop_reader_sees_a_second_depbar() {
         /*0050*/                   STG.E desc[UR8][R6.64], RZ ;\n\
         /*0060*/                   STG.E desc[UR8][R6.64+0x400], RZ ;\n";
     assert_eq!(global_stores(stores), (1, 1));
+}
+
+#[test]
+fn the_pipeline_wrappers_assemble_into_hopper_mbarrier_and_bulk_copy_instructions() {
+    // The probe of the emulator's pipeline models (tests/emulator_pipeline.rs), through NVRTC
+    // and ptxas for sm_90a: pipeline.cuh's PTX is accepted, and becomes the SYNCS mbarrier
+    // operations and UBLKCP bulk copies, with no local memory.
+    let test = "the_pipeline_wrappers_assemble_into_hopper_mbarrier_and_bulk_copy_instructions";
+    if !nvrtc_or_skip(test) {
+        return;
+    }
+    let probe = KernelSource {
+        name: "pipeline_probe.cu",
+        text: include_str!("emulator/probes/pipeline_probe.cu"),
+        min_arch: Arch::SM_90A,
+        kernels: &[],
+    };
+    let compiled = nvrtc::compile(&probe, "sm_90a").unwrap_or_else(|e| panic!("{e}"));
+    let tool = match cuobjdump() {
+        Ok(t) => t,
+        Err(why) => {
+            Requirement::Nvrtc.skip_or_fail(test, &why);
+            return;
+        }
+    };
+    let functions = sass(&tool, &compiled.cubin, probe.name);
+    let code = &functions["probe_ring_sum"];
+    for op in ["SYNCS.EXCH.64", "SYNCS.ARRIVE.TRANS64", "SYNCS.PHASECHK.TRANS64.TRYWAIT", "UBLKCP.S.G", "STG.E.128"] {
+        assert!(code.contains(op), "probe_ring_sum: no {op} in its SASS");
+    }
+    assert!(!code.contains(" LDL") && !code.contains(" STL"), "probe_ring_sum: local memory");
 }

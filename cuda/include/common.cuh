@@ -29,6 +29,23 @@ typedef unsigned short u16;
 #define DECLARE_DYNAMIC_SMEM(name, align) extern __shared__ __align__(align) unsigned char name[]
 #endif
 
+// ---- 128-bit global stores ---------------------------------------------------------
+//
+// NVRTC lowers a store of a float4 / uint4 whose lanes were computed one by one into four
+// 32-bit stores (st.global.f32 x4 in the PTX); these keep it one 128-bit store
+// (STG.E.128, checked in tests/cuda_static.rs). `p` must be 16-byte aligned. The CPU
+// emulator models them (tests/emulator/ptx_models.h).
+#ifndef DOTS_MOE_EMULATE
+__device__ __forceinline__ void store_global_16(float* p, float4 v) {
+    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+                 : "memory");
+}
+__device__ __forceinline__ void store_global_16(void* p, uint4 v) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+#endif  // DOTS_MOE_EMULATE
+
 // ---- bf16 ----------------------------------------------------------------------------
 
 __device__ __forceinline__ float bf16_to_f32(u32 bits) {

@@ -53,12 +53,22 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
     return (u32)__cvta_generic_to_shared(p);
 }
 
-// 16 bytes from global memory that is read exactly once (expert weights): not kept in L1.
+// An L2 cache policy that marks what it loads to be evicted first (createpolicy: all of the
+// accesses that carry it, fraction 1.0). Not volatile: the compiler may keep one per thread.
+__device__ __forceinline__ u64 l2_evict_first() {
+    u64 policy;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+    return policy;
+}
+
+// 16 bytes from global memory that is read exactly once (expert weights): not kept in L1,
+// and first out of L2, so that a layer's stream of weights does not push out what is read
+// again (activations, the routing state).
 __device__ __forceinline__ uint4 load_stream_16(const void* p) {
     uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;\n"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
+                 : "l"(p), "l"(l2_evict_first()));
     return v;
 }
 

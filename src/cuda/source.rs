@@ -34,8 +34,11 @@ pub const COMMON: Header = Header { name: "common.cuh", text: include_str!("../.
 /// GEMM files.
 pub const EXPERT_GEMM: Header =
     Header { name: "expert_gemm.cuh", text: include_str!("../../cuda/include/expert_gemm.cuh") };
+/// `cuda/include/pipeline.cuh`: the sm_90 mbarrier and bulk-copy wrappers of producer /
+/// consumer pipelines.
+pub const PIPELINE: Header = Header { name: "pipeline.cuh", text: include_str!("../../cuda/include/pipeline.cuh") };
 /// Every header of `cuda/include/`.
-pub const HEADERS: &[Header] = &[COMMON, EXPERT_GEMM];
+pub const HEADERS: &[Header] = &[COMMON, EXPERT_GEMM, PIPELINE];
 
 /// One kernel file: an NVRTC program.
 #[derive(Clone, Copy, Debug)]

@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -239,8 +240,24 @@ struct Group {
     std::vector<std::vector<Operands>> committed;  // the committed groups in flight, oldest first
     bool complete = false;                         // nothing in flight (set at a wait_group)
 };
+// An mbarrier of pipeline.cuh (its state; the 8 bytes in shared memory are not used) and
+// the bulk copies that complete on it (ptx_models.h).
+struct BulkCopy {
+    unsigned dst;
+    const void* src;
+    unsigned bytes;
+};
+struct MBarrier {
+    unsigned count = 0;    // arrivals per phase
+    unsigned pending = 0;  // arrivals the running phase still needs
+    long long tx = 0;      // bytes announced by expect_tx and not yet landed
+    unsigned long long phase = 0;  // phases completed
+    std::vector<BulkCopy> in_flight;
+};
+
 struct Block {
     std::unique_ptr<Turns> turns;
+    std::map<unsigned, MBarrier> mbarriers;  // by shared address
     TurnBarrier bar;
     std::unique_ptr<Warp[]> warps;
     std::unique_ptr<Group[]> groups;

@@ -112,6 +112,7 @@ static void launch(unsigned index, unsigned grid_x, unsigned grid_y, unsigned th
                             blk.groups[g].bar = emu::TurnBarrier{std::min(128u, threads - 128 * g)};
                         }
                         blk.unfenced.assign(threads, {});
+                        blk.mbarriers.clear();
                         // Exactly `shared` bytes (AddressSanitizer sees overruns), poisoned:
                         // reads before writes show.
                         smem.reset(new unsigned char[shared > 0 ? shared : 1]);

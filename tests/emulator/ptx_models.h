@@ -1,4 +1,4 @@
-// ptx_models.h: C++ models of the PTX wrappers of
+// ptx_models.h: C++ models of the PTX wrappers of cuda/include/common.cuh,
 // cuda/include/expert_gemm.cuh and cuda/expert_gemm_wgmma.cu (compiled out there when
 // DOTS_MOE_EMULATE is defined), written from the PTX ISA's definitions of the
 // instructions, not from the kernels' index math.
@@ -26,6 +26,15 @@ __device__ __forceinline__ uint4 load_stream_16(const void* p) {
 
 __device__ __forceinline__ uint4 load_shared_16(const void* p) { return load_stream_16(p); }
 
+// st.global.v4 (common.cuh).
+inline void store_global_16(void* p, float4 v) {
+    check_aligned_16(p, "st.global.v4.f32");
+    std::memcpy(p, &v, 16);
+}
+inline void store_global_16(void* p, uint4 v) {
+    check_aligned_16(p, "st.global.v4.u32");
+    std::memcpy(p, &v, 16);
+}
 
 // ---- cp.async, asynchronously ----------------------------------------------------------
 //
@@ -299,3 +308,74 @@ __device__ __forceinline__ void wgmma_wait() {
     emu::sync(g->bar);
 }
 
+// ---- mbarriers and bulk copies (pipeline.cuh), asynchronously -------------------------
+//
+// An mbarrier counts the arrivals of its running phase and the transaction bytes announced
+// (expect_tx) against those landed. A bulk copy poisons its destination (0xff) when issued
+// and lands only once every arrival of its mbarrier's phase is in; the phase then completes
+// if the bytes balance, and aborts if more bytes landed than were announced (fewer: the
+// phase never completes, and the run aborts when every warp waits). A wait for a phase of
+// the wrong parity returns before its copies land (poison) or never.
+namespace emu {
+// Lock held (Turns::locked).
+inline MBarrier& mbarrier_at(unsigned addr) {
+    auto it = block->mbarriers.find(addr);
+    if (it == block->mbarriers.end()) fail("an mbarrier used before mbarrier.init");
+    return it->second;
+}
+
+// Lock held: once every arrival of the phase is in, its copies land, and the phase
+// completes when the transaction bytes balance.
+inline void mbarrier_progress(MBarrier& m) {
+    if (m.pending != 0) return;
+    for (const BulkCopy& c : m.in_flight) {
+        std::memcpy(smem_at(c.dst), c.src, c.bytes);
+        m.tx -= c.bytes;
+    }
+    m.in_flight.clear();
+    if (m.tx < 0) fail("bulk copies landed more bytes than the phase's expect_tx announced");
+    if (m.tx > 0) return;
+    ++m.phase;
+    m.pending = m.count;
+    block->turns->wake(&m);
+}
+}  // namespace emu
+
+inline void mbar_init(u32 bar, u32 count) {
+    if ((bar & 7u) != 0 || count == 0) emu::fail("mbarrier.init: a misaligned mbarrier or a count of 0");
+    emu::block->turns->locked([&] { emu::block->mbarriers[bar] = emu::MBarrier{count, count, 0, 0, {}}; });
+}
+
+inline void fence_mbarrier_init() {}
+
+inline void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    emu::block->turns->locked([&] {
+        emu::MBarrier& m = emu::mbarrier_at(bar);
+        if (m.pending == 0) emu::fail("more arrivals at an mbarrier than its count");
+        m.tx += bytes;
+        --m.pending;
+        emu::mbarrier_progress(m);
+    });
+}
+
+inline void mbar_arrive(u32 bar) { mbar_arrive_expect_tx(bar, 0); }
+
+inline void mbar_wait(u32 bar, u32 parity) {
+    emu::MBarrier* m = emu::block->turns->locked([&] { return &emu::mbarrier_at(bar); });
+    emu::block->turns->wait_for(m, emu::warp_index(), [m, parity] { return (m->phase & 1u) != (parity & 1u); });
+}
+
+inline void bulk_copy_g2s(u32 dst, const void* src, u32 bytes, u32 bar, u64) {
+    if (bytes == 0 || bytes % 16 != 0) emu::fail("cp.async.bulk: a size that is not a positive multiple of 16");
+    check_aligned_16(src, "cp.async.bulk source");
+    if ((dst & 15u) != 0) emu::fail("cp.async.bulk: a misaligned shared destination");
+    std::memset(emu::smem_at(dst), 0xff, bytes);
+    emu::block->turns->locked([&] {
+        emu::MBarrier& m = emu::mbarrier_at(bar);
+        m.in_flight.push_back(emu::BulkCopy{dst, src, bytes});
+        emu::mbarrier_progress(m);
+    });
+}
+
+// createpolicy: a cache hint has no effect on what the kernels compute.
+inline u64 l2_evict_first() { return 0; }

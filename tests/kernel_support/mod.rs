@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use dots_moe::backend::testing::Requirement;
-use dots_moe::cuda::launch::{KernelArg, Launch, Launcher, ParamType};
+use dots_moe::cuda::launch::{KernelArg, KernelDecl, Launch, Launcher, ParamType};
 use dots_moe::cuda::source::{self, FILES, HEADERS};
 use dots_moe::cuda::{DeviceBuffer, GpuContext};
 
@@ -45,11 +45,11 @@ pub fn kernels_inc(files: &[(&str, &str)]) -> String {
     text
 }
 
-/// `dispatch.inc`: per declared kernel of `files`, its argument count and a call with every
-/// argument cast to its declared type.
-pub fn dispatch_inc(files: &[(&str, &str)]) -> String {
+/// `dispatch.inc`: per declared kernel of `files` (the registry's, then `extra`), its
+/// argument count and a call with every argument cast to its declared type.
+pub fn dispatch_inc(files: &[(&str, &str)], extra: &[&'static KernelDecl]) -> String {
     let mut text = String::new();
-    for k in source::kernels().filter(|k| files.iter().any(|(n, _)| *n == k.file)) {
+    for k in source::kernels().chain(extra.iter().copied()).filter(|k| files.iter().any(|(n, _)| *n == k.file)) {
         let args: Vec<String> = k
             .params
             .iter()
@@ -93,11 +93,22 @@ pub fn compiler_name() -> Option<String> {
         .map(str::to_string)
 }
 
-/// Builds the emulator of `files` (name, text) with `extra` flags into `dir`, unless a
-/// build of the same inputs is there.
+/// Builds the emulator of `files` (name, text) with `extra` flags, unless a build of the
+/// same inputs is there; its path.
 pub fn build(cxx: &str, files: &[(&str, &str)], extra: &[&str]) -> Result<PathBuf, String> {
+    build_with(cxx, files, &[], extra)
+}
+
+/// [`build`], with kernels declared outside the registry (`decls`, defined in `files`):
+/// the tests' probes of the emulator's models.
+pub fn build_with(
+    cxx: &str,
+    files: &[(&str, &str)],
+    decls: &[&'static KernelDecl],
+    extra: &[&str],
+) -> Result<PathBuf, String> {
     let kernels = kernels_inc(files);
-    let dispatch = dispatch_inc(files);
+    let dispatch = dispatch_inc(files, decls);
     let mut parts = vec![cxx, SHIM, MODELS, MAIN, &kernels, &dispatch];
     parts.extend(FLAGS);
     parts.extend(extra);
