@@ -411,7 +411,7 @@ fn the_main_loop_reader_sees_a_second_depbar() {
 
 #[test]
 fn the_pipeline_wrappers_assemble_into_hopper_mbarrier_and_bulk_copy_instructions() {
-    // The probe of the emulator's pipeline models (tests/emulator_pipeline.rs), through NVRTC
+    // The probe of the emulator's pipeline models (tests/cuda_pipeline.rs), through NVRTC
     // and ptxas for sm_90a: pipeline.cuh's PTX is accepted, and becomes the SYNCS mbarrier
     // operations and UBLKCP bulk copies, with no local memory.
     let test = "the_pipeline_wrappers_assemble_into_hopper_mbarrier_and_bulk_copy_instructions";

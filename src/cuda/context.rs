@@ -259,11 +259,16 @@ impl GpuContext {
     }
 
     /// Compiles and loads every kernel of `sources` now (so that a compile error shows at
-    /// construction, not at the first launch).
+    /// construction, not at the first launch). A source outside the registry (a test's
+    /// probe) is launchable after this.
     pub fn load(&self, sources: &[&KernelSource]) -> Result<(), CudaError> {
         for source in sources {
+            let module = self.module(source)?;
             for kernel in source.kernels {
-                self.kernel(kernel)?;
+                let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+                if !functions.contains_key(kernel.entry) {
+                    functions.insert(kernel.entry, module.load_function(kernel.entry)?);
+                }
             }
         }
         Ok(())

@@ -1,7 +1,7 @@
 // pipeline_probe.cu: a producer/consumer ring over pipeline.cuh, the shape issue 13's
-// warp-specialised kernels take, small enough to check exactly. Not a registry kernel: the
-// tests build it into the emulator (tests/emulator_pipeline.rs) and compile it with NVRTC
-// for sm_90a (tests/cuda_static.rs).
+// warp-specialised kernels take, small enough to check exactly. Not a registry kernel:
+// tests/cuda_pipeline.rs runs it on the emulator and on the GPU (GpuContext::load), and
+// tests/cuda_static.rs compiles it with NVRTC for sm_90a.
 //
 // probe_ring_sum   out[j] = sum over chunks c (ascending) of rows[c * PROBE_CHUNK + j],
 //   j < PROBE_CHUNK; rows [n_chunks, PROBE_CHUNK] f32. One CTA of 4 warps: lane 0 of warp

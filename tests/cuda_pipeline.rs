@@ -1,17 +1,20 @@
-//! The emulator's models of the sm_90 pipeline primitives of `cuda/include/pipeline.cuh`
-//! (mbarrier phases with transaction counts, bulk copies that complete on them), checked
-//! with a producer/consumer ring (`tests/emulator/probes/pipeline_probe.cu`) against the
-//! CPU, and shown to catch the bugs such rings have: a wrong transaction count, a wrong
-//! phase parity, a stage read before its phase completes, a stage refilled before its
-//! consumers are done. Each mutation rebuilds the emulator from the mutated probe; the
-//! unmutated probe must pass the same run. Skipped without a C++ compiler (a failure with
-//! `DOTS_MOE_REQUIRE_EMULATOR=1`). NVRTC compiles the probe for sm_90a in
-//! `tests/cuda_static.rs`.
+//! The sm_90 pipeline primitives of `cuda/include/pipeline.cuh` (mbarrier phases with
+//! transaction counts, bulk copies that complete on them), through a producer/consumer
+//! ring (`tests/emulator/probes/pipeline_probe.cu`) checked against the CPU on every
+//! launcher: the emulator's models of them, and the GPU (an sm_90 device) when one opens.
+//! On the emulator, the ring is also mutated with the bugs such rings have (a wrong
+//! transaction count, a wrong phase parity, a stage read before its phase completes, a
+//! stage refilled before its consumers are done), and each mutant must fail while the
+//! unmutated probe passes the same run. Skipped without a C++ compiler or a GPU (failures
+//! with `DOTS_MOE_REQUIRE_EMULATOR=1` / `DOTS_MOE_REQUIRE_GPU=1`). NVRTC compiles the probe
+//! for sm_90a in `tests/cuda_static.rs`.
 #![cfg(feature = "cuda")]
 
 mod kernel_support;
 
+use dots_moe::cuda::Arch;
 use dots_moe::cuda::launch::{Elem, KernelArg, KernelDecl, Launch, LaunchDims, Param};
+use dots_moe::cuda::source::KernelSource;
 use kernel_support::{Device, Emu};
 use rand::{Rng, SeedableRng};
 
@@ -28,6 +31,9 @@ static RING_SUM: KernelDecl = KernelDecl {
     dynamic_smem: |_| 128 + 3 * 4 * CHUNK,
     max_registers: 255,
 };
+
+static PROBE_SOURCE: KernelSource =
+    KernelSource { name: "pipeline_probe.cu", text: PROBE, min_arch: Arch::SM_90A, kernels: &[&RING_SUM] };
 
 /// The emulator of the probe with `from` -> `to` applied (`None`: as written).
 fn emulator(test: &str, mutation: Option<(&str, &str)>) -> Option<Emu> {
@@ -46,9 +52,9 @@ fn emulator(test: &str, mutation: Option<(&str, &str)>) -> Option<Emu> {
     Some(Emu::new(&binary))
 }
 
-/// The probe's column sums of `chunks` random chunks on `emu`, or the emulator's failure;
+/// The probe's column sums of `chunks` random chunks on `dev`, or the emulator's failure;
 /// with the CPU's sums (the same f32 adds in the same order).
-fn ring_sum(emu: &Emu, chunks: usize) -> (Result<Vec<u32>, String>, Vec<u32>) {
+fn ring_sum(dev: &Device, chunks: usize) -> (Result<Vec<u32>, String>, Vec<u32>) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(chunks as u64);
     let rows: Vec<f32> = (0..chunks * CHUNK).map(|_| rng.random_range(-1.0..1.0)).collect();
     let mut want = vec![0.0f32; CHUNK];
@@ -57,7 +63,6 @@ fn ring_sum(emu: &Emu, chunks: usize) -> (Result<Vec<u32>, String>, Vec<u32>) {
             *w += rows[c * CHUNK + j];
         }
     }
-    let dev = Device::Emulator(Emu::new(emu.binary()));
     let rd = dev.upload(&rows);
     let out = dev.poisoned(4 * CHUNK);
     let args = vec![KernelArg::Ptr(rd), KernelArg::U32(chunks as u32), KernelArg::Ptr(out)];
@@ -66,13 +71,30 @@ fn ring_sum(emu: &Emu, chunks: usize) -> (Result<Vec<u32>, String>, Vec<u32>) {
     (got, want.iter().map(|v| v.to_bits()).collect())
 }
 
+/// [`ring_sum`] on a fresh program of the emulator `emu`.
+fn emulated_ring_sum(emu: &Emu, chunks: usize) -> (Result<Vec<u32>, String>, Vec<u32>) {
+    ring_sum(&Device::Emulator(Emu::new(emu.binary())), chunks)
+}
+
 #[test]
 fn the_ring_sums_every_chunk_once_in_order() {
-    let Some(emu) = emulator("the_ring_sums_every_chunk_once_in_order", None) else { return };
-    // Fewer chunks than stages, exactly the stages, and many laps of the ring.
-    for chunks in [1, 3, 4, 10, 31] {
-        let (got, want) = ring_sum(&emu, chunks);
-        assert_eq!(got.unwrap_or_else(|e| panic!("{chunks} chunks: {e}")), want, "{chunks} chunks");
+    let test = "the_ring_sums_every_chunk_once_in_order";
+    let mut devices = Vec::new();
+    if let Some(emu) = emulator(test, None) {
+        devices.push(Device::Emulator(emu));
+    }
+    if let Some((gpu, _)) = dots_moe::backend::testing::gpu(test) {
+        gpu.load(&[&PROBE_SOURCE]).unwrap_or_else(|e| panic!("{test}: {e}"));
+        devices.push(Device::Gpu { gpu, buffers: Default::default() });
+    }
+    for dev in devices {
+        // Fewer chunks than stages, exactly the stages, and many laps of the ring.
+        for chunks in [1, 3, 4, 10, 31] {
+            let dev = dev.fresh();
+            let (got, want) = ring_sum(&dev, chunks);
+            let got = got.unwrap_or_else(|e| panic!("{}: {chunks} chunks: {e}", dev.name()));
+            assert_eq!(got, want, "{}: {chunks} chunks", dev.name());
+        }
     }
 }
 
@@ -80,10 +102,10 @@ fn the_ring_sums_every_chunk_once_in_order() {
 /// message contains `message`, or (`message` empty) an abort or sums that differ.
 fn check(test: &str, from: &str, to: &str, message: &str) {
     let Some(good) = emulator(test, None) else { return };
-    let (got, want) = ring_sum(&good, 10);
+    let (got, want) = emulated_ring_sum(&good, 10);
     assert_eq!(got.unwrap_or_else(|e| panic!("{test}: the unmutated probe fails: {e}")), want);
     let bad = emulator(test, Some((from, to))).unwrap();
-    kernel_support::expect_caught(test, &format!("{from:?} -> {to:?}"), message, &want, ring_sum(&bad, 10).0);
+    kernel_support::expect_caught(test, &format!("{from:?} -> {to:?}"), message, &want, emulated_ring_sum(&bad, 10).0);
 }
 
 #[test]
