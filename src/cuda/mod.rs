@@ -18,9 +18,11 @@
 //! - [`workspace`]: a batch's device buffers and the readers that download them.
 //! - [`occupancy`]: each kernel's registers, shared memory and CTAs per SM on the device.
 //! - [`graph`]: capture into a CUDA graph, and device time between CUDA events.
+//! - [`backend`]: the CUDA side of [`crate::backend::Backend`] (host data in and out).
 //! - [`bench`](mod@bench): timing with CUDA events (for `dots-moe kernels --time`).
 
 pub mod arch;
+pub mod backend;
 pub mod bench;
 pub mod buffer;
 pub mod context;
