@@ -4,7 +4,7 @@
 //! [`Backend::available`] lists every backend this machine can run (always the CPU; CUDA
 //! when a device, its driver and NVRTC are there), so a test is written once and runs for
 //! each. Every call takes and returns host data; the device-resident pipeline (no host
-//! sync, graph-capturable) is `crate::cuda::MoeKernels`.
+//! sync, graph-capturable) is `crate::cuda::RouteCombineKernels`.
 //!
 //! The CUDA side lives in `crate::cuda::backend`. Without the `cuda` feature the API is the
 //! same: [`CudaBackend`] is then a type with no values, [`Backend::cuda`] returns
@@ -271,11 +271,11 @@ pub mod testing {
 
     /// The GPU and its kernels for `test`, or `None` (skipped; see the module).
     #[cfg(feature = "cuda")]
-    pub fn gpu(test: &str) -> Option<(std::sync::Arc<crate::cuda::GpuContext>, crate::cuda::MoeKernels)> {
+    pub fn gpu(test: &str) -> Option<(std::sync::Arc<crate::cuda::GpuContext>, crate::cuda::RouteCombineKernels)> {
         // NVRTC may be absent when every kernel comes from the on-disk cubin cache;
-        // `MoeKernels::new` says `NoNvrtc` when neither has them.
+        // `RouteCombineKernels::new` says `NoNvrtc` when neither has them.
         let opened = crate::cuda::GpuContext::new(0).and_then(|gpu| {
-            let kernels = crate::cuda::MoeKernels::new(&gpu)?;
+            let kernels = crate::cuda::RouteCombineKernels::new(&gpu)?;
             Ok((gpu, kernels))
         });
         match opened {

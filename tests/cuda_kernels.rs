@@ -1,6 +1,6 @@
 //! The MoE kernels (router logits, selection, permutation, gather, combine) against the
 //! CPU reference, on every launcher (`tests/kernel_support`): the CPU emulator of the
-//! kernels always, the GPU when one opens. Both run the launches `MoeKernels` makes (the
+//! kernels always, the GPU when one opens. Both run the launches `RouteCombineKernels` makes (the
 //! library's `*_launch` functions), with fresh random inputs; sizes per launcher (the GPU:
 //! T = 0, 1, 3, 17, 256 and 4099 tokens at dots.llm1's widths; the emulator, which runs one
 //! thread per CUDA thread: fewer and narrower, still over one and several tiles) and with
@@ -32,7 +32,7 @@ use dots_moe::config::{MoeConfig, RouterConfig, Scoring};
 use dots_moe::cuda::launch::{Launch, LaunchDims};
 use dots_moe::cuda::moe::{self, WorkspaceDims, WorkspacePtrs, tiles};
 use dots_moe::cuda::workspace::{permute_status, router_status};
-use dots_moe::cuda::{DeviceBuffer, DeviceRouter, DeviceTensor, MoeWorkspace};
+use dots_moe::cuda::{DeviceBuffer, DeviceRouter, DeviceTensor, RoutingWorkspace};
 use dots_moe::moe::route::sigmoid;
 use dots_moe::moe::{Permutation, combine, gather_bf16, gather_f32, permute, route_logits, router_logits};
 use dots_moe::tensor::{Dtype, TensorView};
@@ -194,7 +194,7 @@ impl<'a> Ws<'a> {
         self.dims.tokens * self.dims.slots_per_token
     }
 
-    /// The selection, then the scatter beyond one tile, as `MoeKernels::route` runs them.
+    /// The selection, then the scatter beyond one tile, as `RouteCombineKernels::route` runs them.
     fn select(&self, cfg: &RouterConfig, n_shared: usize, bias: u64) {
         self.dev.run(moe::select_launch(cfg, n_shared, bias, &self.ptrs, &self.dims).unwrap());
         if tiles(self.dims.tokens) != 1 {
@@ -202,7 +202,7 @@ impl<'a> Ws<'a> {
         }
     }
 
-    /// Rank, then scatter, as `MoeKernels::permute` runs them.
+    /// Rank, then scatter, as `RouteCombineKernels::permute` runs them.
     fn permute(&self) {
         self.dev.run(moe::rank_launch(&self.ptrs, &self.dims).unwrap());
         self.dev.run(moe::scatter_launch(&self.ptrs, &self.dims).unwrap());
@@ -388,7 +388,7 @@ fn hidden_sizes(dev: &Device) -> &'static [usize] {
     dev.pick(&[0, 1, 3, 17, 256, 4099], &[0, 1, 40])
 }
 
-/// Router logits then selection and scatter (`MoeKernels::route`), from hidden states.
+/// Router logits then selection and scatter (`RouteCombineKernels::route`), from hidden states.
 fn route<'a>(
     dev: &'a Device,
     cfg: &MoeConfig,
@@ -691,7 +691,7 @@ fn the_launch_checks_its_arguments_against_the_declaration() {
 
 #[test]
 fn the_pipeline_runs_inside_a_cuda_graph() {
-    // The wrappers themselves (MoeKernels), captured in a CUDA graph: GPU only.
+    // The wrappers themselves (RouteCombineKernels), captured in a CUDA graph: GPU only.
     let Some((gpu, kernels)) = testing::gpu("the_pipeline_runs_inside_a_cuda_graph") else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let cfg = MoeConfig { moe_intermediate_size: 8, ..MoeConfig::dots1() };
@@ -704,10 +704,10 @@ fn the_pipeline_runs_inside_a_cuda_graph() {
         let dev_x = DeviceTensor::upload(&gpu, "hidden", TensorView::Bf16(&x), &[tokens, h]).unwrap();
         let rows: Vec<f32> = (0..tokens * 8 * h).map(|_| rng.random_range(-1.0..1.0)).collect();
         let dev_rows = DeviceBuffer::upload(&gpu, "rows", &rows, &[tokens * 8, h]).unwrap();
-        let mut ws = MoeWorkspace::for_router(&gpu, &router, tokens).unwrap();
+        let mut ws = RoutingWorkspace::for_router(&gpu, &router, tokens).unwrap();
         let mut x_perm = DeviceTensor::zeros(&gpu, Dtype::Bf16, &[tokens * 8, h]).unwrap();
         let mut out = DeviceBuffer::<f32>::zeros(&gpu, &[tokens, h]).unwrap();
-        let run = |ws: &mut MoeWorkspace, x_perm: &mut DeviceTensor, out: &mut DeviceBuffer<f32>| {
+        let run = |ws: &mut RoutingWorkspace, x_perm: &mut DeviceTensor, out: &mut DeviceBuffer<f32>| {
             kernels.route(&router, &dev_x, ws).unwrap();
             kernels.gather(&dev_x, h, ws, x_perm).unwrap();
             kernels.combine(&dev_rows, h, ws, out).unwrap();

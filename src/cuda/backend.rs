@@ -16,7 +16,9 @@ use half::bf16;
 use crate::backend::BackendError;
 use crate::config::{MoeConfig, RouterConfig};
 use crate::cuda::layer::CudaMoeLayer;
-use crate::cuda::{CudaError, DeviceBuffer, DeviceRouter, DeviceTensor, GpuContext, MoeKernels, MoeWorkspace, nvrtc};
+use crate::cuda::{
+    CudaError, DeviceBuffer, DeviceRouter, DeviceTensor, GpuContext, RouteCombineKernels, RoutingWorkspace, nvrtc,
+};
 use crate::error::{MoeError, check_len};
 use crate::moe::{MoeLayer, MoeTrace, Permutation, Routing};
 use crate::tensor::{Dtype, TensorView};
@@ -25,7 +27,7 @@ use crate::tensor::{Dtype, TensorView};
 #[derive(Debug)]
 pub struct CudaBackend {
     gpu: Arc<GpuContext>,
-    kernels: MoeKernels,
+    kernels: RouteCombineKernels,
 }
 
 impl CudaBackend {
@@ -35,12 +37,12 @@ impl CudaBackend {
         if !nvrtc::available() {
             return Err(CudaError::NoNvrtc.into());
         }
-        let kernels = MoeKernels::new(&gpu)?;
+        let kernels = RouteCombineKernels::new(&gpu)?;
         Ok(CudaBackend { gpu, kernels })
     }
 
     /// The device and its kernels.
-    pub fn kernels(&self) -> &MoeKernels {
+    pub fn kernels(&self) -> &RouteCombineKernels {
         &self.kernels
     }
 
@@ -50,9 +52,9 @@ impl CudaBackend {
     }
 
     /// A workspace holding `perm` (uploaded) as if the permutation kernels made it.
-    fn workspace_from(&self, perm: &Permutation) -> Result<MoeWorkspace, BackendError> {
+    fn workspace_from(&self, perm: &Permutation) -> Result<RoutingWorkspace, BackendError> {
         let n_slots = perm.n_experts();
-        let mut ws = MoeWorkspace::new(&self.gpu, perm.tokens, 0, perm.slots_per_token, n_slots)?;
+        let mut ws = RoutingWorkspace::new(&self.gpu, perm.tokens, 0, perm.slots_per_token, n_slots)?;
         check_len("row_pairs", &[perm.tokens, perm.slots_per_token], perm.row_pairs.len())?;
         check_len("pair_rows", &[perm.tokens, perm.slots_per_token], perm.pair_rows.len())?;
         if let Some(&bad) = perm.row_pairs.iter().chain(&perm.pair_rows).find(|&&r| r as usize >= perm.rows()) {
@@ -78,7 +80,7 @@ impl CudaBackend {
         cfg.validate().map_err(MoeError::from)?;
         check_len("router logits", &[tokens, cfg.n_experts], logits.len())?;
         let router = DeviceRouter::selection_only(&self.gpu, cfg, 0, bias)?;
-        let mut ws = MoeWorkspace::for_router(&self.gpu, &router, tokens)?;
+        let mut ws = RoutingWorkspace::for_router(&self.gpu, &router, tokens)?;
         ws.logits.copy_from_host("router logits", logits)?;
         self.kernels.router_select(&router, &mut ws)?;
         ws.check_status()?;
@@ -97,7 +99,7 @@ impl CudaBackend {
         let moe = MoeConfig { hidden_size, moe_intermediate_size: 1, n_shared_experts: 0, router: cfg.clone() };
         let router = DeviceRouter::upload(&self.gpu, &moe, gate, bias)?;
         let x = DeviceTensor::upload(&self.gpu, "hidden", hidden, &[tokens, hidden_size])?;
-        let mut ws = MoeWorkspace::for_router(&self.gpu, &router, tokens)?;
+        let mut ws = RoutingWorkspace::for_router(&self.gpu, &router, tokens)?;
         self.kernels.router_logits(&router, &x, tokens, &mut ws.logits)?;
         self.kernels.router_select(&router, &mut ws)?;
         ws.check_status()?;
@@ -112,7 +114,7 @@ impl CudaBackend {
         n_slots: usize,
     ) -> Result<Permutation, BackendError> {
         check_len("expert_ids", &[tokens, slots_per_token], expert_ids.len())?;
-        let mut ws = MoeWorkspace::new(&self.gpu, tokens, 0, slots_per_token, n_slots)?;
+        let mut ws = RoutingWorkspace::new(&self.gpu, tokens, 0, slots_per_token, n_slots)?;
         ws.slot_ids.copy_from_host("expert_ids", expert_ids)?;
         self.kernels.permute(&mut ws)?;
         ws.check_status()?;

@@ -41,5 +41,5 @@ pub use arch::Arch;
 pub use buffer::{DeviceBuffer, DeviceTensor};
 pub use context::{DeviceInfo, GpuContext};
 pub use error::CudaError;
-pub use moe::MoeKernels;
-pub use workspace::{DeviceRouter, MoeWorkspace};
+pub use moe::RouteCombineKernels;
+pub use workspace::{DeviceRouter, RoutingWorkspace};
