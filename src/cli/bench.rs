@@ -7,9 +7,9 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use dots_moe::bench::{self, BenchRow, report};
 use dots_moe::config::MoeConfig;
 use dots_moe::moe::{MoeLayer, MoeWeights};
+use dots_moe::roofline::{self, BenchRow, report};
 use dots_moe::tensor::{Dtype, TensorView};
 
 use super::CliResult;
@@ -79,12 +79,12 @@ pub fn run(args: BenchArgs) -> CliResult {
     let cfg = MoeConfig::dots1();
     let measure = || {
         let bar = progress("measuring this machine's floor (copy bandwidth, matmul rate)");
-        let floor = bench::measure_floor(1 << 28);
+        let floor = roofline::measure_floor(1 << 28);
         bar.finish_and_clear();
         floor
     };
     // The CUDA rows use the H200's ceilings; only the CPU rows need this machine's floor.
-    let mut floor = if args.backend == BackendChoice::Cuda && !args.floor_only { bench::H200 } else { measure() };
+    let mut floor = if args.backend == BackendChoice::Cuda && !args.floor_only { roofline::H200 } else { measure() };
     if args.floor_only {
         if args.json {
             println!("{}", serde_json::to_string(&floor)?);
@@ -140,7 +140,7 @@ pub fn run(args: BenchArgs) -> CliResult {
         }
     }
 
-    let peak = bench::peak_rss_bytes();
+    let peak = roofline::peak_rss_bytes();
     if let (Some(peak), false) = (peak, args.json) {
         println!(
             "peak resident memory: {:.2} GB ({:.2}x the layer's bf16 weights)",
@@ -193,7 +193,7 @@ fn print_row(row: &BenchRow, header: bool) {
 }
 
 /// One batch size's result: tokens, median time, what the layer moves and computes.
-type Timing = (usize, Duration, bench::LayerCost);
+type Timing = (usize, Duration, roofline::LayerCost);
 
 /// Times the CPU layer at every batch size, calling `after_each` after each one.
 fn time_cpu(
@@ -205,12 +205,12 @@ fn time_cpu(
     let mut timings = Vec::new();
     for &tokens in &args.tokens {
         let bar = progress(&format!("cpu: timing {tokens} tokens"));
-        let hidden = bench::random_hidden(tokens, h, args.seed.wrapping_add(tokens as u64));
+        let hidden = roofline::random_hidden(tokens, h, args.seed.wrapping_add(tokens as u64));
         let input = TensorView::F32(&hidden);
         let routing = layer.route(input, tokens)?;
-        let cost = bench::layer_cost(layer, &routing);
+        let cost = roofline::layer_cost(layer, &routing);
         let mut failure = None;
-        let median = bench::median_time(3, 50, Duration::from_secs_f64(args.seconds), || {
+        let median = roofline::median_time(3, 50, Duration::from_secs_f64(args.seconds), || {
             if let Err(e) = layer.forward(input, tokens) {
                 failure.get_or_insert(e);
             }
@@ -238,18 +238,18 @@ fn machine_name() -> String {
 }
 
 /// The CUDA side of the bench: the whole layer on the GPU, replayed from a CUDA graph,
-/// timed with CUDA events; the floor is the H200's ([`dots_moe::bench::H200`]: 4.3 TB/s,
+/// timed with CUDA events; the floor is the H200's ([`dots_moe::roofline::H200`]: 4.3 TB/s,
 /// 790 TFLOP/s). Without the `cuda` feature, [`cuda::GpuBench`] is a type with no values
 /// whose `open` says so.
 #[cfg(feature = "cuda")]
 mod cuda {
     use std::sync::Arc;
 
-    use dots_moe::bench::{self, BenchRow, LayerCost};
-    use dots_moe::cuda::bench::time_region;
     use dots_moe::cuda::layer::{CudaMoeLayer, LayerWorkspace};
+    use dots_moe::cuda::timing::time_region;
     use dots_moe::cuda::{CudaError, GpuContext};
     use dots_moe::moe::MoeLayer;
+    use dots_moe::roofline::{self, BenchRow, LayerCost};
     use dots_moe::tensor::{Dtype, TensorView};
 
     use super::{BenchArgs, print_row, progress};
@@ -271,13 +271,13 @@ mod cuda {
             let bar = progress("cuda: uploading the layer and compiling the kernels");
             let device_layer = CudaMoeLayer::with_default_options(gpu, layer).map_err(|e| e.to_string())?;
             bar.finish_and_clear();
-            let floor = bench::H200;
+            let floor = roofline::H200;
             let h = layer.config().hidden_size;
             let mut rows = Vec::new();
             for &tokens in args.tokens.iter().filter(|&&t| t > 0) {
                 let bar = progress(&format!("cuda: timing {tokens} tokens"));
-                let hidden = bench::random_hidden(tokens, h, args.seed.wrapping_add(tokens as u64));
-                let cost = bench::layer_cost(
+                let hidden = roofline::random_hidden(tokens, h, args.seed.wrapping_add(tokens as u64));
+                let cost = roofline::layer_cost(
                     layer,
                     &layer.route(TensorView::F32(&hidden), tokens).map_err(|e| e.to_string())?,
                 );
@@ -344,8 +344,8 @@ mod cuda {
 
 #[cfg(not(feature = "cuda"))]
 mod cuda {
-    use dots_moe::bench::BenchRow;
     use dots_moe::moe::MoeLayer;
+    use dots_moe::roofline::BenchRow;
 
     /// GPU 0 for timing: this build has none, so no value exists.
     pub enum GpuBench {}

@@ -19,11 +19,10 @@
 //! - [`occupancy`]: each kernel's registers, shared memory and CTAs per SM on the device.
 //! - [`graph`]: capture into a CUDA graph, and device time between CUDA events.
 //! - [`backend`]: the CUDA side of [`crate::backend::Backend`] (host data in and out).
-//! - [`bench`](mod@bench): timing with CUDA events (for `dots-moe kernels --time`).
+//! - [`timing`]: device timing with CUDA events (for `dots-moe kernels --time`).
 
 pub mod arch;
 pub mod backend;
-pub mod bench;
 pub mod buffer;
 pub mod context;
 mod error;
@@ -35,6 +34,7 @@ pub mod moe;
 pub mod nvrtc;
 pub mod occupancy;
 pub mod source;
+pub mod timing;
 pub mod workspace;
 
 pub use arch::Arch;

@@ -5,7 +5,7 @@
 //! load stay out), `iterations` times; the median is reported, both launched one kernel at
 //! a time ("eager") and replayed from a CUDA graph ("graph", how an engine runs a layer).
 //! Beside it: the bytes the region must move, the floor those bytes take at the measured
-//! H200 copy bandwidth (4.3 TB/s, [`crate::bench::H200`]), and the ratio floor / measured.
+//! H200 copy bandwidth (4.3 TB/s, [`crate::roofline::H200`]), and the ratio floor / measured.
 
 use std::sync::Arc;
 
@@ -23,8 +23,8 @@ use crate::cuda::moe::RouteCombineKernels;
 use crate::cuda::workspace::{DeviceRouter, RoutingWorkspace};
 use crate::tensor::{Dtype, TensorView};
 
-/// Device-memory copy bandwidth of an H200, bytes per second ([`crate::bench::H200`]).
-pub const H200_COPY_BANDWIDTH: f64 = crate::bench::H200.copy_bytes_per_s;
+/// Device-memory copy bandwidth of an H200, bytes per second ([`crate::roofline::H200`]).
+pub const H200_COPY_BANDWIDTH: f64 = crate::roofline::H200.copy_bytes_per_s;
 
 /// One timed region at one batch size.
 #[derive(Clone, Debug, Serialize)]
