@@ -27,9 +27,11 @@
 
 mod kernel_support;
 
+use dots_moe::MoeError;
 use dots_moe::backend::testing;
 use dots_moe::config::{MoeConfig, RouterConfig, Scoring};
-use dots_moe::cuda::launch::{Launch, LaunchDims};
+use dots_moe::cuda::CudaError;
+use dots_moe::cuda::launch::{Launch, LaunchDims, MAX_GRID};
 use dots_moe::cuda::moe::{self, WorkspaceDims, WorkspacePtrs, tiles};
 use dots_moe::cuda::workspace::{permute_status, router_status};
 use dots_moe::cuda::{DeviceBuffer, DeviceRouter, DeviceTensor, RoutingWorkspace};
@@ -684,9 +686,51 @@ fn the_launch_checks_its_arguments_against_the_declaration() {
     assert!(refused.is_err(), "u32 and u64 swapped went unnoticed");
     let short = launch.args[..5].to_vec();
     assert!(std::panic::catch_unwind(|| Launch::new(launch.kernel, &dims, short)).is_err());
-    // A grid past the limit is a typed error.
+    // A grid past the limit is a typed error naming the axis, the need and the limit.
     let huge = LaunchDims { tokens: 1 << 40, ..dims };
-    assert!(Launch::new(launch.kernel, &huge, launch.args.clone()).is_err());
+    match Launch::new(launch.kernel, &huge, launch.args.clone()) {
+        Err(CudaError::Moe(MoeError::Limit { what, needed, limit })) => {
+            assert_eq!((needed, limit), (1 << 40, MAX_GRID.0), "{what}");
+            assert!(what.contains("moe_combine") && what.contains(" x"), "{what}");
+        }
+        other => panic!("a grid of 2^40 blocks gave {other:?}"),
+    }
+    let at_limit = LaunchDims { tokens: MAX_GRID.0, ..dims };
+    assert!(Launch::new(launch.kernel, &at_limit, launch.args.clone()).is_ok());
+}
+
+/// The `Limit` a launch builder returned: `(needed, limit)`.
+fn limit_of(result: Result<Option<Launch>, CudaError>) -> (usize, usize) {
+    match result {
+        Err(CudaError::Moe(MoeError::Limit { needed, limit, .. })) => (needed, limit),
+        other => panic!("expected a Limit error, got {other:?}"),
+    }
+}
+
+#[test]
+fn kernel_limits_are_limit_errors() {
+    let ws = WorkspacePtrs::default();
+    // Slots per token past what the combine kernel holds per token; at the limit it builds.
+    let over = moe::COMBINE_MAX_SLOTS + 1;
+    assert_eq!(limit_of(moe::combine_launch(16, 32, 48, 1, over, 4)), (over, moe::COMBINE_MAX_SLOTS));
+    assert!(moe::combine_launch(16, 32, 48, 1, moe::COMBINE_MAX_SLOTS, 4).is_ok());
+    // Shared memory of the permutation's ranking and scatter: enough slots to pass 48 KB.
+    let n_slots = moe::MAX_SHARED_BYTES / 4;
+    let dims = WorkspaceDims { tokens: 1, slots_per_token: 1, n_slots };
+    let needed = moe::rank_shared_bytes(1, n_slots);
+    assert_eq!(limit_of(moe::rank_launch(&ws, &dims)), (needed, moe::MAX_SHARED_BYTES));
+    let needed = moe::scatter_shared_bytes(n_slots);
+    assert_eq!(limit_of(moe::scatter_launch(&ws, &dims)), (needed, moe::MAX_SHARED_BYTES));
+    // The router: more groups than lanes, then more experts than its shared memory holds.
+    let groups = RouterConfig { n_experts: 66, top_k: 2, n_group: 33, topk_group: 1, ..RouterConfig::dots1() };
+    let as_limit = |r: Result<(), CudaError>| limit_of(r.map(|()| None));
+    assert_eq!(as_limit(moe::check_select(&groups, 2, 66)), (33, moe::MAX_GROUPS));
+    let wide = RouterConfig { n_experts: 4096, top_k: 2, n_group: 1, topk_group: 1, ..RouterConfig::dots1() };
+    let needed = moe::select_shared_bytes(4096, 2, 4096);
+    assert!(needed > moe::MAX_SHARED_BYTES);
+    assert_eq!(as_limit(moe::check_select(&wide, 2, 4096)), (needed, moe::MAX_SHARED_BYTES));
+    // dots.llm1 itself is within every limit.
+    assert!(moe::check_select(&RouterConfig::dots1(), 8, 130).is_ok());
 }
 
 #[test]

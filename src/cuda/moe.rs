@@ -77,8 +77,9 @@ pub fn scatter_shared_bytes(n_slots: usize) -> usize {
     4 * (2 * n_slots + 1)
 }
 
-fn unsupported(what: String) -> CudaError {
-    CudaError::Moe(MoeError::Unsupported(what))
+/// A [`MoeError::Limit`]: `what` needs `needed`, past `limit`.
+fn limit(what: String, needed: usize, limit: usize) -> CudaError {
+    CudaError::Moe(MoeError::Limit { what, needed, limit })
 }
 
 // ---- the launches, from sizes and device addresses ----------------------------------------
@@ -180,17 +181,18 @@ pub fn logits_launch(
 pub fn check_select(cfg: &RouterConfig, slots_per_token: usize, n_slots: usize) -> Result<(), CudaError> {
     cfg.validate().map_err(MoeError::from)?;
     if cfg.n_group > MAX_GROUPS {
-        return Err(unsupported(format!(
-            "the router kernel takes at most {MAX_GROUPS} expert groups, got {}",
-            cfg.n_group
-        )));
+        return Err(limit("expert groups of the router kernel".into(), cfg.n_group, MAX_GROUPS));
     }
     let shared = select_shared_bytes(cfg.n_experts, slots_per_token, n_slots);
     if shared > MAX_SHARED_BYTES {
-        return Err(unsupported(format!(
-            "the router kernel needs {shared} bytes of shared memory for {} experts and {slots_per_token} slots per token (limit {MAX_SHARED_BYTES})",
-            cfg.n_experts
-        )));
+        return Err(limit(
+            format!(
+                "shared memory bytes of the router kernel for {} experts and {slots_per_token} slots per token",
+                cfg.n_experts
+            ),
+            shared,
+            MAX_SHARED_BYTES,
+        ));
     }
     Ok(())
 }
@@ -242,9 +244,7 @@ pub fn rank_launch(ws: &WorkspacePtrs, dims: &WorkspaceDims) -> Result<Option<La
     }
     let shared = rank_shared_bytes(dims.slots_per_token, dims.n_slots);
     if shared > MAX_SHARED_BYTES {
-        return Err(unsupported(format!(
-            "the permutation needs {shared} bytes of shared memory (limit {MAX_SHARED_BYTES})"
-        )));
+        return Err(limit("shared memory bytes of the permutation's ranking".into(), shared, MAX_SHARED_BYTES));
     }
     let args = vec![
         Arg::Ptr(ws.slot_ids),
@@ -262,9 +262,7 @@ pub fn rank_launch(ws: &WorkspacePtrs, dims: &WorkspaceDims) -> Result<Option<La
 pub fn scatter_launch(ws: &WorkspacePtrs, dims: &WorkspaceDims) -> Result<Option<Launch>, CudaError> {
     let shared = scatter_shared_bytes(dims.n_slots);
     if shared > MAX_SHARED_BYTES {
-        return Err(unsupported(format!(
-            "the permutation needs {shared} bytes of shared memory (limit {MAX_SHARED_BYTES})"
-        )));
+        return Err(limit("shared memory bytes of the permutation's scatter".into(), shared, MAX_SHARED_BYTES));
     }
     let args = vec![
         Arg::Ptr(ws.slot_ids),
@@ -321,9 +319,7 @@ pub fn combine_launch(
     hidden_size: usize,
 ) -> Result<Option<Launch>, CudaError> {
     if slots_per_token > COMBINE_MAX_SLOTS {
-        return Err(unsupported(format!(
-            "the combine kernel takes at most {COMBINE_MAX_SLOTS} slots per token, got {slots_per_token}"
-        )));
+        return Err(limit("slots per token of the combine kernel".into(), slots_per_token, COMBINE_MAX_SLOTS));
     }
     if tokens == 0 || hidden_size == 0 {
         return Ok(None);
