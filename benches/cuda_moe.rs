@@ -9,8 +9,8 @@
 //!
 //! for T in 1, 16, 64, 256, 1024, 4096, 16384 (`DOTS_MOE_BENCH_TOKENS=1,64` to choose).
 //! After criterion, a table: median time of the layer, achieved GB/s and TFLOP/s of the
-//! bytes and FLOPs it must move (`dots_moe::bench::layer_cost`), the floor from the H200's
-//! ceilings (`dots_moe::bench::H200`: 4.3 TB/s, 790 TFLOP/s) and floor / time.
+//! bytes and FLOPs it must move (`dots_moe::roofline::layer_cost`), the floor from the H200's
+//! ceilings (`dots_moe::roofline::H200`: 4.3 TB/s, 790 TFLOP/s) and floor / time.
 //!
 //! Without a GPU it prints why and measures nothing.
 
@@ -18,13 +18,13 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
-use dots_moe::bench::{BenchRow, H200, layer_cost, random_hidden};
 use dots_moe::config::MoeConfig;
 use dots_moe::cuda::GpuContext;
 use dots_moe::cuda::expert_gemm::{ExpertGemm, GemmOptions};
 use dots_moe::cuda::graph::device_time_us;
 use dots_moe::cuda::layer::CudaMoeLayer;
 use dots_moe::moe::{MoeLayer, MoeWeights};
+use dots_moe::roofline::{BenchRow, H200, layer_cost, random_hidden};
 use dots_moe::tensor::{Dtype, TensorView};
 
 const TOKENS: [usize; 7] = [1, 16, 64, 256, 1024, 4096, 16384];

@@ -10,9 +10,9 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
 
-use dots_moe::bench::{layer_cost, random_hidden};
 use dots_moe::config::MoeConfig;
 use dots_moe::moe::{self, MoeLayer, MoeWeights, Precision};
+use dots_moe::roofline::{layer_cost, random_hidden};
 use dots_moe::tensor::{Dtype, TensorView};
 
 const TOKENS: [usize; 4] = [1, 16, 128, 512];

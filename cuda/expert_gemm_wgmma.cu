@@ -44,9 +44,11 @@
 // Bytes and FLOPs for dots.llm1 at T tokens (R = 8 T rows, c = rows of a slot): GEMM 1 of
 // a slot reads its 23.1 MB of gate/up weights once per 128-row tile (from L2 after the
 // first when its tiles run together: consecutive blockIdx.y), its x rows once per column
-// block (11 blocks); FLOPs 2 x 128 x 256 x H per CTA. At T = 16384 (c = 768 routed, 16384
-// shared) padding is under 1%: 4.6 PFLOP... per layer 278 M FLOPs x T = 4.55 TFLOP, floor
-// 5.76 ms at 790 TFLOP/s; the target is 60% of that peak.
+// block (11 blocks); FLOPs 2 x 128 x 256 x H per CTA (GEMM 2: 2 x 128 x 256 x I). Per
+// token the two GEMMs do 2 x 8 slots x 3 x H x I = 277 M FLOPs (GEMM 1 185 M, GEMM 2 92 M).
+// At T = 16384 (c = 768 routed, 16384 shared: whole 128-row tiles under even routing;
+// uneven routing pads each routed slot by at most 127 rows, under 12.5% of R) that is
+// 4.54 TFLOP per layer, floor 5.74 ms at 790 TFLOP/s; the target is 60% of that peak.
 //
 // Requirements (src/cuda/expert_gemm.rs): H % WG_BK == 0, I % WG_BK == 0, I % 128 == 0,
 // H % 256 == 0, 16-byte aligned rows, an sm_90a device.

@@ -75,9 +75,21 @@ pub enum MoeError {
     /// A layer was built without some of its weights.
     #[error("missing weights: {0}")]
     MissingWeights(String),
-    /// The requested kernels cannot run on this machine.
+    /// The requested kernels cannot run on this machine, or not on this configuration
+    /// (an architecture, a dtype, a precision, a shape multiple they do not take).
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A size is past a limit of the device or of a kernel (grid blocks, shared memory,
+    /// expert groups, slots per token): a smaller input would run.
+    #[error("limit exceeded: {what}: needs {needed}, the limit is {limit}")]
+    Limit {
+        /// What is limited, with its unit and the kernel it is a limit of.
+        what: String,
+        /// What the input needs.
+        needed: usize,
+        /// The most there may be.
+        limit: usize,
+    },
     /// A size computation overflowed (`tokens * hidden` and the like).
     #[error("size overflow: {0}")]
     Overflow(String),

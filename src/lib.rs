@@ -9,7 +9,6 @@
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
 pub mod backend;
-pub mod bench;
 pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -17,6 +16,7 @@ pub mod cuda;
 pub mod error;
 pub mod model;
 pub mod moe;
+pub mod roofline;
 pub mod tensor;
 
 pub use config::{Dots1Config, MoeConfig, RouterConfig, Scoring};

@@ -22,8 +22,8 @@
 //! without a C++ compiler the emulator's (`DOTS_MOE_REQUIRE_EMULATOR=1`).
 #![cfg(feature = "cuda")]
 
-mod gemm_support;
 mod kernel_support;
+mod support;
 
 use dots_moe::config::{MoeConfig, RouterConfig};
 use dots_moe::cpu::Isa;
@@ -31,12 +31,12 @@ use dots_moe::cuda::Arch;
 use dots_moe::cuda::expert_gemm::{self, GemmOptions, GemmPtrs, ITEM_WORDS};
 use dots_moe::moe::{MoeWeights, Permutation, Precision, grouped_experts};
 use dots_moe::tensor::{Dtype, TensorView};
-use gemm_support::{all_options_for, assert_close, bits, random_bf16, rng};
 use half::bf16;
 use kernel_support::Device;
 use rand::Rng;
 use rand::seq::index::sample;
 use rayon::prelude::*;
+use support::gemm::{all_options_for, assert_close, bits, random_bf16, rng};
 
 const H: usize = 512;
 const I: usize = 256;

@@ -1,6 +1,6 @@
 //! The MoE kernels (router logits, selection, permutation, gather, combine) against the
 //! CPU reference, on every launcher (`tests/kernel_support`): the CPU emulator of the
-//! kernels always, the GPU when one opens. Both run the launches `MoeKernels` makes (the
+//! kernels always, the GPU when one opens. Both run the launches `RouteCombineKernels` makes (the
 //! library's `*_launch` functions), with fresh random inputs; sizes per launcher (the GPU:
 //! T = 0, 1, 3, 17, 256 and 4099 tokens at dots.llm1's widths; the emulator, which runs one
 //! thread per CUDA thread: fewer and narrower, still over one and several tiles) and with
@@ -27,12 +27,14 @@
 
 mod kernel_support;
 
+use dots_moe::MoeError;
 use dots_moe::backend::testing;
 use dots_moe::config::{MoeConfig, RouterConfig, Scoring};
-use dots_moe::cuda::launch::{Launch, LaunchDims};
+use dots_moe::cuda::CudaError;
+use dots_moe::cuda::launch::{Launch, LaunchDims, MAX_GRID};
 use dots_moe::cuda::moe::{self, WorkspaceDims, WorkspacePtrs, tiles};
 use dots_moe::cuda::workspace::{permute_status, router_status};
-use dots_moe::cuda::{DeviceBuffer, DeviceRouter, DeviceTensor, MoeWorkspace};
+use dots_moe::cuda::{DeviceBuffer, DeviceRouter, DeviceTensor, RoutingWorkspace};
 use dots_moe::moe::route::sigmoid;
 use dots_moe::moe::{Permutation, combine, gather_bf16, gather_f32, permute, route_logits, router_logits};
 use dots_moe::tensor::{Dtype, TensorView};
@@ -194,7 +196,7 @@ impl<'a> Ws<'a> {
         self.dims.tokens * self.dims.slots_per_token
     }
 
-    /// The selection, then the scatter beyond one tile, as `MoeKernels::route` runs them.
+    /// The selection, then the scatter beyond one tile, as `RouteCombineKernels::route` runs them.
     fn select(&self, cfg: &RouterConfig, n_shared: usize, bias: u64) {
         self.dev.run(moe::select_launch(cfg, n_shared, bias, &self.ptrs, &self.dims).unwrap());
         if tiles(self.dims.tokens) != 1 {
@@ -202,7 +204,7 @@ impl<'a> Ws<'a> {
         }
     }
 
-    /// Rank, then scatter, as `MoeKernels::permute` runs them.
+    /// Rank, then scatter, as `RouteCombineKernels::permute` runs them.
     fn permute(&self) {
         self.dev.run(moe::rank_launch(&self.ptrs, &self.dims).unwrap());
         self.dev.run(moe::scatter_launch(&self.ptrs, &self.dims).unwrap());
@@ -388,7 +390,7 @@ fn hidden_sizes(dev: &Device) -> &'static [usize] {
     dev.pick(&[0, 1, 3, 17, 256, 4099], &[0, 1, 40])
 }
 
-/// Router logits then selection and scatter (`MoeKernels::route`), from hidden states.
+/// Router logits then selection and scatter (`RouteCombineKernels::route`), from hidden states.
 fn route<'a>(
     dev: &'a Device,
     cfg: &MoeConfig,
@@ -684,14 +686,56 @@ fn the_launch_checks_its_arguments_against_the_declaration() {
     assert!(refused.is_err(), "u32 and u64 swapped went unnoticed");
     let short = launch.args[..5].to_vec();
     assert!(std::panic::catch_unwind(|| Launch::new(launch.kernel, &dims, short)).is_err());
-    // A grid past the limit is a typed error.
+    // A grid past the limit is a typed error naming the axis, the need and the limit.
     let huge = LaunchDims { tokens: 1 << 40, ..dims };
-    assert!(Launch::new(launch.kernel, &huge, launch.args.clone()).is_err());
+    match Launch::new(launch.kernel, &huge, launch.args.clone()) {
+        Err(CudaError::Moe(MoeError::Limit { what, needed, limit })) => {
+            assert_eq!((needed, limit), (1 << 40, MAX_GRID.0), "{what}");
+            assert!(what.contains("moe_combine") && what.contains(" x"), "{what}");
+        }
+        other => panic!("a grid of 2^40 blocks gave {other:?}"),
+    }
+    let at_limit = LaunchDims { tokens: MAX_GRID.0, ..dims };
+    assert!(Launch::new(launch.kernel, &at_limit, launch.args.clone()).is_ok());
+}
+
+/// The `Limit` a launch builder returned: `(needed, limit)`.
+fn limit_of(result: Result<Option<Launch>, CudaError>) -> (usize, usize) {
+    match result {
+        Err(CudaError::Moe(MoeError::Limit { needed, limit, .. })) => (needed, limit),
+        other => panic!("expected a Limit error, got {other:?}"),
+    }
+}
+
+#[test]
+fn kernel_limits_are_limit_errors() {
+    let ws = WorkspacePtrs::default();
+    // Slots per token past what the combine kernel holds per token; at the limit it builds.
+    let over = moe::COMBINE_MAX_SLOTS + 1;
+    assert_eq!(limit_of(moe::combine_launch(16, 32, 48, 1, over, 4)), (over, moe::COMBINE_MAX_SLOTS));
+    assert!(moe::combine_launch(16, 32, 48, 1, moe::COMBINE_MAX_SLOTS, 4).is_ok());
+    // Shared memory of the permutation's ranking and scatter: enough slots to pass 48 KB.
+    let n_slots = moe::MAX_SHARED_BYTES / 4;
+    let dims = WorkspaceDims { tokens: 1, slots_per_token: 1, n_slots };
+    let needed = moe::rank_shared_bytes(1, n_slots);
+    assert_eq!(limit_of(moe::rank_launch(&ws, &dims)), (needed, moe::MAX_SHARED_BYTES));
+    let needed = moe::scatter_shared_bytes(n_slots);
+    assert_eq!(limit_of(moe::scatter_launch(&ws, &dims)), (needed, moe::MAX_SHARED_BYTES));
+    // The router: more groups than lanes, then more experts than its shared memory holds.
+    let groups = RouterConfig { n_experts: 66, top_k: 2, n_group: 33, topk_group: 1, ..RouterConfig::dots1() };
+    let as_limit = |r: Result<(), CudaError>| limit_of(r.map(|()| None));
+    assert_eq!(as_limit(moe::check_select(&groups, 2, 66)), (33, moe::MAX_GROUPS));
+    let wide = RouterConfig { n_experts: 4096, top_k: 2, n_group: 1, topk_group: 1, ..RouterConfig::dots1() };
+    let needed = moe::select_shared_bytes(4096, 2, 4096);
+    assert!(needed > moe::MAX_SHARED_BYTES);
+    assert_eq!(as_limit(moe::check_select(&wide, 2, 4096)), (needed, moe::MAX_SHARED_BYTES));
+    // dots.llm1 itself is within every limit.
+    assert!(moe::check_select(&RouterConfig::dots1(), 8, 130).is_ok());
 }
 
 #[test]
 fn the_pipeline_runs_inside_a_cuda_graph() {
-    // The wrappers themselves (MoeKernels), captured in a CUDA graph: GPU only.
+    // The wrappers themselves (RouteCombineKernels), captured in a CUDA graph: GPU only.
     let Some((gpu, kernels)) = testing::gpu("the_pipeline_runs_inside_a_cuda_graph") else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let cfg = MoeConfig { moe_intermediate_size: 8, ..MoeConfig::dots1() };
@@ -704,10 +748,10 @@ fn the_pipeline_runs_inside_a_cuda_graph() {
         let dev_x = DeviceTensor::upload(&gpu, "hidden", TensorView::Bf16(&x), &[tokens, h]).unwrap();
         let rows: Vec<f32> = (0..tokens * 8 * h).map(|_| rng.random_range(-1.0..1.0)).collect();
         let dev_rows = DeviceBuffer::upload(&gpu, "rows", &rows, &[tokens * 8, h]).unwrap();
-        let mut ws = MoeWorkspace::for_router(&gpu, &router, tokens).unwrap();
+        let mut ws = RoutingWorkspace::for_router(&gpu, &router, tokens).unwrap();
         let mut x_perm = DeviceTensor::zeros(&gpu, Dtype::Bf16, &[tokens * 8, h]).unwrap();
         let mut out = DeviceBuffer::<f32>::zeros(&gpu, &[tokens, h]).unwrap();
-        let run = |ws: &mut MoeWorkspace, x_perm: &mut DeviceTensor, out: &mut DeviceBuffer<f32>| {
+        let run = |ws: &mut RoutingWorkspace, x_perm: &mut DeviceTensor, out: &mut DeviceBuffer<f32>| {
             kernels.route(&router, &dev_x, ws).unwrap();
             kernels.gather(&dev_x, h, ws, x_perm).unwrap();
             kernels.combine(&dev_rows, h, ws, out).unwrap();

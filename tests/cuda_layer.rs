@@ -21,7 +21,7 @@
 //! that a failure.
 #![cfg(feature = "cuda")]
 
-mod gemm_support;
+mod support;
 
 use std::sync::{Arc, OnceLock};
 
@@ -31,8 +31,8 @@ use dots_moe::cuda::expert_gemm::GemmOptions;
 use dots_moe::cuda::layer::CudaMoeLayer;
 use dots_moe::moe::{MoeLayer, MoeLayerBuilder, MoeWeights, Precision};
 use dots_moe::tensor::{Dtype, TensorView};
-use gemm_support::{all_options, bits, random_f32, rel_error, rng};
 use half::bf16;
+use support::gemm::{all_options, bits, random_f32, rel_error, rng};
 
 fn small_config() -> MoeConfig {
     MoeConfig {
@@ -132,11 +132,11 @@ fn check(what: &str, cpu: &MoeLayer, gpu_layer: &CudaMoeLayer, hidden: &Hidden, 
     let pick = |v: &[f32]| -> Vec<f32> { same.iter().flat_map(|&t| v[t * h..(t + 1) * h].to_vec()).collect() };
     let err = rel_error(what, &pick(&out), &pick(&trace.output));
     eprintln!("{what}: relative error {err:.2e} ({differing} tokens routed differently, left out)");
-    assert!(err <= gemm_support::TOLERANCE, "{what}: relative error {err:.3e}");
+    assert!(err <= support::gemm::TOLERANCE, "{what}: relative error {err:.3e}");
 }
 
 fn setup(test: &str) -> Option<Arc<GpuContext>> {
-    gemm_support::gpu(test)
+    support::gemm::gpu(test)
 }
 
 #[test]
@@ -293,7 +293,7 @@ fn dots1_shape_large_batches_match_cpu_on_a_sample() {
             "dots.llm1 shape, T = {tokens}, {} sampled tokens: relative error {err:.2e} ({differing} routed differently)",
             sample.len()
         );
-        assert!(err <= gemm_support::TOLERANCE, "T = {tokens}: relative error {err:.3e}");
+        assert!(err <= support::gemm::TOLERANCE, "T = {tokens}: relative error {err:.3e}");
     }
 }
 

@@ -15,12 +15,12 @@
 //! `tests/model_cli.rs` checks that `--backend cuda` is then a one-line error.
 #![cfg(feature = "cuda")]
 
-mod model_support;
+mod support;
 
 use dots_moe::backend::testing;
 use dots_moe::cuda::GpuContext;
 use dots_moe::model::{Dots1Model, GenerateOptions, SamplingParams, generate};
-use model_support::{FIXTURES, expected, fixture, relative_error};
+use support::model::{FIXTURES, expected, fixture, relative_error};
 
 /// `max |gpu - cpu| / max |cpu|` over the logits: bf16 rounding inside the MoE layers.
 const LOGIT_TOLERANCE: f32 = 3e-2;

@@ -6,11 +6,11 @@
 //! full pass). Fixtures: `expected_bf16.{json,safetensors}` beside each model, written by
 //! `scripts/golden/make_fixtures.py --bf16-only`.
 
-mod model_support;
+mod support;
 
 use dots_moe::model::{Dots1Model, GenerateOptions, LoadOptions, LogitsFor, Precision, SamplingParams, generate};
-use model_support::{FIXTURES, expected, expected_logits, fixture, read_f32, relative_error};
 use serde::Deserialize;
+use support::model::{FIXTURES, expected, expected_logits, fixture, read_f32, relative_error};
 
 /// Largest `max |logit - transformers bf16| / max |logit|` allowed.
 ///

@@ -1,11 +1,11 @@
 //! The CLI forms other tools depend on: `dots-moe generate ... --json` and
 //! `dots-moe logits ... --out FILE`, run as a user would, against the golden fixtures.
 
-mod model_support;
+mod support;
 
 use std::process::{Command, Output};
 
-use model_support::{Scratch, expected, expected_logits, fixture, read_f32, relative_error};
+use support::model::{Scratch, expected, expected_logits, fixture, read_f32, relative_error};
 
 fn dots_moe(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dots-moe")).args(args).output().unwrap()

@@ -1,13 +1,13 @@
 //! Bad input: every problem is a clear error naming what is wrong, never a panic.
 //! Each case starts from a scratch copy of a golden fixture and breaks one thing.
 
-mod model_support;
+mod support;
 
 use std::path::Path;
 
 use dots_moe::model::{Dots1Model, ModelError};
-use model_support::{Scratch, expected, expected_logits, fixture, relative_error};
 use safetensors::{Dtype, SafeTensors};
+use support::model::{Scratch, expected, expected_logits, fixture, relative_error};
 
 type Tensor = (Dtype, Vec<usize>, Vec<u8>);
 

@@ -3,11 +3,11 @@
 //! Fixtures: tests/fixtures/model_{f32,bf16,sharded}, written by
 //! scripts/golden/make_fixtures.py. No Python is needed here.
 
-mod model_support;
+mod support;
 
 use dots_moe::Dtype;
 use dots_moe::model::{Checkpoint, Dots1Model, GenerateOptions, LogitsFor, SamplingParams, StopReason, generate};
-use model_support::{FIXTURES, expected, expected_logits, fixture, relative_error};
+use support::model::{FIXTURES, expected, expected_logits, fixture, relative_error};
 
 /// Logits within 1e-4 of the largest logit magnitude (all fixtures compute in f32).
 const LOGIT_TOLERANCE: f32 = 1e-4;

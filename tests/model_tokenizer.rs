@@ -3,14 +3,14 @@
 //! gzipped) must encode exactly as the Python `tokenizers` library did and round-trip;
 //! the f32 fixture's tiny tokenizer carries the dots.llm1 chat tokens.
 
-mod model_support;
+mod support;
 
 use std::io::Read;
 
 use dots_moe::model::tokenizer::END_OF_RESPONSE;
 use dots_moe::model::{TextStream, Tokenizer, chat_prompt};
-use model_support::{expected, fixture};
 use serde::Deserialize;
+use support::model::{expected, fixture};
 
 #[derive(Deserialize)]
 struct Case {

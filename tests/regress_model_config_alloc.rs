@@ -15,9 +15,9 @@ use dots_moe::model::Dots1Model;
 /// The tests share `LARGEST`: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-mod alloc_support;
+mod support;
 
-use alloc_support::Recording;
+use support::alloc::Recording;
 
 #[global_allocator]
 static GLOBAL: Recording = Recording;
@@ -45,9 +45,9 @@ fn model_dir(name: &str, layers: usize, extra: &str) -> PathBuf {
 /// Loads `dir` and returns the largest single allocation, which must stay under 1 MiB:
 /// the whole directory is under 1 KiB.
 fn largest_allocation_loading(dir: &PathBuf) -> usize {
-    alloc_support::reset();
+    support::alloc::reset();
     let result = Dots1Model::load(dir);
-    let largest = alloc_support::largest();
+    let largest = support::alloc::largest();
     let _ = std::fs::remove_dir_all(dir);
     assert!(result.is_err(), "a checkpoint without tensors cannot load");
     largest

@@ -7,9 +7,9 @@
 use dots_moe::RouterConfig;
 use dots_moe::moe::route_logits;
 
-mod alloc_support;
+mod support;
 
-use alloc_support::Recording;
+use support::alloc::Recording;
 
 #[global_allocator]
 static GLOBAL: Recording = Recording;
@@ -18,9 +18,9 @@ static GLOBAL: Recording = Recording;
 fn empty_batch_allocates_nothing_per_expert() {
     let cfg = RouterConfig { n_experts: (u32::MAX / 2) as usize, top_k: 1, ..RouterConfig::dots1() };
     cfg.validate().expect("the largest expert count the router accepts");
-    alloc_support::reset();
+    support::alloc::reset();
     let routing = route_logits(&cfg, &[], 0, None).expect("an empty batch routes");
-    let largest = alloc_support::largest();
+    let largest = support::alloc::largest();
     assert!(routing.expert_ids.is_empty() && routing.weights.is_empty());
     assert!(largest < 1 << 20, "routing no tokens allocated {largest} bytes at once");
 }

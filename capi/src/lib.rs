@@ -151,7 +151,7 @@ impl From<MoeError> for Failure {
             MoeError::NonFiniteLogit { .. } | MoeError::NonFiniteBias { .. } | MoeError::BadRouting { .. } => {
                 DotsMoeStatus::DotsMoeErrBadValue
             }
-            MoeError::Unsupported(_) => DotsMoeStatus::DotsMoeErrUnsupported,
+            MoeError::Unsupported(_) | MoeError::Limit { .. } => DotsMoeStatus::DotsMoeErrUnsupported,
             _ => DotsMoeStatus::DotsMoeErrInvalidArgument,
         };
         Failure(status, e.to_string())

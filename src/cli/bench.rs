@@ -7,9 +7,9 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use dots_moe::bench::{self, BenchRow, report};
 use dots_moe::config::MoeConfig;
 use dots_moe::moe::{MoeLayer, MoeWeights};
+use dots_moe::roofline::{self, BenchRow, report};
 use dots_moe::tensor::{Dtype, TensorView};
 
 use super::CliResult;
@@ -79,12 +79,12 @@ pub fn run(args: BenchArgs) -> CliResult {
     let cfg = MoeConfig::dots1();
     let measure = || {
         let bar = progress("measuring this machine's floor (copy bandwidth, matmul rate)");
-        let floor = bench::measure_floor(1 << 28);
+        let floor = roofline::measure_floor(1 << 28);
         bar.finish_and_clear();
         floor
     };
     // The CUDA rows use the H200's ceilings; only the CPU rows need this machine's floor.
-    let mut floor = if args.backend == BackendChoice::Cuda && !args.floor_only { bench::H200 } else { measure() };
+    let mut floor = if args.backend == BackendChoice::Cuda && !args.floor_only { roofline::H200 } else { measure() };
     if args.floor_only {
         if args.json {
             println!("{}", serde_json::to_string(&floor)?);
@@ -102,8 +102,10 @@ pub fn run(args: BenchArgs) -> CliResult {
     let mut rows: Vec<BenchRow> = Vec::new();
     let wants_cpu = matches!(args.backend, BackendChoice::Cpu | BackendChoice::All);
     let wants_cuda = matches!(args.backend, BackendChoice::Cuda | BackendChoice::All);
-    if args.backend == BackendChoice::Cuda {
-        cuda::check_available().map_err(|reason| format!("cuda backend: not available: {reason}"))?;
+    // GPU 0 opens before the layer is built, so `--backend cuda` fails early without one.
+    let gpu = wants_cuda.then(cuda::GpuBench::open);
+    if let (BackendChoice::Cuda, Some(Err(reason))) = (args.backend, &gpu) {
+        return Err(format!("cuda backend: not available: {reason}").into());
     }
     let bar = progress("building a seeded synthetic dots.llm1 MoE layer (4.5 GB of bf16 weights)");
     let layer = MoeLayer::new(MoeWeights::synthetic(&cfg, Dtype::Bf16, args.seed)?);
@@ -130,15 +132,15 @@ pub fn run(args: BenchArgs) -> CliResult {
             rows.push(row);
         }
     }
-    if wants_cuda {
-        match cuda::time_cuda(&layer, &args) {
+    if let Some(gpu) = gpu {
+        match gpu.and_then(|gpu| gpu.time(&layer, &args)) {
             Ok(cuda_rows) => rows.extend(cuda_rows),
             Err(reason) if args.backend == BackendChoice::All => eprintln!("cuda backend: not available: {reason}"),
             Err(reason) => return Err(format!("cuda backend: not available: {reason}").into()),
         }
     }
 
-    let peak = bench::peak_rss_bytes();
+    let peak = roofline::peak_rss_bytes();
     if let (Some(peak), false) = (peak, args.json) {
         println!(
             "peak resident memory: {:.2} GB ({:.2}x the layer's bf16 weights)",
@@ -191,7 +193,7 @@ fn print_row(row: &BenchRow, header: bool) {
 }
 
 /// One batch size's result: tokens, median time, what the layer moves and computes.
-type Timing = (usize, Duration, bench::LayerCost);
+type Timing = (usize, Duration, roofline::LayerCost);
 
 /// Times the CPU layer at every batch size, calling `after_each` after each one.
 fn time_cpu(
@@ -203,12 +205,12 @@ fn time_cpu(
     let mut timings = Vec::new();
     for &tokens in &args.tokens {
         let bar = progress(&format!("cpu: timing {tokens} tokens"));
-        let hidden = bench::random_hidden(tokens, h, args.seed.wrapping_add(tokens as u64));
+        let hidden = roofline::random_hidden(tokens, h, args.seed.wrapping_add(tokens as u64));
         let input = TensorView::F32(&hidden);
         let routing = layer.route(input, tokens)?;
-        let cost = bench::layer_cost(layer, &routing);
+        let cost = roofline::layer_cost(layer, &routing);
         let mut failure = None;
-        let median = bench::median_time(3, 50, Duration::from_secs_f64(args.seconds), || {
+        let median = roofline::median_time(3, 50, Duration::from_secs_f64(args.seconds), || {
             if let Err(e) = layer.forward(input, tokens) {
                 failure.get_or_insert(e);
             }
@@ -236,61 +238,71 @@ fn machine_name() -> String {
 }
 
 /// The CUDA side of the bench: the whole layer on the GPU, replayed from a CUDA graph,
-/// timed with CUDA events; the floor is the H200's ([`dots_moe::bench::H200`]: 4.3 TB/s,
-/// 790 TFLOP/s).
+/// timed with CUDA events; the floor is the H200's ([`dots_moe::roofline::H200`]: 4.3 TB/s,
+/// 790 TFLOP/s). Without the `cuda` feature, [`cuda::GpuBench`] is a type with no values
+/// whose `open` says so.
 #[cfg(feature = "cuda")]
 mod cuda {
     use std::sync::Arc;
 
-    use dots_moe::bench::{self, BenchRow, LayerCost};
-    use dots_moe::cuda::bench::time_region;
     use dots_moe::cuda::layer::{CudaMoeLayer, LayerWorkspace};
+    use dots_moe::cuda::timing::time_region;
     use dots_moe::cuda::{CudaError, GpuContext};
     use dots_moe::moe::MoeLayer;
+    use dots_moe::roofline::{self, BenchRow, LayerCost};
     use dots_moe::tensor::{Dtype, TensorView};
 
     use super::{BenchArgs, print_row, progress};
 
-    /// Whether GPU 0 can be opened.
-    pub fn check_available() -> Result<(), String> {
-        GpuContext::new(0).map(|_| ()).map_err(|e| e.to_string())
+    /// GPU 0, opened for timing.
+    pub struct GpuBench {
+        gpu: Arc<GpuContext>,
     }
 
-    /// Times `layer` on GPU 0 for every batch size of `args`; `Err` says why CUDA cannot run.
-    pub fn time_cuda(layer: &MoeLayer, args: &BenchArgs) -> Result<Vec<BenchRow>, String> {
-        let gpu: Arc<GpuContext> = GpuContext::new(0).map_err(|e| e.to_string())?;
-        let bar = progress("cuda: uploading the layer and compiling the kernels");
-        let device_layer = CudaMoeLayer::with_default_options(&gpu, layer).map_err(|e| e.to_string())?;
-        bar.finish_and_clear();
-        let floor = bench::H200;
-        let h = layer.config().hidden_size;
-        let mut rows = Vec::new();
-        for &tokens in args.tokens.iter().filter(|&&t| t > 0) {
-            let bar = progress(&format!("cuda: timing {tokens} tokens"));
-            let hidden = bench::random_hidden(tokens, h, args.seed.wrapping_add(tokens as u64));
-            let cost =
-                bench::layer_cost(layer, &layer.route(TensorView::F32(&hidden), tokens).map_err(|e| e.to_string())?);
-            let mut ws = device_layer.workspace(tokens, Dtype::F32).map_err(|e| e.to_string())?;
-            ws.set_input(TensorView::F32(&hidden)).map_err(|e| e.to_string())?;
-            let iterations = if tokens >= 4096 { 20 } else { 50 };
-            let (_eager_us, graph_us) =
-                time_region(&gpu, iterations, || device_layer.enqueue(&mut ws)).map_err(|e| e.to_string())?;
-            let mut timed = vec![("cuda".to_string(), graph_us, cost)];
-            if args.gemm {
-                timed.extend(time_gemms(&gpu, &device_layer, &mut ws, iterations).map_err(|e| e.to_string())?);
-            }
-            bar.finish_and_clear();
-            for (backend, us, cost) in timed {
-                let row = BenchRow::new(&backend, tokens, std::time::Duration::from_secs_f64(us * 1e-6), &cost, &floor);
-                if !args.json {
-                    print_row(&row, rows.is_empty());
-                }
-                rows.push(row);
-            }
+    impl GpuBench {
+        /// Opens GPU 0; `Err` says why it cannot.
+        pub fn open() -> Result<Self, String> {
+            Ok(GpuBench { gpu: GpuContext::new(0).map_err(|e| e.to_string())? })
         }
-        Ok(rows)
-    }
 
+        /// Times `layer` for every batch size of `args`; `Err` says why CUDA cannot run it.
+        pub fn time(&self, layer: &MoeLayer, args: &BenchArgs) -> Result<Vec<BenchRow>, String> {
+            let gpu = &self.gpu;
+            let bar = progress("cuda: uploading the layer and compiling the kernels");
+            let device_layer = CudaMoeLayer::with_default_options(gpu, layer).map_err(|e| e.to_string())?;
+            bar.finish_and_clear();
+            let floor = roofline::H200;
+            let h = layer.config().hidden_size;
+            let mut rows = Vec::new();
+            for &tokens in args.tokens.iter().filter(|&&t| t > 0) {
+                let bar = progress(&format!("cuda: timing {tokens} tokens"));
+                let hidden = roofline::random_hidden(tokens, h, args.seed.wrapping_add(tokens as u64));
+                let cost = roofline::layer_cost(
+                    layer,
+                    &layer.route(TensorView::F32(&hidden), tokens).map_err(|e| e.to_string())?,
+                );
+                let mut ws = device_layer.workspace(tokens, Dtype::F32).map_err(|e| e.to_string())?;
+                ws.set_input(TensorView::F32(&hidden)).map_err(|e| e.to_string())?;
+                let iterations = if tokens >= 4096 { 20 } else { 50 };
+                let (_eager_us, graph_us) =
+                    time_region(gpu, iterations, || device_layer.enqueue(&mut ws)).map_err(|e| e.to_string())?;
+                let mut timed = vec![("cuda".to_string(), graph_us, cost)];
+                if args.gemm {
+                    timed.extend(time_gemms(gpu, &device_layer, &mut ws, iterations).map_err(|e| e.to_string())?);
+                }
+                bar.finish_and_clear();
+                for (backend, us, cost) in timed {
+                    let row =
+                        BenchRow::new(&backend, tokens, std::time::Duration::from_secs_f64(us * 1e-6), &cost, &floor);
+                    if !args.json {
+                        print_row(&row, rows.is_empty());
+                    }
+                    rows.push(row);
+                }
+            }
+            Ok(rows)
+        }
+    }
     /// GEMM 1 (gate/up + SwiGLU) and GEMM 2 (down + routing weight) timed apart on a
     /// workspace the layer has just run on (its schedule, gathered rows and activation are
     /// in place): `(label, graph-replay median us, cost of that GEMM alone)`.
@@ -332,16 +344,21 @@ mod cuda {
 
 #[cfg(not(feature = "cuda"))]
 mod cuda {
-    use dots_moe::bench::BenchRow;
     use dots_moe::moe::MoeLayer;
+    use dots_moe::roofline::BenchRow;
 
-    /// Without the `cuda` feature there is no CUDA backend.
-    pub fn check_available() -> Result<(), String> {
-        Err("this binary was built without the `cuda` feature".into())
-    }
+    /// GPU 0 for timing: this build has none, so no value exists.
+    pub enum GpuBench {}
 
-    /// Without the `cuda` feature there is no CUDA backend.
-    pub fn time_cuda(_layer: &MoeLayer, _args: &super::BenchArgs) -> Result<Vec<BenchRow>, String> {
-        Err("this binary was built without the `cuda` feature".into())
+    impl GpuBench {
+        /// Always `Err`: this build has no CUDA.
+        pub fn open() -> Result<Self, String> {
+            Err("this binary was built without the `cuda` feature".into())
+        }
+
+        /// Never runs (no value exists).
+        pub fn time(&self, _layer: &MoeLayer, _args: &super::BenchArgs) -> Result<Vec<BenchRow>, String> {
+            match *self {}
+        }
     }
 }

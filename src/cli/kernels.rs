@@ -39,7 +39,7 @@ pub fn kernel_files(arch: &str) -> Vec<&'static dots_moe::cuda::source::KernelSo
 pub fn run(args: KernelsArgs) -> CliResult {
     use dots_moe::cuda::launch::LaunchDims;
     use dots_moe::cuda::moe::{rank_shared_bytes, scatter_shared_bytes, select_shared_bytes};
-    use dots_moe::cuda::{Arch, GpuContext, bench, context, nvrtc, source};
+    use dots_moe::cuda::{Arch, GpuContext, context, nvrtc, source, timing};
 
     let arch = match &args.arch {
         Some(arch) => Arch::parse(arch)?.to_string(),
@@ -96,11 +96,11 @@ pub fn run(args: KernelsArgs) -> CliResult {
     }
     if args.time {
         let gpu = GpuContext::new(0)?;
-        let timings = bench::time_moe_kernels(&gpu, &args.tokens, args.iterations.max(1))?;
+        let timings = timing::time_moe_kernels(&gpu, &args.tokens, args.iterations.max(1))?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&timings)?);
         } else {
-            print!("{}", bench::format_table(&gpu, &timings));
+            print!("{}", timing::format_table(&gpu, &timings));
         }
     }
     Ok(())

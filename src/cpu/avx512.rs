@@ -19,7 +19,7 @@
 //! Wider tiles measured slower. Two or three rows left over after the tiles of 4 run as
 //! one tile of that height and the same width (about 2x fewer loads per product than
 //! single rows). The rows of a tile stream from L2; `a` rows are 64-byte
-//! aligned with an odd number of cache lines per row (see `plan::AlignedRows`).
+//! aligned with an odd number of cache lines per row (see `rows::AlignedRows`).
 
 use std::arch::x86_64::*;
 

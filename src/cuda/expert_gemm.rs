@@ -276,7 +276,9 @@ impl GemmWorkspace {
 
 fn grid_y(what: &str, n: usize) -> Result<u32, CudaError> {
     if n > MAX_GRID_Y {
-        return Err(MoeError::Unsupported(format!("{what}: {n} work items exceed the grid limit {MAX_GRID_Y}")).into());
+        return Err(
+            MoeError::Limit { what: format!("{what}: work items (grid y)"), needed: n, limit: MAX_GRID_Y }.into()
+        );
     }
     Ok(n as u32)
 }
@@ -617,6 +619,18 @@ mod tests {
         assert_eq!(options(false, 64).capacities(0, 130), (0, 0));
         assert_eq!(options(true, 64).capacities(0, 130), (0, 0));
         assert_eq!(options(false, 0).capacities(8, 130), (0, 1 + 8));
+    }
+
+    #[test]
+    fn work_items_past_the_grid_are_a_limit() {
+        assert_eq!(grid_y("decode items", MAX_GRID_Y).unwrap(), MAX_GRID_Y as u32);
+        match grid_y("decode items", MAX_GRID_Y + 1) {
+            Err(CudaError::Moe(MoeError::Limit { what, needed, limit })) => {
+                assert_eq!((needed, limit), (MAX_GRID_Y + 1, MAX_GRID_Y));
+                assert!(what.starts_with("decode items"), "{what}");
+            }
+            other => panic!("expected a Limit error, got {other:?}"),
+        }
     }
 
     #[test]

@@ -213,12 +213,15 @@ impl Launch {
             );
         }
         let (x, y) = (kernel.grid)(dims);
-        if x > MAX_GRID.0 || y > MAX_GRID.1 {
-            return Err(MoeError::Unsupported(format!(
-                "{}: a grid of ({x}, {y}) blocks exceeds the limit ({}, {})",
-                kernel.entry, MAX_GRID.0, MAX_GRID.1
-            ))
-            .into());
+        for (axis, needed, limit) in [("x", x, MAX_GRID.0), ("y", y, MAX_GRID.1)] {
+            if needed > limit {
+                return Err(MoeError::Limit {
+                    what: format!("{}: grid blocks in {axis}", kernel.entry),
+                    needed,
+                    limit,
+                }
+                .into());
+            }
         }
         Ok(Launch {
             kernel,

@@ -3,7 +3,7 @@
 //! that a batch shape can be captured once in a CUDA graph and replayed ([`LayerGraph`]).
 //!
 //! ```text
-//! moe_router_logits, moe_router_select, moe_permute_scatter   (MoeKernels::route)
+//! moe_router_logits, moe_router_select, moe_permute_scatter   (RouteCombineKernels::route)
 //! moe_gather_*_to_bf16                                         x [R, H] bf16
 //! moe_expert_schedule, moe_expert_up_*, moe_expert_down_*      (ExpertGemm::run) y [R, H]
 //! moe_combine                                                  out [T, H] f32
@@ -23,8 +23,8 @@ use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
 use crate::cuda::context::GpuContext;
 use crate::cuda::error::CudaError;
 use crate::cuda::expert_gemm::{DeviceExpertWeights, ExpertGemm, GemmOptions, GemmWorkspace};
-use crate::cuda::moe::MoeKernels;
-use crate::cuda::workspace::{DeviceRouter, MoeWorkspace};
+use crate::cuda::moe::RouteCombineKernels;
+use crate::cuda::workspace::{DeviceRouter, RoutingWorkspace};
 use crate::error::{MoeError, check_len};
 use crate::moe::{MoeLayer, Precision};
 use crate::tensor::{Dtype, TensorView};
@@ -33,7 +33,7 @@ use crate::tensor::{Dtype, TensorView};
 #[derive(Debug)]
 pub struct CudaMoeLayer {
     config: MoeConfig,
-    kernels: MoeKernels,
+    kernels: RouteCombineKernels,
     gemm: ExpertGemm,
     router: DeviceRouter,
     weights: DeviceExpertWeights,
@@ -47,7 +47,7 @@ pub struct LayerWorkspace {
     /// The input `hidden [T, H]` (f32 or bf16, fixed when the workspace is made).
     pub hidden: DeviceTensor,
     /// Routing and permutation buffers.
-    pub routing: MoeWorkspace,
+    pub routing: RoutingWorkspace,
     /// The gathered rows `x [R, H]`, bf16, permuted order (`R = T * (k + S)`).
     pub x: DeviceTensor,
     /// Work items and the activation `[R, I]`.
@@ -112,7 +112,7 @@ impl CudaMoeLayer {
         let weights = DeviceExpertWeights::upload(gpu, layer.weights())?;
         Ok(CudaMoeLayer {
             config: layer.config().clone(),
-            kernels: MoeKernels::new(gpu)?,
+            kernels: RouteCombineKernels::new(gpu)?,
             gemm: ExpertGemm::new(gpu, options)?,
             router: DeviceRouter::from_layer(gpu, layer)?,
             weights,
@@ -161,7 +161,7 @@ impl CudaMoeLayer {
         Ok(LayerWorkspace {
             tokens,
             hidden: DeviceTensor::zeros(gpu, dtype, &[tokens, h])?,
-            routing: MoeWorkspace::for_router(gpu, &self.router, tokens)?,
+            routing: RoutingWorkspace::for_router(gpu, &self.router, tokens)?,
             x: DeviceTensor::zeros(gpu, Dtype::Bf16, &[rows, h])?,
             gemm: self.gemm.workspace(&self.weights, rows)?,
             expert_rows: DeviceBuffer::zeros(gpu, &[rows, h])?,

@@ -18,10 +18,11 @@
 //! - [`workspace`]: a batch's device buffers and the readers that download them.
 //! - [`occupancy`]: each kernel's registers, shared memory and CTAs per SM on the device.
 //! - [`graph`]: capture into a CUDA graph, and device time between CUDA events.
-//! - [`bench`](mod@bench): timing with CUDA events (for `dots-moe kernels --time`).
+//! - [`backend`]: the CUDA side of [`crate::backend::Backend`] (host data in and out).
+//! - [`timing`]: device timing with CUDA events (for `dots-moe kernels --time`).
 
 pub mod arch;
-pub mod bench;
+pub mod backend;
 pub mod buffer;
 pub mod context;
 mod error;
@@ -33,11 +34,12 @@ pub mod moe;
 pub mod nvrtc;
 pub mod occupancy;
 pub mod source;
+pub mod timing;
 pub mod workspace;
 
 pub use arch::Arch;
 pub use buffer::{DeviceBuffer, DeviceTensor};
 pub use context::{DeviceInfo, GpuContext};
 pub use error::CudaError;
-pub use moe::MoeKernels;
-pub use workspace::{DeviceRouter, MoeWorkspace};
+pub use moe::RouteCombineKernels;
+pub use workspace::{DeviceRouter, RoutingWorkspace};

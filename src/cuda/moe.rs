@@ -2,8 +2,8 @@
 //! queue the launches on the context's stream.
 //!
 //! Nothing here waits for the device: counts, offsets and every intermediate stay in
-//! device buffers ([`MoeWorkspace`]), so routing, permutation, gather and combine can be
-//! captured in a CUDA graph. Only the `download`/`read_*` helpers of [`MoeWorkspace`] copy
+//! device buffers ([`RoutingWorkspace`]), so routing, permutation, gather and combine can be
+//! captured in a CUDA graph. Only the `download`/`read_*` helpers of [`RoutingWorkspace`] copy
 //! results back (and wait).
 //!
 //! The pipeline for `T` tokens, `S = k + n_shared` slots per token:
@@ -20,7 +20,7 @@
 //! ```
 //!
 //! `moe_permute_rank` replaces the selection's ranking step when slot ids come from
-//! elsewhere ([`MoeKernels::permute`]).
+//! elsewhere ([`RouteCombineKernels::permute`]).
 
 use crate::config::{RouterConfig, Scoring};
 use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
@@ -28,7 +28,7 @@ use crate::cuda::context::GpuContext;
 use crate::cuda::error::CudaError;
 use crate::cuda::launch::{KernelArg as Arg, KernelDecl, Launch, LaunchDims, Launcher};
 use crate::cuda::source;
-use crate::cuda::workspace::{DeviceRouter, MoeWorkspace, StatusSource};
+use crate::cuda::workspace::{DeviceRouter, RoutingWorkspace, StatusSource};
 use crate::error::MoeError;
 use crate::tensor::Dtype;
 
@@ -77,8 +77,9 @@ pub fn scatter_shared_bytes(n_slots: usize) -> usize {
     4 * (2 * n_slots + 1)
 }
 
-fn unsupported(what: String) -> CudaError {
-    CudaError::Moe(MoeError::Unsupported(what))
+/// A [`MoeError::Limit`]: `what` needs `needed`, past `limit`.
+fn limit(what: String, needed: usize, limit: usize) -> CudaError {
+    CudaError::Moe(MoeError::Limit { what, needed, limit })
 }
 
 // ---- the launches, from sizes and device addresses ----------------------------------------
@@ -86,7 +87,7 @@ fn unsupported(what: String) -> CudaError {
 // Shared by the GPU wrappers below and the CPU emulator (tests/emulator), so both run the
 // same launches. Each returns `None` when there is nothing to launch.
 
-/// Device addresses of a routing workspace's buffers (see [`MoeWorkspace`]).
+/// Device addresses of a routing workspace's buffers (see [`RoutingWorkspace`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub struct WorkspacePtrs {
@@ -180,22 +181,23 @@ pub fn logits_launch(
 pub fn check_select(cfg: &RouterConfig, slots_per_token: usize, n_slots: usize) -> Result<(), CudaError> {
     cfg.validate().map_err(MoeError::from)?;
     if cfg.n_group > MAX_GROUPS {
-        return Err(unsupported(format!(
-            "the router kernel takes at most {MAX_GROUPS} expert groups, got {}",
-            cfg.n_group
-        )));
+        return Err(limit("expert groups of the router kernel".into(), cfg.n_group, MAX_GROUPS));
     }
     let shared = select_shared_bytes(cfg.n_experts, slots_per_token, n_slots);
     if shared > MAX_SHARED_BYTES {
-        return Err(unsupported(format!(
-            "the router kernel needs {shared} bytes of shared memory for {} experts and {slots_per_token} slots per token (limit {MAX_SHARED_BYTES})",
-            cfg.n_experts
-        )));
+        return Err(limit(
+            format!(
+                "shared memory bytes of the router kernel for {} experts and {slots_per_token} slots per token",
+                cfg.n_experts
+            ),
+            shared,
+            MAX_SHARED_BYTES,
+        ));
     }
     Ok(())
 }
 
-/// The selection from `ws.logits` (see [`MoeKernels::router_select`]); `bias` is 0 for
+/// The selection from `ws.logits` (see [`RouteCombineKernels::router_select`]); `bias` is 0 for
 /// none.
 pub fn select_launch(
     cfg: &RouterConfig,
@@ -242,9 +244,7 @@ pub fn rank_launch(ws: &WorkspacePtrs, dims: &WorkspaceDims) -> Result<Option<La
     }
     let shared = rank_shared_bytes(dims.slots_per_token, dims.n_slots);
     if shared > MAX_SHARED_BYTES {
-        return Err(unsupported(format!(
-            "the permutation needs {shared} bytes of shared memory (limit {MAX_SHARED_BYTES})"
-        )));
+        return Err(limit("shared memory bytes of the permutation's ranking".into(), shared, MAX_SHARED_BYTES));
     }
     let args = vec![
         Arg::Ptr(ws.slot_ids),
@@ -262,9 +262,7 @@ pub fn rank_launch(ws: &WorkspacePtrs, dims: &WorkspaceDims) -> Result<Option<La
 pub fn scatter_launch(ws: &WorkspacePtrs, dims: &WorkspaceDims) -> Result<Option<Launch>, CudaError> {
     let shared = scatter_shared_bytes(dims.n_slots);
     if shared > MAX_SHARED_BYTES {
-        return Err(unsupported(format!(
-            "the permutation needs {shared} bytes of shared memory (limit {MAX_SHARED_BYTES})"
-        )));
+        return Err(limit("shared memory bytes of the permutation's scatter".into(), shared, MAX_SHARED_BYTES));
     }
     let args = vec![
         Arg::Ptr(ws.slot_ids),
@@ -321,9 +319,7 @@ pub fn combine_launch(
     hidden_size: usize,
 ) -> Result<Option<Launch>, CudaError> {
     if slots_per_token > COMBINE_MAX_SLOTS {
-        return Err(unsupported(format!(
-            "the combine kernel takes at most {COMBINE_MAX_SLOTS} slots per token, got {slots_per_token}"
-        )));
+        return Err(limit("slots per token of the combine kernel".into(), slots_per_token, COMBINE_MAX_SLOTS));
     }
     if tokens == 0 || hidden_size == 0 {
         return Ok(None);
@@ -344,18 +340,20 @@ pub fn combine_launch(
 
 // ---- the GPU wrappers ----------------------------------------------------------------
 
-/// The MoE kernels, compiled for and loaded on one device.
-pub struct MoeKernels {
+/// The kernels around the expert GEMMs (router logits and selection, permutation, gather,
+/// combine), compiled for and loaded on one device. The expert GEMMs are
+/// [`crate::cuda::expert_gemm::ExpertGemm`].
+pub struct RouteCombineKernels {
     gpu: std::sync::Arc<GpuContext>,
 }
 
-impl std::fmt::Debug for MoeKernels {
+impl std::fmt::Debug for RouteCombineKernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MoeKernels").field("gpu", &self.gpu).finish_non_exhaustive()
+        f.debug_struct("RouteCombineKernels").field("gpu", &self.gpu).finish_non_exhaustive()
     }
 }
 
-impl MoeWorkspace {
+impl RoutingWorkspace {
     /// Its buffers' device addresses.
     pub fn ptrs(&self) -> WorkspacePtrs {
         WorkspacePtrs {
@@ -378,11 +376,11 @@ impl MoeWorkspace {
     }
 }
 
-impl MoeKernels {
+impl RouteCombineKernels {
     /// Compiles (NVRTC, cached) and loads every MoE kernel on `gpu`.
     pub fn new(gpu: &std::sync::Arc<GpuContext>) -> Result<Self, CudaError> {
         gpu.load(&[&source::ROUTE, &source::PERMUTE, &source::COMBINE])?;
-        Ok(MoeKernels { gpu: gpu.clone() })
+        Ok(RouteCombineKernels { gpu: gpu.clone() })
     }
 
     /// The device.
@@ -425,7 +423,7 @@ impl MoeKernels {
         )?)
     }
 
-    fn check_router(router: &DeviceRouter, ws: &MoeWorkspace) -> Result<(), CudaError> {
+    fn check_router(router: &DeviceRouter, ws: &RoutingWorkspace) -> Result<(), CudaError> {
         let cfg = &router.config;
         if ws.n_experts != cfg.n_experts
             || ws.slots_per_token != router.slots_per_token()
@@ -443,9 +441,9 @@ impl MoeKernels {
 
     /// Queues the selection from `ws.logits`: slot ids and weights, the pairs' ranks and the
     /// per-tile counts, and the status. With one tile (`T <= TILE_TOKENS`) it also writes the
-    /// permutation; otherwise [`MoeKernels::permute_scatter`] finishes it (calling it after a
+    /// permutation; otherwise [`RouteCombineKernels::permute_scatter`] finishes it (calling it after a
     /// one-tile selection rewrites the same values).
-    pub fn router_select(&self, router: &DeviceRouter, ws: &mut MoeWorkspace) -> Result<(), CudaError> {
+    pub fn router_select(&self, router: &DeviceRouter, ws: &mut RoutingWorkspace) -> Result<(), CudaError> {
         router.config.validate().map_err(MoeError::from)?;
         Self::check_router(router, ws)?;
         let bias = router.bias.as_ref().map_or(0, |b| b.device_ptr());
@@ -459,22 +457,27 @@ impl MoeKernels {
 
     /// Queues the ranks and per-tile counts of the slot ids already in `ws.slot_ids`
     /// (ids from elsewhere than the router).
-    pub fn permute_rank(&self, ws: &mut MoeWorkspace) -> Result<(), CudaError> {
+    pub fn permute_rank(&self, ws: &mut RoutingWorkspace) -> Result<(), CudaError> {
         ws.status_source = StatusSource::Permute;
         // The workspace buffers have the sizes its constructor gave for (T, S, n_slots).
         self.run(rank_launch(&ws.ptrs(), &ws.dims())?)
     }
 
     /// Queues the scatter: `expert_offsets`, `row_pairs`, `pair_rows` and `row_weights`
-    /// from the ranks and counts (of [`MoeKernels::router_select`] or
-    /// [`MoeKernels::permute_rank`]). Valid for `T = 0` (all offsets 0).
-    pub fn permute_scatter(&self, ws: &mut MoeWorkspace) -> Result<(), CudaError> {
+    /// from the ranks and counts (of [`RouteCombineKernels::router_select`] or
+    /// [`RouteCombineKernels::permute_rank`]). Valid for `T = 0` (all offsets 0).
+    pub fn permute_scatter(&self, ws: &mut RoutingWorkspace) -> Result<(), CudaError> {
         self.run(scatter_launch(&ws.ptrs(), &ws.dims())?)
     }
 
     /// Routes and permutes: logits, selection, scatter (three launches; two for one tile,
     /// where the selection scatters too; no host sync).
-    pub fn route(&self, router: &DeviceRouter, hidden: &DeviceTensor, ws: &mut MoeWorkspace) -> Result<(), CudaError> {
+    pub fn route(
+        &self,
+        router: &DeviceRouter,
+        hidden: &DeviceTensor,
+        ws: &mut RoutingWorkspace,
+    ) -> Result<(), CudaError> {
         let tokens = ws.tokens;
         self.router_logits(router, hidden, tokens, &mut ws.logits)?;
         self.router_select(router, ws)?;
@@ -482,7 +485,7 @@ impl MoeKernels {
     }
 
     /// Permutes the slot ids (and weights) already in the workspace: rank, scatter.
-    pub fn permute(&self, ws: &mut MoeWorkspace) -> Result<(), CudaError> {
+    pub fn permute(&self, ws: &mut RoutingWorkspace) -> Result<(), CudaError> {
         self.permute_rank(ws)?;
         self.permute_scatter(ws)
     }
@@ -493,7 +496,7 @@ impl MoeKernels {
         &self,
         hidden: &DeviceTensor,
         hidden_size: usize,
-        ws: &MoeWorkspace,
+        ws: &RoutingWorkspace,
         out: &mut DeviceTensor,
     ) -> Result<(), CudaError> {
         hidden.expect_shape("hidden", &[ws.tokens, hidden_size])?;
@@ -515,7 +518,7 @@ impl MoeKernels {
         &self,
         expert_rows: &DeviceBuffer<f32>,
         hidden_size: usize,
-        ws: &MoeWorkspace,
+        ws: &RoutingWorkspace,
         out: &mut DeviceBuffer<f32>,
     ) -> Result<(), CudaError> {
         let (t, s) = (ws.tokens, ws.slots_per_token);

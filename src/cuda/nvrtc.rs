@@ -77,6 +77,19 @@ pub struct KernelResources {
     pub stack_frame_bytes: u32,
 }
 
+/// What ptxas reported for one non-inlined device function: its stack frame and spills.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DeviceFunctionFrame {
+    /// The function's (mangled) name.
+    pub name: String,
+    /// Per-thread stack frame, bytes.
+    pub stack_frame_bytes: u32,
+    /// Bytes spilled to local memory by stores.
+    pub spill_store_bytes: u32,
+    /// Bytes reloaded from spills.
+    pub spill_load_bytes: u32,
+}
+
 /// A compiled kernel file.
 #[derive(Debug)]
 pub struct CompiledProgram {
@@ -92,9 +105,9 @@ pub struct CompiledProgram {
     pub log: String,
     /// ptxas's report per entry point, in the order it compiled them.
     pub kernels: Vec<KernelResources>,
-    /// Spill and stack bytes of non-inlined device functions (`(name, stack, spill stores,
-    /// spill loads)`); empty when everything is inlined.
-    pub device_functions: Vec<(String, u32, u32, u32)>,
+    /// Stack and spill bytes of the non-inlined device functions, by name; empty when
+    /// everything is inlined.
+    pub device_functions: Vec<DeviceFunctionFrame>,
     /// Compiled here, or read from the on-disk cache.
     pub origin: Origin,
 }
@@ -336,11 +349,12 @@ fn number_before(line: &str, suffix: &str) -> Option<u32> {
 }
 
 /// Reads ptxas's `-v` report: per entry point, registers, static shared memory, stack
-/// frame and spills. Returns the entry points and the non-inlined device functions.
-#[allow(clippy::type_complexity)]
-pub fn parse_ptxas_report(log: &str, arch: &str) -> (Vec<KernelResources>, Vec<(String, u32, u32, u32)>) {
+/// frame and spills. Returns the entry points and the non-inlined device functions (by name).
+pub fn parse_ptxas_report(log: &str, arch: &str) -> (Vec<KernelResources>, Vec<DeviceFunctionFrame>) {
     let mut kernels: Vec<KernelResources> = Vec::new();
-    let mut properties: HashMap<String, (u32, u32, u32)> = HashMap::new();
+    // Every function's frame, entry points included; what is left after the entry points
+    // take theirs are the device functions.
+    let mut properties: HashMap<String, DeviceFunctionFrame> = HashMap::new();
     let mut current_entry: Option<String> = None;
     let mut properties_for: Option<String> = None;
     let quoted = |line: &str| -> Option<String> {
@@ -354,11 +368,14 @@ pub fn parse_ptxas_report(log: &str, arch: &str) -> (Vec<KernelResources>, Vec<(
         } else if let Some(rest) = line.split("Function properties for ").nth(1) {
             properties_for = Some(rest.trim().to_string());
         } else if line.contains("bytes stack frame") {
-            let stack = number_before(line, "bytes stack frame").unwrap_or(0);
-            let stores = number_before(line, "bytes spill stores").unwrap_or(0);
-            let loads = number_before(line, "bytes spill loads").unwrap_or(0);
             if let Some(name) = properties_for.take() {
-                properties.insert(name, (stack, stores, loads));
+                let frame = DeviceFunctionFrame {
+                    name: name.clone(),
+                    stack_frame_bytes: number_before(line, "bytes stack frame").unwrap_or(0),
+                    spill_store_bytes: number_before(line, "bytes spill stores").unwrap_or(0),
+                    spill_load_bytes: number_before(line, "bytes spill loads").unwrap_or(0),
+                };
+                properties.insert(name, frame);
             }
         } else if line.contains("Used")
             && line.contains("registers")
@@ -376,14 +393,13 @@ pub fn parse_ptxas_report(log: &str, arch: &str) -> (Vec<KernelResources>, Vec<(
         }
     }
     for kernel in &mut kernels {
-        if let Some((stack, stores, loads)) = properties.remove(&kernel.name) {
-            kernel.stack_frame_bytes = stack;
-            kernel.spill_store_bytes = stores;
-            kernel.spill_load_bytes = loads;
+        if let Some(frame) = properties.remove(&kernel.name) {
+            kernel.stack_frame_bytes = frame.stack_frame_bytes;
+            kernel.spill_store_bytes = frame.spill_store_bytes;
+            kernel.spill_load_bytes = frame.spill_load_bytes;
         }
     }
-    let mut device_functions: Vec<(String, u32, u32, u32)> =
-        properties.into_iter().map(|(name, (stack, stores, loads))| (name, stack, stores, loads)).collect();
+    let mut device_functions: Vec<DeviceFunctionFrame> = properties.into_values().collect();
     device_functions.sort();
     (kernels, device_functions)
 }
@@ -414,6 +430,28 @@ ptxas info    : Used 255 registers, used 1 barriers, 256 bytes smem, 400 bytes c
         let mut fields: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
         fields.sort_unstable();
         assert_eq!(fields, ["arch", "name", "registers", "shared_bytes", "spill_load_bytes", "spill_store_bytes"]);
+    }
+
+    #[test]
+    fn reads_the_frames_of_device_functions() {
+        // Two non-inlined device functions (listed out of name order) beside one entry point.
+        let log = "ptxas info    : Function properties for _Z4zetav\n\
+ptxas         .     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n\
+ptxas info    : Compiling entry function 'k' for 'sm_90a'\n\
+ptxas info    : Function properties for k\n\
+ptxas         .     16 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 32 registers, used 0 barriers\n\
+ptxas info    : Function properties for _Z4betav\n\
+ptxas         .     40 bytes stack frame, 12 bytes spill stores, 20 bytes spill loads\n";
+        let (kernels, others) = parse_ptxas_report(log, "sm_90a");
+        assert_eq!((kernels.len(), kernels[0].stack_frame_bytes), (1, 16));
+        let frame = |name: &str, stack, stores, loads| DeviceFunctionFrame {
+            name: name.into(),
+            stack_frame_bytes: stack,
+            spill_store_bytes: stores,
+            spill_load_bytes: loads,
+        };
+        assert_eq!(others, [frame("_Z4betav", 40, 12, 20), frame("_Z4zetav", 8, 4, 4)]);
     }
 
     fn program(log: &str, cubin: &[u8]) -> CompiledProgram {

@@ -1,5 +1,5 @@
 //! The device buffers of one batch: the router's weights ([`DeviceRouter`]) and every
-//! intermediate of routing and permutation ([`MoeWorkspace`]), with the host-side readers
+//! intermediate of routing and permutation ([`RoutingWorkspace`]), with the host-side readers
 //! that download them (and wait).
 
 use crate::config::{MoeConfig, RouterConfig};
@@ -56,7 +56,7 @@ impl DeviceRouter {
         })
     }
 
-    /// A router that selects from logits computed elsewhere ([`crate::cuda::moe::MoeKernels::router_select`]
+    /// A router that selects from logits computed elsewhere ([`crate::cuda::moe::RouteCombineKernels::router_select`]
     /// on logits written into the workspace): no gate weight.
     pub fn selection_only(
         gpu: &GpuContext,
@@ -123,9 +123,10 @@ pub fn permute_status(status: &[u64], ids: &[u32], slots_per_token: usize, n_slo
     Err(MoeError::BadRouting { token, reason: format!("expert {id} out of range 0..{n_slots}") })
 }
 
-/// Every device buffer of one batch's routing and permutation.
+/// Every device buffer of one batch's routing and permutation (router logits to row
+/// order and weights); the gathered rows, expert outputs and output are the caller's.
 #[derive(Debug)]
-pub struct MoeWorkspace {
+pub struct RoutingWorkspace {
     /// Tokens `T`.
     pub tokens: usize,
     /// Routed experts `E` (0 for a permutation-only workspace).
@@ -157,7 +158,7 @@ pub struct MoeWorkspace {
     pub(crate) status_source: StatusSource,
 }
 
-impl MoeWorkspace {
+impl RoutingWorkspace {
     /// Buffers for `tokens` tokens routed by `router`.
     pub fn for_router(gpu: &GpuContext, router: &DeviceRouter, tokens: usize) -> Result<Self, CudaError> {
         Self::new(gpu, tokens, router.config.n_experts, router.slots_per_token(), router.n_slots())
@@ -179,7 +180,7 @@ impl MoeWorkspace {
                 MoeError::Overflow(format!("{tokens} tokens x {slots_per_token} slots do not fit 32-bit rows"))
             })?;
         let n_tiles = tiles(tokens);
-        Ok(MoeWorkspace {
+        Ok(RoutingWorkspace {
             tokens,
             n_experts,
             slots_per_token,

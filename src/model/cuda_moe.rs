@@ -181,7 +181,7 @@ mod tests {
             assert_eq!(rounded.config().hidden_size, HIDDEN_MULTIPLE);
             assert_eq!(rounded.config().moe_intermediate_size, INTER_MULTIPLE);
             let tokens = 9;
-            let x = crate::bench::random_hidden(tokens, 40, 5);
+            let x = crate::roofline::random_hidden(tokens, 40, 5);
             let padded: Vec<f32> = x
                 .chunks(40)
                 .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0.0, HIDDEN_MULTIPLE - 40)))

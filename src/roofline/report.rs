@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::bench::{BenchRow, MachineFloor};
+use crate::roofline::{BenchRow, MachineFloor};
 
 /// The markdown report: the machine's floor, then one table row per result.
 pub fn markdown(rows: &[BenchRow], floor: &MachineFloor, command: &str, machine: &str) -> String {

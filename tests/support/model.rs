@@ -1,5 +1,4 @@
 //! Shared helpers of the model tests: fixture paths, expected values, scratch directories.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

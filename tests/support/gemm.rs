@@ -1,5 +1,4 @@
 //! Helpers shared by the GPU-vs-CPU tests of the expert GEMMs and the CUDA layer.
-#![allow(dead_code)]
 
 use std::sync::Arc;
 

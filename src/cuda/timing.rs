@@ -5,7 +5,7 @@
 //! load stay out), `iterations` times; the median is reported, both launched one kernel at
 //! a time ("eager") and replayed from a CUDA graph ("graph", how an engine runs a layer).
 //! Beside it: the bytes the region must move, the floor those bytes take at the measured
-//! H200 copy bandwidth (4.3 TB/s, [`crate::bench::H200`]), and the ratio floor / measured.
+//! H200 copy bandwidth (4.3 TB/s, [`crate::roofline::H200`]), and the ratio floor / measured.
 
 use std::sync::Arc;
 
@@ -19,12 +19,12 @@ use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
 use crate::cuda::context::GpuContext;
 use crate::cuda::error::CudaError;
 use crate::cuda::graph::{capture, device_time_us};
-use crate::cuda::moe::MoeKernels;
-use crate::cuda::workspace::{DeviceRouter, MoeWorkspace};
+use crate::cuda::moe::RouteCombineKernels;
+use crate::cuda::workspace::{DeviceRouter, RoutingWorkspace};
 use crate::tensor::{Dtype, TensorView};
 
-/// Device-memory copy bandwidth of an H200, bytes per second ([`crate::bench::H200`]).
-pub const H200_COPY_BANDWIDTH: f64 = crate::bench::H200.copy_bytes_per_s;
+/// Device-memory copy bandwidth of an H200, bytes per second ([`crate::roofline::H200`]).
+pub const H200_COPY_BANDWIDTH: f64 = crate::roofline::H200.copy_bytes_per_s;
 
 /// One timed region at one batch size.
 #[derive(Clone, Debug, Serialize)]
@@ -82,7 +82,7 @@ pub fn time_moe_kernels(
     token_counts: &[usize],
     iterations: usize,
 ) -> Result<Vec<RegionTiming>, CudaError> {
-    let kernels = MoeKernels::new(gpu)?;
+    let kernels = RouteCombineKernels::new(gpu)?;
     let cfg = MoeConfig::dots1();
     let (h, e) = (cfg.hidden_size, cfg.router.n_experts);
     let s = cfg.slots_per_token();
@@ -97,7 +97,7 @@ pub fn time_moe_kernels(
         let hidden = DeviceTensor::upload(gpu, "hidden", TensorView::Bf16(&x), &[tokens, h])?;
         let rows: Vec<f32> = (0..tokens * s * h).map(|_| rng.random_range(-1.0..1.0)).collect();
         let expert_rows = DeviceBuffer::upload(gpu, "expert rows", &rows, &[tokens * s, h])?;
-        let mut ws = MoeWorkspace::for_router(gpu, &router, tokens)?;
+        let mut ws = RoutingWorkspace::for_router(gpu, &router, tokens)?;
         let mut x_perm = DeviceTensor::zeros(gpu, Dtype::Bf16, &[tokens * s, h])?;
         let mut y = DeviceBuffer::<f32>::zeros(gpu, &[tokens, h])?;
         let (t, p, hf) = (tokens as f64, (tokens * s) as f64, h as f64);

@@ -1,5 +1,7 @@
-//! The benchmark harness behind `dots-moe bench`: this machine's floor, the timing
-//! loop, and the per-batch-size result beside its floor.
+//! The roofline model behind `dots-moe bench` and the criterion benches: this machine's
+//! floor (or the H200's), what a layer must move and compute, the timing loop, and the
+//! per-batch-size result beside its floor. Device timing with CUDA events is
+//! `crate::cuda::timing`; the command is `src/cli/bench.rs`.
 //!
 //! Every figure is a ratio measured in one run: the layer's median time against the
 //! floor `max(bytes / bandwidth, flops / matmul rate)` of the same machine, measured
