@@ -1,8 +1,9 @@
 //! The launchers a kernel test runs on, in the spirit of candle's `test_device!`: the CPU
 //! emulator of the kernels always (`tests/emulator`, built here from Rust with a C++20
 //! compiler, AddressSanitizer and alignment checks), and the GPU when one opens. Tests build
-//! their launches with the library's own `*_launch` functions (the ones `MoeKernels` and
-//! `ExpertGemm` use), so both launchers run exactly the launches the wrappers make.
+//! their launches with the library's own `*_launch` functions (the ones
+//! `RouteCombineKernels` and `ExpertGemm` use), so both launchers run exactly the launches
+//! the wrappers make.
 //!
 //! Without a C++ compiler the emulator is skipped (a failure with
 //! `DOTS_MOE_REQUIRE_EMULATOR=1`); without a GPU the GPU is skipped (a failure with
