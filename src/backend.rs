@@ -147,7 +147,7 @@ impl Backend {
         }
     }
 
-    /// The stable counting sort of `expert_ids [T, S]` over `n_slots` slots
+    /// The stable counting sort of `expert_ids [T, slots_per_token]` over `n_slots` slots
     /// ([`crate::moe::permute()`]).
     pub fn permute(
         &self,
@@ -287,7 +287,7 @@ mod cuda_backend {
 
         /// A workspace holding `perm` (uploaded) as if the permutation kernels made it.
         fn workspace_from(&self, perm: &Permutation) -> Result<MoeWorkspace, BackendError> {
-            let n_slots = perm.n_experts();
+            let n_slots = perm.n_slots();
             let mut ws = MoeWorkspace::new(&self.gpu, perm.tokens, 0, perm.slots_per_token, n_slots)?;
             check_len("row_pairs", &[perm.tokens, perm.slots_per_token], perm.row_pairs.len())?;
             check_len("pair_rows", &[perm.tokens, perm.slots_per_token], perm.pair_rows.len())?;
@@ -441,7 +441,7 @@ mod cuda_backend {
                     slot_ids: ws.routing.slot_ids.download()?,
                     slot_weights: ws.routing.slot_weights.download()?,
                     permutation: ws.routing.read_permutation()?,
-                    expert_rows: ws.expert_rows.download()?,
+                    weighted_rows: ws.expert_rows.download()?,
                     output,
                 });
             }
@@ -495,7 +495,7 @@ mod cuda_backend {
             let mut out = DeviceBuffer::zeros(&self.gpu, &[tokens, h])?;
             self.kernels.combine(&rows_dev, h, &ws, &mut out)?;
             let output = out.download()?;
-            Ok(MoeTrace { routing, slot_ids, slot_weights, permutation, expert_rows, output })
+            Ok(MoeTrace { routing, slot_ids, slot_weights, permutation, weighted_rows: expert_rows, output })
         }
     }
 }

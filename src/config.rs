@@ -125,7 +125,7 @@ pub struct MoeConfig {
     pub hidden_size: usize,
     /// Width `I` of one routed expert.
     pub moe_intermediate_size: usize,
-    /// Number of shared experts `S`: one SwiGLU MLP of width `S * I` that every token uses.
+    /// Number of shared experts `n_shared`: one SwiGLU MLP of width `n_shared * I` that every token uses.
     pub n_shared_experts: usize,
     /// The router.
     pub router: RouterConfig,
@@ -145,7 +145,7 @@ impl MoeConfig {
         if self.moe_intermediate_size == 0 {
             return Err(ConfigError::Invalid { field: "moe_intermediate_size", reason: "must be positive".into() });
         }
-        // Every weight tensor must be addressable: (E + S) * 2I * H elements.
+        // Every weight tensor must be addressable: (E + n_shared) * 2I * H elements.
         let slots = self.router.n_experts.checked_add(self.n_shared_experts);
         let elems = slots
             .and_then(|s| s.checked_mul(self.moe_intermediate_size))

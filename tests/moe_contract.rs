@@ -20,7 +20,7 @@ struct PlainWeights {
     gate: Vec<f32>,                // [E, H]
     bias: Option<Vec<f32>>,        // [E]
     experts: Vec<[Vec<f32>; 3]>,   // gate [I,H], up [I,H], down [H,I]
-    shared: Option<[Vec<f32>; 3]>, // gate [S*I,H], up [S*I,H], down [H,S*I]
+    shared: Option<[Vec<f32>; 3]>, // gate [n_shared*I,H], up [n_shared*I,H], down [H,n_shared*I]
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -465,7 +465,7 @@ fn fused_shared_equals_unfused_shared_mlp() {
         let mut fused = vec![0.0f32; h];
         for j in k..s {
             let row = trace.permutation.pair_rows[t * s + j] as usize;
-            fused.iter_mut().zip(&trace.expert_rows[row * h..(row + 1) * h]).for_each(|(f, v)| *f += v);
+            fused.iter_mut().zip(&trace.weighted_rows[row * h..(row + 1) * h]).for_each(|(f, v)| *f += v);
         }
         let unfused =
             mlp(&x[t * h..(t + 1) * h], plain.shared.as_ref().unwrap(), 2 * cfg.moe_intermediate_size, h, false);

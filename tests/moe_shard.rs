@@ -44,7 +44,7 @@ fn partial_from_trace(full: &MoeLayer, x: &[f32], tokens: usize, shard: &ExpertS
                 continue;
             }
             let row = trace.permutation.pair_rows[pair] as usize;
-            for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&trace.expert_rows[row * h..(row + 1) * h]) {
+            for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&trace.weighted_rows[row * h..(row + 1) * h]) {
                 *o += v;
             }
         }

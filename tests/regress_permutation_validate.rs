@@ -60,7 +60,7 @@ fn malformed_permutations_are_errors_not_panics() {
         let mut combined = vec![0.0f32; perm.tokens * h];
         assert!(combine(&expert_rows, h, &perm, &mut combined).is_err(), "{what}: combine");
     }
-    assert_eq!(Permutation { expert_offsets: vec![], ..valid() }.n_experts(), 0);
+    assert_eq!(Permutation { expert_offsets: vec![], ..valid() }.n_slots(), 0);
     valid().validate().expect("what permute makes is valid");
 }
 

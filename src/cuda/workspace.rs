@@ -18,7 +18,7 @@ pub struct DeviceRouter {
     pub config: RouterConfig,
     /// Model width `H`.
     pub hidden_size: usize,
-    /// Shared experts, appended as slots `E..E+S` of every token.
+    /// Shared experts, appended as slots `E..E+n_shared` of every token.
     pub n_shared: usize,
     /// `[E, H]`, f32 or bf16 (`None` for a router that only selects from given logits).
     pub gate: Option<DeviceTensor>,
@@ -114,7 +114,7 @@ pub fn router_status(status: &[u64], logits: &[f32], n_experts: usize) -> Result
 }
 
 /// The contract's error for the per-tile status the rank kernel left: the first pair whose
-/// slot id (`ids [T * S]`) is out of range, or `Ok` when every tile is clean.
+/// slot id (`ids [T * slots_per_token]`) is out of range, or `Ok` when every tile is clean.
 pub fn permute_status(status: &[u64], ids: &[u32], slots_per_token: usize, n_slots: usize) -> Result<(), MoeError> {
     let Some(&code) = status.iter().find(|&&s| s != 0) else { return Ok(()) };
     let pair = (code - 1) as usize;
@@ -130,17 +130,17 @@ pub struct MoeWorkspace {
     pub tokens: usize,
     /// Routed experts `E` (0 for a permutation-only workspace).
     pub n_experts: usize,
-    /// Slots per token `S`.
+    /// Slots per token, `k + n_shared`.
     pub slots_per_token: usize,
     /// Expert slots (`E + n_shared`).
     pub n_slots: usize,
     /// Router logits `[T, E]`.
     pub logits: DeviceBuffer<f32>,
-    /// Slot ids `[T, S]`.
+    /// Slot ids `[T, slots_per_token]`.
     pub slot_ids: DeviceBuffer<u32>,
-    /// Slot weights `[T, S]`.
+    /// Slot weights `[T, slots_per_token]`.
     pub slot_weights: DeviceBuffer<f32>,
-    /// Stable rank of each pair among its tile's pairs of the same slot `[T * S]`.
+    /// Stable rank of each pair among its tile's pairs of the same slot `[T * slots_per_token]`.
     pub pair_ranks: DeviceBuffer<u32>,
     /// Pairs per (tile, slot) `[n_tiles, n_slots]`: the router's per-expert counts.
     pub tile_counts: DeviceBuffer<u32>,
@@ -148,11 +148,11 @@ pub struct MoeWorkspace {
     pub tile_status: DeviceBuffer<u64>,
     /// `[n_slots + 1]`.
     pub expert_offsets: DeviceBuffer<u32>,
-    /// `[T * S]`: the pair of each permuted row.
+    /// `[T * slots_per_token]`: the pair of each permuted row.
     pub row_pairs: DeviceBuffer<u32>,
-    /// `[T * S]`: the permuted row of each pair.
+    /// `[T * slots_per_token]`: the permuted row of each pair.
     pub pair_rows: DeviceBuffer<u32>,
-    /// `[T * S]`: the slot weight of each permuted row.
+    /// `[T * slots_per_token]`: the slot weight of each permuted row.
     pub row_weights: DeviceBuffer<f32>,
     pub(crate) status_source: StatusSource,
 }
@@ -198,7 +198,7 @@ impl MoeWorkspace {
         })
     }
 
-    /// `T * S`.
+    /// `T * slots_per_token`.
     pub fn pairs(&self) -> usize {
         self.tokens * self.slots_per_token
     }

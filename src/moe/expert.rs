@@ -156,7 +156,7 @@ pub(crate) fn run(
     let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
     perm.validate()?;
     let rows = perm.rows();
-    if perm.n_experts() != cfg.n_slots() {
+    if perm.n_slots() != cfg.n_slots() {
         return Err(MoeError::shape("expert_offsets", &[cfg.n_slots() + 1], &[perm.expert_offsets.len()]));
     }
     if (x.rows(), x.k()) != (rows, h) {

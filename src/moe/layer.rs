@@ -53,14 +53,14 @@ pub struct MoeLayer {
 pub struct MoeTrace {
     /// The router's choice (`k` routed slots per token).
     pub routing: Routing,
-    /// Slot ids `[T, k + S]`: the routed ids, then the shared slots `E..E+S`.
+    /// Slot ids `[T, k + n_shared]`: the routed ids, then the shared slots `E..E+n_shared`.
     pub slot_ids: Vec<u32>,
-    /// Slot weights `[T, k + S]`: the routed weights, then 1.0 per shared slot.
+    /// Slot weights `[T, k + n_shared]`: the routed weights, then 1.0 per shared slot.
     pub slot_weights: Vec<f32>,
-    /// The permutation of the `T * (k + S)` pairs.
+    /// The permutation of the `T * (k + n_shared)` pairs.
     pub permutation: Permutation,
-    /// Weighted expert output rows `[T * (k + S), H]` in permuted order.
-    pub expert_rows: Vec<f32>,
+    /// Weighted expert output rows `[T * (k + n_shared), H]` in permuted order.
+    pub weighted_rows: Vec<f32>,
     /// The layer output `[T, H]`.
     pub output: Vec<f32>,
 }
@@ -147,7 +147,7 @@ impl MoeLayer {
     pub fn forward_trace(&self, hidden: TensorView<'_>, tokens: usize) -> Result<MoeTrace, MoeError> {
         self.with_workspace(|ws| {
             let mut trace = self.run(hidden, tokens, ws)?;
-            trace.expert_rows = std::mem::take(&mut ws.rows);
+            trace.weighted_rows = std::mem::take(&mut ws.rows);
             Ok(trace)
         })
     }
@@ -169,7 +169,7 @@ impl MoeLayer {
         result
     }
 
-    /// Every step; the trace's `expert_rows` stay in `ws.rows` (left empty in the trace).
+    /// Every step; the trace's `weighted_rows` stay in `ws.rows` (left empty in the trace).
     fn run(&self, hidden: TensorView<'_>, tokens: usize, ws: &mut Workspace) -> Result<MoeTrace, MoeError> {
         let cfg = self.config();
         let (h, slots) = (cfg.hidden_size, cfg.slots_per_token());
@@ -212,6 +212,6 @@ impl MoeLayer {
         expert::run(&self.weights, x, &permutation, &row_weights, self.precision, self.isa, act, rows)?;
         let mut output = vec![0.0f32; tokens * h];
         crate::moe::combine(rows, h, &permutation, &mut output)?;
-        Ok(MoeTrace { routing, slot_ids, slot_weights, permutation, expert_rows: Vec::new(), output })
+        Ok(MoeTrace { routing, slot_ids, slot_weights, permutation, weighted_rows: Vec::new(), output })
     }
 }

@@ -3,14 +3,14 @@
 //! ```text
 //! router_gate  [E, H]              f32 or bf16 (checkpoint dtype)
 //! router_bias  [E]                 f32 (a bf16 bias converts exactly)
-//! gate_up      [E + S, 2I, H]      per slot: gate rows 0..I, then up rows I..2I
-//! down         [E + S, H, I]
+//! gate_up      [E + n_shared, 2I, H]      per slot: gate rows 0..I, then up rows I..2I
+//! down         [E + n_shared, H, I]
 //! ```
 //!
-//! Slots `0..E` are the routed experts; slots `E..E+S` are the shared experts' halves:
-//! the `S * I`-wide shared MLP splits exactly into `S` experts of width `I` (gate and up
+//! Slots `0..E` are the routed experts; slots `E..E+n_shared` are the shared experts' halves:
+//! the `n_shared * I`-wide shared MLP splits exactly into `n_shared` experts of width `I` (gate and up
 //! rows `s*I..(s+1)*I`, down columns `s*I..(s+1)*I`), whose outputs sum to the shared
-//! output. So "top-k of E plus S shared" runs as one grouped step over `E + S` slots.
+//! output. So "top-k of E plus n_shared shared" runs as one grouped step over `E + n_shared` slots.
 //!
 //! Why gate and up are **stacked** in one `[2I, H]` block per slot rather than
 //! interleaved: it is the layout transformers 5.x fuses to (`gate_up_proj`, gate rows
@@ -43,7 +43,7 @@ use crate::moe::layer::MoeLayer;
 use crate::tensor::{Dtype, TensorData, TensorView};
 
 /// Which expert slots a layer holds (see the module docs): routed experts `routed`, and
-/// the `S` shared slots when `shared` is set.
+/// the `n_shared` shared slots when `shared` is set.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ExpertShard {
     /// The routed experts held, a contiguous range of `0..E`.
@@ -76,13 +76,13 @@ impl ExpertShard {
         *self == Self::full(cfg) || (self.routed == (0..cfg.router.n_experts) && cfg.n_shared_experts == 0)
     }
 
-    /// Whether slot `slot` (routed `0..E`, shared `E..E+S`) is held.
+    /// Whether slot `slot` (routed `0..E`, shared `E..E+n_shared`) is held.
     pub fn holds(&self, cfg: &MoeConfig, slot: usize) -> bool {
         let e = cfg.router.n_experts;
         if slot < e { self.routed.contains(&slot) } else { self.shared && slot < cfg.n_slots() }
     }
 
-    /// Slots stored: the routed range, plus `S` when the shared experts are held.
+    /// Slots stored: the routed range, plus `n_shared` when the shared experts are held.
     pub fn stored_slots(&self, cfg: &MoeConfig) -> usize {
         self.routed.len() + if self.shared { cfg.n_shared_experts } else { 0 }
     }
@@ -127,13 +127,13 @@ impl MoeWeights {
         self.router_bias.as_deref()
     }
 
-    /// Stacked gate and up weights `[E + S, 2I, H]` (`[stored, 2I, H]` for a partial
+    /// Stacked gate and up weights `[E + n_shared, 2I, H]` (`[stored, 2I, H]` for a partial
     /// layer: see [`MoeWeights::shard`]).
     pub fn gate_up(&self) -> TensorView<'_> {
         self.gate_up.view()
     }
 
-    /// Down weights `[E + S, H, I]` (`[stored, H, I]` for a partial layer).
+    /// Down weights `[E + n_shared, H, I]` (`[stored, H, I]` for a partial layer).
     pub fn down(&self) -> TensorView<'_> {
         self.down.view()
     }
@@ -348,8 +348,8 @@ impl MoeLayerBuilder {
         Ok(self)
     }
 
-    /// The shared experts as one MLP of width `S * I`: `gate [S*I, H]`, `up [S*I, H]`,
-    /// `down [H, S*I]`; split into `S` slots of width `I`.
+    /// The shared experts as one MLP of width `n_shared * I`: `gate [n_shared*I, H]`, `up [n_shared*I, H]`,
+    /// `down [H, n_shared*I]`; split into `n_shared` slots of width `I`.
     pub fn shared(
         &mut self,
         gate: TensorView<'_>,
