@@ -291,13 +291,7 @@ mod cuda_backend {
             let mut ws = MoeWorkspace::new(&self.gpu, perm.tokens, 0, perm.slots_per_token, n_slots)?;
             check_len("row_pairs", &[perm.tokens, perm.slots_per_token], perm.row_pairs.len())?;
             check_len("pair_rows", &[perm.tokens, perm.slots_per_token], perm.pair_rows.len())?;
-            if let Some(&bad) = perm.row_pairs.iter().chain(&perm.pair_rows).find(|&&r| r as usize >= perm.rows()) {
-                return Err(MoeError::BadRouting {
-                    token: 0,
-                    reason: format!("permutation index {bad} out of range 0..{}", perm.rows()),
-                }
-                .into());
-            }
+            perm.validate()?;
             ws.expert_offsets.copy_from_host("expert_offsets", &perm.expert_offsets)?;
             ws.row_pairs.copy_from_host("row_pairs", &perm.row_pairs)?;
             ws.pair_rows.copy_from_host("pair_rows", &perm.pair_rows)?;

@@ -3,7 +3,8 @@
 //!
 //! - `gather_f32`, `gather_bf16`, `combine` and `grouped_experts` trusted a `Permutation`
 //!   (all public fields, made by a GPU download, a test or an engine) and indexed out of
-//!   bounds on an inconsistent one; `Permutation::n_experts` underflowed on empty offsets.
+//!   bounds on an inconsistent one; `Permutation::n_slots` (then `n_experts`) underflowed
+//!   on empty offsets.
 //! - `router_logits` computed `tokens * n_experts` unchecked: with `hidden_size == 0`
 //!   both inputs are empty whatever the sizes say, and the product overflowed.
 

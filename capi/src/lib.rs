@@ -148,9 +148,10 @@ impl From<MoeError> for Failure {
     fn from(e: MoeError) -> Self {
         let status = match &e {
             MoeError::Shape { .. } => DotsMoeStatus::DotsMoeErrShape,
-            MoeError::NonFiniteLogit { .. } | MoeError::NonFiniteBias { .. } | MoeError::BadRouting { .. } => {
-                DotsMoeStatus::DotsMoeErrBadValue
-            }
+            MoeError::NonFiniteLogit { .. }
+            | MoeError::NonFiniteBias { .. }
+            | MoeError::BadRouting { .. }
+            | MoeError::BadPermutation(_) => DotsMoeStatus::DotsMoeErrBadValue,
             MoeError::Unsupported(_) => DotsMoeStatus::DotsMoeErrUnsupported,
             _ => DotsMoeStatus::DotsMoeErrInvalidArgument,
         };

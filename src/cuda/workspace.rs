@@ -7,8 +7,8 @@ use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
 use crate::cuda::context::GpuContext;
 use crate::cuda::error::CudaError;
 use crate::cuda::moe::tiles;
-use crate::error::{MoeError, check_len};
-use crate::moe::{MoeLayer, Permutation, Routing};
+use crate::error::MoeError;
+use crate::moe::{MoeLayer, Permutation, RouterBias, Routing};
 use crate::tensor::TensorView;
 
 /// The router's weights on the device, with the shape they route for.
@@ -37,14 +37,8 @@ impl DeviceRouter {
         cfg.validate().map_err(MoeError::from)?;
         let e = cfg.router.n_experts;
         let gate = DeviceTensor::upload(gpu, "mlp.gate.weight", gate, &[e, cfg.hidden_size])?;
-        let bias = match bias {
-            Some(b) => {
-                check_len("e_score_correction_bias", &[e], b.len())?;
-                if let Some((expert, &value)) = b.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                    return Err(MoeError::NonFiniteBias { expert, value }.into());
-                }
-                Some(DeviceBuffer::upload(gpu, "e_score_correction_bias", b, &[e])?)
-            }
+        let bias = match RouterBias::from_slice(bias, e)? {
+            Some(b) => Some(DeviceBuffer::upload(gpu, "e_score_correction_bias", &b, &[e])?),
             None => None,
         };
         Ok(DeviceRouter {
@@ -65,14 +59,8 @@ impl DeviceRouter {
         bias: Option<&[f32]>,
     ) -> Result<Self, CudaError> {
         cfg.validate().map_err(MoeError::from)?;
-        let bias = match bias {
-            Some(b) => {
-                check_len("e_score_correction_bias", &[cfg.n_experts], b.len())?;
-                if let Some((expert, &value)) = b.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                    return Err(MoeError::NonFiniteBias { expert, value }.into());
-                }
-                Some(DeviceBuffer::upload(gpu, "e_score_correction_bias", b, &[cfg.n_experts])?)
-            }
+        let bias = match RouterBias::from_slice(bias, cfg.n_experts)? {
+            Some(b) => Some(DeviceBuffer::upload(gpu, "e_score_correction_bias", &b, &[cfg.n_experts])?),
             None => None,
         };
         Ok(DeviceRouter { config: cfg.clone(), hidden_size: 0, n_shared, gate: None, bias })
@@ -81,7 +69,7 @@ impl DeviceRouter {
     /// Uploads the router of `layer`.
     pub fn from_layer(gpu: &GpuContext, layer: &MoeLayer) -> Result<Self, CudaError> {
         let w = layer.weights();
-        Self::upload(gpu, layer.config(), w.router_gate(), w.router_bias())
+        Self::upload(gpu, layer.config(), w.router_gate(), w.router_bias().map(RouterBias::as_slice))
     }
 
     /// Slots per token, `k + n_shared`.

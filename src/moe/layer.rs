@@ -7,7 +7,7 @@ use crate::cpu::Isa;
 use crate::error::{MoeError, check_len};
 use crate::moe::expert::{self, Workspace};
 use crate::moe::permute::{Permutation, gather_into, permute};
-use crate::moe::route::{Routing, route};
+use crate::moe::route::{Routing, route_checked};
 use crate::moe::weights::MoeWeights;
 use crate::tensor::{Dtype, TensorView};
 
@@ -116,7 +116,14 @@ impl MoeLayer {
     pub fn route(&self, hidden: TensorView<'_>, tokens: usize) -> Result<Routing, MoeError> {
         let cfg = self.config();
         check_len("hidden", &[tokens, cfg.hidden_size], hidden.len())?;
-        route(&cfg.router, hidden, tokens, cfg.hidden_size, self.weights.router_gate(), self.weights.router_bias())
+        route_checked(
+            &cfg.router,
+            hidden,
+            tokens,
+            cfg.hidden_size,
+            self.weights.router_gate(),
+            self.weights.router_bias(),
+        )
     }
 
     /// The layer's output `[T, H]` (f32) for `hidden [T, H]`. `T = 0` is valid.

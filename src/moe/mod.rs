@@ -34,5 +34,5 @@ pub use combine::combine;
 pub use expert::grouped_experts;
 pub use layer::{MoeLayer, MoeTrace, Precision};
 pub use permute::{Permutation, gather_bf16, gather_f32, permute};
-pub use route::{Routing, route, route_logits, router_logits};
+pub use route::{RouterBias, Routing, route, route_logits, router_logits};
 pub use weights::{ExpertShard, MoeLayerBuilder, MoeWeights};

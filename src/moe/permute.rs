@@ -23,7 +23,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::cpu::{RowBuf, RowMut};
-use crate::error::{MoeError, check_len};
+use crate::error::{MoeError, PermutationError, check_len};
 use crate::tensor::{Dtype, TensorView};
 
 /// The stable counting sort of a batch's `(token, slot)` pairs by expert.
@@ -58,20 +58,20 @@ impl Permutation {
         check_len("row_pairs", &[t, s], self.row_pairs.len())?;
         check_len("pair_rows", &[t, s], self.pair_rows.len())?;
         let offsets = &self.expert_offsets;
-        let monotone = offsets.windows(2).all(|w| w[0] <= w[1]);
-        if offsets.first() != Some(&0) || !monotone || offsets.last().map(|&o| o as usize) != Some(pairs) {
-            return Err(MoeError::Shape {
-                name: "expert_offsets".into(),
-                expected: vec![self.n_slots() + 1],
-                actual: format!("offsets that do not rise monotonically from 0 to {pairs}"),
-            });
+        let (&first, &last) = offsets.first().zip(offsets.last()).ok_or(PermutationError::NoOffsets)?;
+        if first != 0 {
+            return Err(PermutationError::FirstOffset { first }.into());
         }
-        for (r, &p) in self.row_pairs.iter().enumerate() {
-            if self.pair_rows.get(p as usize) != Some(&(r as u32)) {
-                return Err(MoeError::BadRouting {
-                    token: p as usize / s.max(1),
-                    reason: format!("row_pairs[{r}] = {p} and pair_rows are not inverse permutations"),
-                });
+        if let Some(slot) = offsets.windows(2).position(|w| w[0] > w[1]) {
+            return Err(PermutationError::OffsetsDecrease { slot, start: offsets[slot], end: offsets[slot + 1] }.into());
+        }
+        if last as usize != pairs {
+            return Err(PermutationError::LastOffset { last, pairs }.into());
+        }
+        for (row, &pair) in self.row_pairs.iter().enumerate() {
+            let back = self.pair_rows.get(pair as usize).copied();
+            if back != Some(row as u32) {
+                return Err(PermutationError::NotInverse { row, pair, back }.into());
             }
         }
         Ok(())
@@ -227,6 +227,35 @@ mod tests {
         let err = permute(&[0, 4], 1, 2, 4).unwrap_err();
         assert!(matches!(err, MoeError::BadRouting { token: 0, .. }), "{err}");
         assert!(permute(&[0, 1, 2], 2, 2, 4).is_err());
+    }
+
+    #[test]
+    fn malformed_permutations_name_what_is_wrong() {
+        use PermutationError::*;
+        let valid = || permute(&[2, 0, 0, 1], 2, 2, 3).unwrap();
+        let fault = |p: Permutation| match p.validate() {
+            Err(MoeError::BadPermutation(e)) => e,
+            other => panic!("expected a malformed permutation, got {other:?}"),
+        };
+        assert_eq!(fault(Permutation { expert_offsets: vec![], ..valid() }), NoOffsets);
+        assert_eq!(fault(Permutation { expert_offsets: vec![1, 2, 3, 4], ..valid() }), FirstOffset { first: 1 });
+        assert_eq!(
+            fault(Permutation { expert_offsets: vec![0, 3, 2, 4], ..valid() }),
+            OffsetsDecrease { slot: 1, start: 3, end: 2 }
+        );
+        assert_eq!(
+            fault(Permutation { expert_offsets: vec![0, 1, 2, 9], ..valid() }),
+            LastOffset { last: 9, pairs: 4 }
+        );
+        let mut p = valid();
+        p.row_pairs[0] = 77;
+        assert_eq!(fault(p), NotInverse { row: 0, pair: 77, back: None });
+        let mut p = valid();
+        p.row_pairs.swap(0, 1);
+        let (pair, back) = (p.row_pairs[0], p.pair_rows[p.row_pairs[0] as usize]);
+        assert_eq!(fault(p), NotInverse { row: 0, pair, back: Some(back) });
+        let err = Permutation { expert_offsets: vec![0, 3, 2, 4], ..valid() }.validate().unwrap_err();
+        assert_eq!(err.to_string(), "malformed permutation: expert_offsets[2] = 2 is below expert_offsets[1] = 3");
     }
 
     #[test]

@@ -40,6 +40,7 @@ use rayon::prelude::*;
 use crate::config::MoeConfig;
 use crate::error::{MoeError, check_len};
 use crate::moe::layer::MoeLayer;
+use crate::moe::route::RouterBias;
 use crate::tensor::{Dtype, TensorData, TensorView};
 
 /// Which expert slots a layer holds (see the module docs): routed experts `routed`, and
@@ -105,7 +106,7 @@ impl ExpertShard {
 pub struct MoeWeights {
     pub(crate) cfg: MoeConfig,
     pub(crate) router_gate: TensorData,
-    pub(crate) router_bias: Option<Vec<f32>>,
+    pub(crate) router_bias: Option<RouterBias>,
     pub(crate) gate_up: TensorData,
     pub(crate) down: TensorData,
     pub(crate) shard: ExpertShard,
@@ -123,8 +124,8 @@ impl MoeWeights {
     }
 
     /// Score-correction bias `[E]`, if the router has one.
-    pub fn router_bias(&self) -> Option<&[f32]> {
-        self.router_bias.as_deref()
+    pub fn router_bias(&self) -> Option<&RouterBias> {
+        self.router_bias.as_ref()
     }
 
     /// Stacked gate and up weights `[E + n_shared, 2I, H]` (`[stored, 2I, H]` for a partial
@@ -242,7 +243,7 @@ impl MoeWeights {
         let mut down = TensorData::zeros(dtype, slots * h * i);
         fill(&mut down, h * i, 0x3333, i);
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4444);
-        let bias = (0..e).map(|_| rng.random_range(-0.02f32..0.02)).collect();
+        let bias = RouterBias::new((0..e).map(|_| rng.random_range(-0.02f32..0.02)).collect(), e)?;
         Ok(MoeWeights {
             shard: ExpertShard::full(cfg),
             cfg: cfg.clone(),
@@ -300,17 +301,7 @@ impl MoeLayerBuilder {
     pub fn router(&mut self, gate: TensorView<'_>, bias: Option<TensorView<'_>>) -> Result<&mut Self, MoeError> {
         let cfg = &self.weights.cfg;
         check_len("mlp.gate.weight", &[cfg.router.n_experts, cfg.hidden_size], gate.len())?;
-        let bias = match bias {
-            Some(b) => {
-                check_len("mlp.gate.e_score_correction_bias", &[cfg.router.n_experts], b.len())?;
-                let b = b.to_f32_vec();
-                if let Some((expert, &value)) = b.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                    return Err(MoeError::NonFiniteBias { expert, value });
-                }
-                Some(b)
-            }
-            None => None,
-        };
+        let bias = bias.map(|b| RouterBias::from_view(b, cfg.router.n_experts)).transpose()?;
         self.weights.router_gate.write_at(0, gate);
         self.weights.router_bias = bias;
         self.router_set = true;
