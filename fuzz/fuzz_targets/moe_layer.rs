@@ -16,7 +16,7 @@ use dots_moe::cpu::Isa;
 use dots_moe::moe::{MoeLayer, MoeLayerBuilder, Precision};
 use dots_moe::{Dtype, MoeConfig, MoeError, RouterConfig, Scoring, TensorView};
 use dots_moe_fuzz::alloc_guard::Limit;
-use dots_moe_fuzz::reference::{route_token, router_config_is_valid};
+use dots_moe::moe::reference::{route_token, router_config_is_valid};
 use dots_moe_fuzz::values::{EDGE_F32, dyadic, rarely, small_len};
 use half::bf16;
 use libfuzzer_sys::fuzz_target;

@@ -21,18 +21,24 @@
 //! 5. **Combine** ([`combine`](mod@combine)): per token, the sum of its weighted rows in
 //!    slot order (routed choices, then shared), fixed order, no atomics.
 //!
-//! [`MoeLayer::forward`] runs them all.
+//! [`MoeLayer::forward`] runs them all on the CPU engine ([`crate::cpu`]);
+//! [`reference`](mod@reference) writes each step as plainly as possible, the oracle tests and fuzz
+//! targets compare every engine against.
 
+pub mod builder;
 pub mod combine;
 pub mod expert;
 pub mod layer;
 pub mod permute;
+pub mod reference;
 pub mod route;
 pub mod weights;
 
+pub use crate::cpu::experts::grouped_experts;
+pub use builder::MoeLayerBuilder;
 pub use combine::combine;
-pub use expert::grouped_experts;
-pub use layer::{MoeLayer, MoeTrace, Precision};
+pub use expert::Precision;
+pub use layer::{MoeLayer, MoeTrace};
 pub use permute::{Permutation, gather_bf16, gather_f32, permute};
 pub use route::{RouterBias, Routing, route, route_logits, router_logits};
-pub use weights::{ExpertShard, MoeLayerBuilder, MoeWeights};
+pub use weights::{ExpertShard, MoeWeights};

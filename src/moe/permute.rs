@@ -166,7 +166,7 @@ pub fn gather_bf16(
 
 /// Gathers `hidden [T, H]` rows into permuted order into `out`, reshaped to `[T*slots_per_token, H]`
 /// of `dtype` (bf16 rounds f32 input to nearest even; f32 widens bf16 exactly): the rows
-/// [`crate::moe::expert`] multiplies in place.
+/// [`crate::cpu::experts`] multiplies in place.
 pub(crate) fn gather_into(
     hidden: TensorView<'_>,
     hidden_size: usize,
