@@ -16,7 +16,7 @@ struct EngineLayer {
     router: Vec<bf16>,            // [E, H]
     bias: Vec<f32>,               // [E]
     experts: Vec<[Vec<bf16>; 3]>, // gate [I, H], up [I, H], down [H, I]
-    shared: [Vec<bf16>; 3],       // gate [S*I, H], up [S*I, H], down [H, S*I]
+    shared: [Vec<bf16>; 3],       // gate [n_shared*I, H], up [n_shared*I, H], down [H, n_shared*I]
 }
 
 fn pattern(n: usize, seed: usize, scale: f32) -> Vec<bf16> {

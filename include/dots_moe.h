@@ -63,7 +63,7 @@ typedef struct DotsMoeConfig {
   size_t n_experts;
   // Experts per token `k`.
   size_t top_k;
-  // Shared experts `S` (one MLP of width `S * I`).
+  // Shared experts `n_shared` (one MLP of width `n_shared * I`).
   size_t n_shared_experts;
   // Expert groups (1: no grouping).
   size_t n_group;
@@ -111,15 +111,15 @@ typedef struct DotsMoeLayerDesc {
   // Nonzero: the layer holds and computes the shared experts (give the three buffers
   // below); zero: it leaves them out (they may be null).
   uint32_t shared_experts;
-  // Shared MLP gate `[S*I, H]`.
+  // Shared MLP gate `[n_shared*I, H]`.
   const void *shared_gate;
   // Elements in `shared_gate`.
   size_t shared_gate_len;
-  // Shared MLP up `[S*I, H]`.
+  // Shared MLP up `[n_shared*I, H]`.
   const void *shared_up;
   // Elements in `shared_up`.
   size_t shared_up_len;
-  // Shared MLP down `[H, S*I]`.
+  // Shared MLP down `[H, n_shared*I]`.
   const void *shared_down;
   // Elements in `shared_down`.
   size_t shared_down_len;

@@ -114,7 +114,7 @@ impl Backend {
         }
     }
 
-    /// The stable counting sort of `expert_ids [T, S]` over `n_slots` slots
+    /// The stable counting sort of `expert_ids [T, slots_per_token]` over `n_slots` slots
     /// ([`crate::moe::permute()`]).
     pub fn permute(
         &self,

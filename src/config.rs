@@ -125,7 +125,7 @@ pub struct MoeConfig {
     pub hidden_size: usize,
     /// Width `I` of one routed expert.
     pub moe_intermediate_size: usize,
-    /// Number of shared experts `S`: one SwiGLU MLP of width `S * I` that every token uses.
+    /// Number of shared experts `n_shared`: one SwiGLU MLP of width `n_shared * I` that every token uses.
     pub n_shared_experts: usize,
     /// The router.
     pub router: RouterConfig,
@@ -145,7 +145,7 @@ impl MoeConfig {
         if self.moe_intermediate_size == 0 {
             return Err(ConfigError::Invalid { field: "moe_intermediate_size", reason: "must be positive".into() });
         }
-        // Every weight tensor must be addressable: (E + S) * 2I * H elements.
+        // Every weight tensor must be addressable: (E + n_shared) * 2I * H elements.
         let slots = self.router.n_experts.checked_add(self.n_shared_experts);
         let elems = slots
             .and_then(|s| s.checked_mul(self.moe_intermediate_size))
@@ -209,6 +209,35 @@ impl TokenIds {
             TokenIds::Many(ids) => ids.clone(),
         }
     }
+}
+
+/// Layers that transformers would run with sliding-window attention, by its rule: the
+/// `layer_types` list when present, else every layer `i >= max_window_layers` when
+/// `sliding_window` is set (Dots1Config defaults: window 4096, max_window_layers 62).
+/// dots.llm1 has none; this model implements full attention only. Returns a short
+/// description of those layers (`[1, 5]`, `62..80`), or `None` when there are none;
+/// its size does not grow with the number of layers claimed.
+pub fn sliding_window_layers(config_text: &str, num_layers: usize) -> Option<String> {
+    const SHOWN: usize = 8;
+    let value = serde_json::from_str::<serde_json::Value>(config_text).ok()?;
+    if let Some(types) = value.get("layer_types").and_then(|t| t.as_array()) {
+        let mut sliding =
+            types.iter().enumerate().filter(|(_, t)| t.as_str() == Some("sliding_attention")).map(|(i, _)| i);
+        let shown: Vec<usize> = sliding.by_ref().take(SHOWN).collect();
+        let more = sliding.count();
+        return match (shown.is_empty(), more) {
+            (true, _) => None,
+            (false, 0) => Some(format!("{shown:?}")),
+            (false, more) => Some(format!("{shown:?} and {more} more")),
+        };
+    }
+    let window = match value.get("sliding_window") {
+        None => Some(4096),
+        Some(v) => v.as_u64(),
+    };
+    let max_window_layers = value.get("max_window_layers").and_then(|v| v.as_u64()).unwrap_or(62);
+    let first = usize::try_from(max_window_layers).unwrap_or(usize::MAX);
+    (window.is_some() && first < num_layers).then(|| format!("{first}..{num_layers}"))
 }
 
 /// The raw `config.json`, as serde reads it.
@@ -453,6 +482,17 @@ impl Dots1Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sliding_window_rule() {
+        assert_eq!(sliding_window_layers(r#"{"num_hidden_layers": 62}"#, 62), None);
+        assert_eq!(sliding_window_layers(r#"{"max_window_layers": 2}"#, 4).as_deref(), Some("2..4"));
+        assert_eq!(sliding_window_layers(r#"{"max_window_layers": 2, "sliding_window": null}"#, 4), None);
+        let explicit = r#"{"layer_types": ["full_attention", "sliding_attention"], "max_window_layers": 0}"#;
+        assert_eq!(sliding_window_layers(explicit, 2).as_deref(), Some("[1]"));
+        let many = format!(r#"{{"layer_types": {:?}}}"#, vec!["sliding_attention"; 10]);
+        assert_eq!(sliding_window_layers(&many, 10).as_deref(), Some("[0, 1, 2, 3, 4, 5, 6, 7] and 2 more"));
+    }
 
     const DOTS1_CONFIG: &str = r#"{
         "architectures": ["Dots1ForCausalLM"], "model_type": "dots1",

@@ -72,6 +72,10 @@ pub enum MoeError {
         /// What is wrong.
         reason: String,
     },
+    /// A permutation made elsewhere (a GPU download, a test, an engine) is not one that
+    /// [`crate::moe::permute()`] could have made.
+    #[error("malformed permutation: {0}")]
+    BadPermutation(#[from] PermutationError),
     /// A layer was built without some of its weights.
     #[error("missing weights: {0}")]
     MissingWeights(String),
@@ -93,6 +97,51 @@ pub enum MoeError {
     /// A size computation overflowed (`tokens * hidden` and the like).
     #[error("size overflow: {0}")]
     Overflow(String),
+}
+
+/// What is wrong with a malformed [`crate::moe::Permutation`] (see
+/// [`crate::moe::Permutation::validate`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PermutationError {
+    /// `expert_offsets` is empty: it needs `n_slots + 1` entries, at least one.
+    #[error("expert_offsets is empty")]
+    NoOffsets,
+    /// `expert_offsets[0]` is not 0.
+    #[error("expert_offsets[0] is {first}, not 0")]
+    FirstOffset {
+        /// The offending first offset.
+        first: u32,
+    },
+    /// The offsets fall from one slot to the next: slot `slot`'s rows would end before
+    /// they start.
+    #[error("expert_offsets[{}] = {end} is below expert_offsets[{slot}] = {start}", slot + 1)]
+    OffsetsDecrease {
+        /// The slot whose row range is reversed.
+        slot: usize,
+        /// `expert_offsets[slot]`.
+        start: u32,
+        /// `expert_offsets[slot + 1]`.
+        end: u32,
+    },
+    /// The last offset is not the number of pairs `T * slots_per_token`.
+    #[error("the last expert offset is {last}, not the {pairs} pairs")]
+    LastOffset {
+        /// The offending last offset.
+        last: u32,
+        /// The pair count, `tokens * slots_per_token`.
+        pairs: usize,
+    },
+    /// `row_pairs` and `pair_rows` are not inverse permutations of `0..T * slots_per_token`:
+    /// `row_pairs[row] = pair`, but `pair_rows[pair]` is not `row` (or `pair` is out of range).
+    #[error("row_pairs[{row}] = {pair}, but pair_rows[{pair}] is {back:?}, not {row}")]
+    NotInverse {
+        /// The permuted row.
+        row: usize,
+        /// `row_pairs[row]`.
+        pair: u32,
+        /// `pair_rows[pair]`, `None` when `pair` is out of range.
+        back: Option<u32>,
+    },
 }
 
 impl MoeError {

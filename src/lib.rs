@@ -20,5 +20,5 @@ pub mod roofline;
 pub mod tensor;
 
 pub use config::{Dots1Config, MoeConfig, RouterConfig, Scoring};
-pub use error::{ConfigError, MoeError};
+pub use error::{ConfigError, MoeError, PermutationError};
 pub use tensor::{Dtype, TensorData, TensorView};

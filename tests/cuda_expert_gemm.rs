@@ -16,7 +16,7 @@
 //! - outputs poisoned (NaN) before every run: an element no kernel writes fails;
 //! - two runs bit-identical; in the batch-invariant mode a row computed alone equals the
 //!   same row inside a batch, bit for bit;
-//! - the shared slots sum to the unfused shared MLP (width `S * I`).
+//! - the shared slots sum to the unfused shared MLP (width `n_shared * I`).
 //!
 //! Without a GPU its half is skipped (`DOTS_MOE_REQUIRE_GPU=1` makes that a failure);
 //! without a C++ compiler the emulator's (`DOTS_MOE_REQUIRE_EMULATOR=1`).
@@ -42,14 +42,14 @@ const H: usize = 512;
 const I: usize = 256;
 const E: usize = 16;
 const K: usize = 4;
-const S: usize = 2;
-const N_SLOTS: usize = E + S;
+const N_SHARED: usize = 2;
+const N_SLOTS: usize = E + N_SHARED;
 
 fn config() -> MoeConfig {
     MoeConfig {
         hidden_size: H,
         moe_intermediate_size: I,
-        n_shared_experts: S,
+        n_shared_experts: N_SHARED,
         router: RouterConfig { n_experts: E, top_k: K, ..RouterConfig::dots1() },
     }
 }
@@ -344,14 +344,14 @@ fn shared_slots_equal_the_unfused_shared_mlp() {
         // The same token rows in both shared slots.
         let (first, rest) = case.x.split_at_mut(tokens * H);
         rest.copy_from_slice(first);
-        // The unfused shared MLP of width S * I, from the checkpoint-shaped tensors the
-        // slots were split from: gate / up [S I, H] (slot rows stacked), down [H, S I].
+        // The unfused shared MLP of width n_shared * I, from the checkpoint-shaped tensors the
+        // slots were split from: gate / up [n_shared I, H] (slot rows stacked), down [H, n_shared I].
         let (TensorView::Bf16(gate_up), TensorView::Bf16(down)) = (weights.gate_up(), weights.down()) else { panic!() };
         let f = |v: bf16| v.to_f32();
         let mut want = vec![0.0f32; tokens * H];
         want.par_chunks_mut(H).enumerate().for_each(|(t, out)| {
             let x = &case.x[t * H..(t + 1) * H];
-            let mut a = vec![0.0f32; S * I];
+            let mut a = vec![0.0f32; N_SHARED * I];
             for (j, aj) in a.iter_mut().enumerate() {
                 let (slot, i) = (E + j / I, j % I);
                 let base = slot * 2 * I * H;
@@ -362,7 +362,7 @@ fn shared_slots_equal_the_unfused_shared_mlp() {
             }
             for (h, o) in out.iter_mut().enumerate() {
                 // down_shared[h][j] = slot (E + j / I)'s down[h][j % I].
-                *o = (0..S * I).map(|j| a[j] * f(down[(E + j / I) * H * I + h * I + j % I])).sum();
+                *o = (0..N_SHARED * I).map(|j| a[j] * f(down[(E + j / I) * H * I + h * I + j % I])).sum();
             }
         });
         for (label, options) in options(&dev) {

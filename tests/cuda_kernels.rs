@@ -52,7 +52,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// The CPU routing's slot ids and weights `[T, k + S]` (shared slots: weight 1.0).
+/// The CPU routing's slot ids and weights `[T, k + n_shared]` (shared slots: weight 1.0).
 fn cpu_slots(
     cfg: &RouterConfig,
     n_shared: usize,
@@ -580,7 +580,7 @@ fn permutation_matches_the_cpu() {
                     .collect();
                 let dev = dev.fresh();
                 let ws = permute_ids(&dev, &ids, tokens, s, n_slots);
-                let what = format!("{}: T={tokens} S={s} slots={n_slots} {skew}", dev.name());
+                let what = format!("{}: T={tokens} slots_per_token={s} slots={n_slots} {skew}", dev.name());
                 ws.permute_error().unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_eq!(ws.permutation(), permute(&ids, tokens, s, n_slots).unwrap(), "{what}");
             }

@@ -58,7 +58,7 @@ fn with_bias(layer: &MoeLayer, bias: &[f32]) -> MoeLayer {
         let gu = w.slot_gate_up(x);
         b.expert(x, gu.slice(0..i * h), gu.slice(i * h..2 * i * h), w.slot_down(x)).unwrap();
     }
-    // The shared MLP as the checkpoint stores it: gate / up [S I, H], down [H, S I].
+    // The shared MLP as the checkpoint stores it: gate / up [n_shared I, H], down [H, n_shared I].
     let (mut gate, mut up, mut down) = (Vec::new(), Vec::new(), vec![bf16::ZERO; h * s * i]);
     for half in 0..s {
         let TensorView::Bf16(gu) = w.slot_gate_up(e + half) else { panic!("bf16") };

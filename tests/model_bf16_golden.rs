@@ -39,7 +39,7 @@ fn expected_bf16(name: &str) -> ExpectedBf16 {
 }
 
 fn load(name: &str, precision: Precision) -> Dots1Model {
-    Dots1Model::load_with(&fixture(name), LoadOptions { progress: false, precision })
+    Dots1Model::load_with(&fixture(name), LoadOptions { progress: None, precision })
         .unwrap_or_else(|e| panic!("loading fixture {name}: {e}"))
 }
 

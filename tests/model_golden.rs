@@ -6,7 +6,12 @@
 mod support;
 
 use dots_moe::Dtype;
-use dots_moe::model::{Checkpoint, Dots1Model, GenerateOptions, LogitsFor, SamplingParams, StopReason, generate};
+use std::sync::{Arc, Mutex};
+
+use dots_moe::model::{
+    Checkpoint, Dots1Model, GenerateOptions, LoadOptions, LoadProgress, LogitsFor, ProgressFn, SamplingParams,
+    StopReason, generate,
+};
 use support::model::{FIXTURES, expected, expected_logits, fixture, relative_error};
 
 /// Logits within 1e-4 of the largest logit magnitude (all fixtures compute in f32).
@@ -152,4 +157,16 @@ fn weights_are_mapped_in_their_dtype() {
     }
     let sharded = Checkpoint::open(&fixture("sharded")).unwrap();
     assert_eq!(sharded.files().count(), 2);
+}
+
+#[test]
+fn loading_reports_progress_per_layer_through_the_callback() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&seen);
+    let progress: ProgressFn = Arc::new(move |p: LoadProgress| sink.lock().unwrap().push(p));
+    let options = LoadOptions { progress: Some(progress), ..LoadOptions::default() };
+    let model = Dots1Model::load_with(&fixture("f32"), options).unwrap();
+    let layers = model.config().num_hidden_layers;
+    let want: Vec<LoadProgress> = (0..=layers).map(|layers_done| LoadProgress { layers_done, layers }).collect();
+    assert_eq!(*seen.lock().unwrap(), want);
 }

@@ -3,7 +3,7 @@
 
 use dots_moe::config::{MoeConfig, RouterConfig, Scoring};
 use dots_moe::cpu::Isa;
-use dots_moe::moe::{MoeLayer, MoeLayerBuilder, Precision, permute, route_logits};
+use dots_moe::moe::{MoeLayer, MoeLayerBuilder, Precision, combine, permute, reference, route_logits};
 use dots_moe::tensor::{Dtype, TensorView};
 use dots_moe::{MoeError, moe};
 use half::bf16;
@@ -12,7 +12,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 // ---------------------------------------------------------------------------------------
-// The plain reference: one token at a time, written as simply as possible.
+// The plain reference: one token at a time, the shared experts unfused; the router is
+// the library's oracle (`dots_moe::moe::reference`).
 // ---------------------------------------------------------------------------------------
 
 struct PlainWeights {
@@ -20,7 +21,7 @@ struct PlainWeights {
     gate: Vec<f32>,                // [E, H]
     bias: Option<Vec<f32>>,        // [E]
     experts: Vec<[Vec<f32>; 3]>,   // gate [I,H], up [I,H], down [H,I]
-    shared: Option<[Vec<f32>; 3]>, // gate [S*I,H], up [S*I,H], down [H,S*I]
+    shared: Option<[Vec<f32>; 3]>, // gate [n_shared*I,H], up [n_shared*I,H], down [H,n_shared*I]
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -79,62 +80,11 @@ fn mlp_checked(x: &[f32], w: &[Vec<f32>; 3], width: usize, h: usize, bf16_inputs
     (out, bound)
 }
 
-/// Router for one token, plainly: returns (ids, weights, margin) where margin is the
-/// smallest gap that decided the selection (so near-ties can be told apart).
+/// The router for one token, by the shared oracle: (ids, weights, margin), where margin
+/// is the smallest gap that decided the selection (so near-ties can be told apart).
 fn plain_route(cfg: &RouterConfig, logits: &[f32], bias: Option<&[f32]>) -> (Vec<usize>, Vec<f32>, f32) {
-    let e = cfg.n_experts;
-    let scores: Vec<f32> = match cfg.scoring {
-        Scoring::Sigmoid => logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
-        Scoring::Softmax => {
-            let m = logits.iter().cloned().fold(f32::MIN, f32::max);
-            let ex: Vec<f32> = logits.iter().map(|&l| (l - m).exp()).collect();
-            let s: f32 = ex.iter().sum();
-            ex.iter().map(|v| v / s).collect()
-        }
-    };
-    let mut choice: Vec<f32> = (0..e).map(|i| scores[i] + bias.map_or(0.0, |b| b[i])).collect();
-    let mut margin = f32::INFINITY;
-    let mut masked = vec![false; e];
-    if cfg.n_group > 1 {
-        let per = e / cfg.n_group;
-        let mut groups: Vec<(f32, usize)> = (0..cfg.n_group)
-            .map(|g| {
-                let mut v: Vec<f32> = choice[g * per..(g + 1) * per].to_vec();
-                v.sort_by(|a, b| b.partial_cmp(a).unwrap());
-                (v.iter().take(2).sum(), g)
-            })
-            .collect();
-        groups.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
-        if cfg.topk_group < cfg.n_group {
-            margin = margin.min(groups[cfg.topk_group - 1].0 - groups[cfg.topk_group].0);
-        }
-        for &(_, g) in &groups[cfg.topk_group..] {
-            choice[g * per..(g + 1) * per].iter_mut().for_each(|c| *c = 0.0);
-            masked[g * per..(g + 1) * per].iter_mut().for_each(|m| *m = true);
-        }
-    }
-    let mut order: Vec<usize> = (0..e).collect();
-    order.sort_by(|&a, &b| choice[b].partial_cmp(&choice[a]).unwrap().then(a.cmp(&b)));
-    // The gaps that decide the selection and its order: each chosen expert against the
-    // next one down. Masked experts all score exactly 0.0 in any implementation, so ties
-    // among them are exact and broken by index: skip past them.
-    for j in 0..cfg.top_k {
-        let mut next = j + 1;
-        while next < e && masked[order[j]] && masked[order[next]] {
-            next += 1;
-        }
-        if next < e {
-            margin = margin.min(choice[order[j]] - choice[order[next]]);
-        }
-    }
-    let ids: Vec<usize> = order[..cfg.top_k].to_vec();
-    let mut w: Vec<f32> = ids.iter().map(|&i| scores[i]).collect();
-    if cfg.norm_topk_prob {
-        let s: f32 = w.iter().sum::<f32>() + 1e-20;
-        w.iter_mut().for_each(|v| *v /= s);
-    }
-    w.iter_mut().for_each(|v| *v *= cfg.routed_scaling_factor);
-    (ids, w, margin)
+    let r = reference::route_token(cfg, logits, bias);
+    (r.ids.iter().map(|&i| i as usize).collect(), r.weights, r.margin)
 }
 
 /// The whole layer for one token: routed experts weighted, plus the unfused shared MLP.
@@ -335,6 +285,51 @@ proptest! {
     }
 
     #[test]
+    fn engine_steps_equal_the_oracle(tokens in 0usize..200, slots in 1usize..10, n in 1usize..40, h in 1usize..20, seed in any::<u64>()) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let ids: Vec<u32> = (0..tokens * slots).map(|_| rng.random_range(0..n as u32)).collect();
+        let p = permute(&ids, tokens, slots, n).unwrap();
+        prop_assert_eq!(&p, &reference::permute(&ids, tokens, slots, n));
+        // The combine's sum runs in slot order from 0.0 in both: bit for bit.
+        let rows = random_vec(&mut rng, tokens * slots * h, 1e3, Dtype::F32);
+        let mut out = vec![f32::NAN; tokens * h];
+        combine(&rows, h, &p, &mut out).unwrap();
+        let want = reference::combine(&rows, h, &p);
+        prop_assert_eq!(out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn layer_equals_the_oracle_under_a_given_routing(
+        router in router_strategy(),
+        h in 1usize..40,
+        i in 1usize..24,
+        shared in 0usize..3,
+        tokens in 0usize..30,
+        bf16_weights in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        // f32 inputs to the GEMMs: no activation rounds, so the engine and the oracle
+        // differ only by f32 summation order.
+        let cfg = MoeConfig { hidden_size: h, moe_intermediate_size: i, n_shared_experts: shared, router };
+        let dtype = if bf16_weights { Dtype::Bf16 } else { Dtype::F32 };
+        let mut layer = build_layer(&random_weights(&cfg, dtype, seed), dtype);
+        layer.set_precision(Precision::F32);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 2);
+        let x = random_vec(&mut rng, tokens * h, 1.5, Dtype::F32);
+        let routing = layer.route(TensorView::F32(&x), tokens).unwrap();
+        let got = layer.forward_routed(TensorView::F32(&x), tokens, &routing).unwrap();
+        let want = reference::forward_routed(layer.weights(), Precision::F32, &x, &routing);
+        prop_assert_eq!(got.len(), want.len());
+        for t in 0..tokens {
+            let (g, w) = (&got[t * h..(t + 1) * h], &want[t * h..(t + 1) * h]);
+            let scale = w.iter().fold(0.05f32, |m, v| m.max(v.abs()));
+            for (c, (a, b)) in g.iter().zip(w).enumerate() {
+                prop_assert!((a - b).abs() <= 2e-5 * scale, "token {} column {}: {} vs {}", t, c, a, b);
+            }
+        }
+    }
+
+    #[test]
     fn layer_equals_plain_per_token_loop(
         router in router_strategy(),
         h in 1usize..40,
@@ -465,7 +460,7 @@ fn fused_shared_equals_unfused_shared_mlp() {
         let mut fused = vec![0.0f32; h];
         for j in k..s {
             let row = trace.permutation.pair_rows[t * s + j] as usize;
-            fused.iter_mut().zip(&trace.expert_rows[row * h..(row + 1) * h]).for_each(|(f, v)| *f += v);
+            fused.iter_mut().zip(&trace.weighted_rows[row * h..(row + 1) * h]).for_each(|(f, v)| *f += v);
         }
         let unfused =
             mlp(&x[t * h..(t + 1) * h], plain.shared.as_ref().unwrap(), 2 * cfg.moe_intermediate_size, h, false);

@@ -44,7 +44,7 @@ fn partial_from_trace(full: &MoeLayer, x: &[f32], tokens: usize, shard: &ExpertS
                 continue;
             }
             let row = trace.permutation.pair_rows[pair] as usize;
-            for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&trace.expert_rows[row * h..(row + 1) * h]) {
+            for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&trace.weighted_rows[row * h..(row + 1) * h]) {
                 *o += v;
             }
         }
@@ -139,7 +139,7 @@ fn the_builder_takes_only_the_shards_weights() {
     let weights = MoeWeights::synthetic(&cfg, Dtype::Bf16, 9).unwrap();
     let shard = ExpertShard { routed: 4..10, shared: false };
     let mut b = MoeLayerBuilder::with_shard(cfg.clone(), Dtype::Bf16, shard.clone()).unwrap();
-    b.router(weights.router_gate(), weights.router_bias().map(TensorView::F32)).unwrap();
+    b.router(weights.router_gate(), weights.router_bias().map(|b| TensorView::F32(b))).unwrap();
     let expert = |e: usize| {
         let gu = weights.slot_gate_up(e);
         (gu.slice(0..i * h), gu.slice(i * h..2 * i * h), weights.slot_down(e))
@@ -161,7 +161,7 @@ fn the_builder_takes_only_the_shards_weights() {
     // Expert 9 missing.
     let b2 = {
         let mut b2 = MoeLayerBuilder::with_shard(cfg.clone(), Dtype::Bf16, shard.clone()).unwrap();
-        b2.router(weights.router_gate(), weights.router_bias().map(TensorView::F32)).unwrap();
+        b2.router(weights.router_gate(), weights.router_bias().map(|b| TensorView::F32(b))).unwrap();
         b2
     };
     assert!(b2.build().unwrap_err().to_string().contains("expert 4"));

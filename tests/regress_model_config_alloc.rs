@@ -53,7 +53,7 @@ fn largest_allocation_loading(dir: &PathBuf) -> usize {
     largest
 }
 
-/// `sliding_window_layers` (src/model/weights.rs) collected `max_window_layers..
+/// `sliding_window_layers` (then in src/model/weights.rs, now src/config.rs) collected `max_window_layers..
 /// num_hidden_layers` into a Vec, and the `Unsupported` error printed every index: 2^20
 /// layers cost single allocations of up to 15 MB (the Vec, the message); 2^40 aborted.
 #[test]
@@ -64,7 +64,7 @@ fn many_claimed_layers_do_not_allocate_per_layer_in_the_sliding_window_check() {
     assert!(largest < 1 << 20, "loading allocated {largest} bytes at once for a directory under 1 KiB");
 }
 
-/// `Dots1Model::load` built `expected_tensors(&cfg)` (one `(String, Vec<usize>)` per
+/// `Dots1Model::load` built `expected_tensors(&cfg)` (now `Manifest::tensors`; one `(String, Vec<usize>)` per
 /// tensor of every claimed layer) before checking the first of them: 2^16 layers of 4
 /// experts cost a 100 MB Vec (and as much again in names) for an empty checkpoint.
 #[test]

@@ -3,7 +3,8 @@
 //!
 //! - `gather_f32`, `gather_bf16`, `combine` and `grouped_experts` trusted a `Permutation`
 //!   (all public fields, made by a GPU download, a test or an engine) and indexed out of
-//!   bounds on an inconsistent one; `Permutation::n_experts` underflowed on empty offsets.
+//!   bounds on an inconsistent one; `Permutation::n_slots` (then `n_experts`) underflowed
+//!   on empty offsets.
 //! - `router_logits` computed `tokens * n_experts` unchecked: with `hidden_size == 0`
 //!   both inputs are empty whatever the sizes say, and the product overflowed.
 
@@ -60,7 +61,7 @@ fn malformed_permutations_are_errors_not_panics() {
         let mut combined = vec![0.0f32; perm.tokens * h];
         assert!(combine(&expert_rows, h, &perm, &mut combined).is_err(), "{what}: combine");
     }
-    assert_eq!(Permutation { expert_offsets: vec![], ..valid() }.n_experts(), 0);
+    assert_eq!(Permutation { expert_offsets: vec![], ..valid() }.n_slots(), 0);
     valid().validate().expect("what permute makes is valid");
 }
 

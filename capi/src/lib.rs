@@ -68,7 +68,7 @@ pub struct DotsMoeConfig {
     pub n_experts: usize,
     /// Experts per token `k`.
     pub top_k: usize,
-    /// Shared experts `S` (one MLP of width `S * I`).
+    /// Shared experts `n_shared` (one MLP of width `n_shared * I`).
     pub n_shared_experts: usize,
     /// Expert groups (1: no grouping).
     pub n_group: usize,
@@ -118,15 +118,15 @@ pub struct DotsMoeLayerDesc {
     /// Nonzero: the layer holds and computes the shared experts (give the three buffers
     /// below); zero: it leaves them out (they may be null).
     pub shared_experts: u32,
-    /// Shared MLP gate `[S*I, H]`.
+    /// Shared MLP gate `[n_shared*I, H]`.
     pub shared_gate: *const c_void,
     /// Elements in `shared_gate`.
     pub shared_gate_len: usize,
-    /// Shared MLP up `[S*I, H]`.
+    /// Shared MLP up `[n_shared*I, H]`.
     pub shared_up: *const c_void,
     /// Elements in `shared_up`.
     pub shared_up_len: usize,
-    /// Shared MLP down `[H, S*I]`.
+    /// Shared MLP down `[H, n_shared*I]`.
     pub shared_down: *const c_void,
     /// Elements in `shared_down`.
     pub shared_down_len: usize,
@@ -148,9 +148,10 @@ impl From<MoeError> for Failure {
     fn from(e: MoeError) -> Self {
         let status = match &e {
             MoeError::Shape { .. } => DotsMoeStatus::DotsMoeErrShape,
-            MoeError::NonFiniteLogit { .. } | MoeError::NonFiniteBias { .. } | MoeError::BadRouting { .. } => {
-                DotsMoeStatus::DotsMoeErrBadValue
-            }
+            MoeError::NonFiniteLogit { .. }
+            | MoeError::NonFiniteBias { .. }
+            | MoeError::BadRouting { .. }
+            | MoeError::BadPermutation(_) => DotsMoeStatus::DotsMoeErrBadValue,
             MoeError::Unsupported(_) | MoeError::Limit { .. } => DotsMoeStatus::DotsMoeErrUnsupported,
             _ => DotsMoeStatus::DotsMoeErrInvalidArgument,
         };

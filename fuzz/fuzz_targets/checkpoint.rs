@@ -25,7 +25,7 @@ use std::sync::OnceLock;
 use arbitrary::{Result, Unstructured};
 use dots_moe::Dots1Config;
 use dots_moe::model::checkpoint::Checkpoint;
-use dots_moe::model::weights::expected_tensors;
+use dots_moe::model::manifest::Manifest;
 use dots_moe::model::{Dots1Model, ModelError};
 use dots_moe_fuzz::alloc_guard::Limit;
 use dots_moe_fuzz::safetensors_file::{Entry, dtype_size, file_bytes, header_json, json_string};
@@ -103,7 +103,7 @@ fn plan(u: &mut Unstructured<'_>, cfg: &Dots1Config, clean: &mut bool) -> Result
         ((seed >> 40) % 32) as f32 / 64.0 - 0.25
     };
     let mut out: Vec<Planned> = Vec::new();
-    let mut names: Vec<(String, Vec<usize>)> = expected_tensors(cfg).collect();
+    let mut names: Vec<(String, Vec<usize>)> = Manifest::new(cfg).tensors().map(|t| (t.name, t.shape)).collect();
     if rarely(u, 16)? {
         names.push(("model.extra.weight".into(), vec![3])); // unknown extra: a warning, not an error
     }

@@ -14,7 +14,7 @@
 use arbitrary::{Result, Unstructured};
 use dots_moe::{ConfigError, Dots1Config, Scoring};
 use dots_moe_fuzz::alloc_guard::Limit;
-use dots_moe_fuzz::reference::router_config_is_valid;
+use dots_moe::moe::reference::router_config_is_valid;
 use dots_moe_fuzz::values::rarely;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value, json};

@@ -16,7 +16,7 @@ use dots_moe::cpu::Isa;
 use dots_moe::moe::{MoeLayer, MoeLayerBuilder, Precision};
 use dots_moe::{Dtype, MoeConfig, MoeError, RouterConfig, Scoring, TensorView};
 use dots_moe_fuzz::alloc_guard::Limit;
-use dots_moe_fuzz::reference::{route_token, router_config_is_valid};
+use dots_moe::moe::reference::{route_token, router_config_is_valid};
 use dots_moe_fuzz::values::{EDGE_F32, dyadic, rarely, small_len};
 use half::bf16;
 use libfuzzer_sys::fuzz_target;
@@ -42,7 +42,7 @@ struct Case {
     /// Per tensor: pass it to the builder as bf16 (else f32).
     input_bf16: Vec<bool>,
     /// Router gate `[E, H]`, bias `[E]`, experts' gate/up `[I, H]` and down `[H, I]`,
-    /// shared gate/up `[S*I, H]` and down `[H, S*I]`: all dyadic.
+    /// shared gate/up `[n_shared*I, H]` and down `[H, n_shared*I]`: all dyadic.
     gate: Vec<f32>,
     bias: Option<Vec<f32>>,
     experts: Vec<[Vec<f32>; 3]>,

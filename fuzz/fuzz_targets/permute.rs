@@ -2,7 +2,7 @@
 //! arbitrary routings (ids in and out of range, wrong lengths, empty batches).
 //!
 //! Oracle: an error exactly when a length is wrong or an id is out of range (naming the
-//! token); otherwise offsets monotone from 0 to `T * S` with each expert's count,
+//! token); otherwise offsets monotone from 0 to `T * slots_per_token` with each expert's count,
 //! `row_pairs` and `pair_rows` inverse permutations (both compositions the identity),
 //! each expert's rows holding its pairs in ascending order (stable), the gathers copying
 //! (bf16: rounding exactly as `half::bf16::from_f32`) the token row of every permuted
@@ -157,9 +157,9 @@ fn check(case: &Case) {
     };
     let pairs = t_count * s;
 
-    // Offsets: [E + 1], from 0 to T * S, each expert's count apart.
+    // Offsets: [E + 1], from 0 to T * slots_per_token, each expert's count apart.
     assert_eq!(perm.expert_offsets.len(), e + 1);
-    assert_eq!(perm.n_experts(), e);
+    assert_eq!(perm.n_slots(), e);
     assert_eq!(perm.expert_offsets[0], 0);
     assert_eq!(perm.expert_offsets[e] as usize, pairs);
     for x in 0..e {

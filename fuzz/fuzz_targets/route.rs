@@ -4,14 +4,14 @@
 //! config, wrong lengths, a non-finite logit or bias, each named correctly); otherwise
 //! ids distinct and in range, weights finite and summing to the scaling factor (when
 //! normalised), the tie rule, bit-for-bit agreement with the plain reference in
-//! `dots_moe_fuzz::reference`, and each token routed alone equal to its row of the batch.
+//! `dots_moe::moe::reference`, and each token routed alone equal to its row of the batch.
 //! No allocation beyond what the input's size justifies.
 #![no_main]
 
 use arbitrary::{Result, Unstructured};
 use dots_moe::{MoeError, RouterConfig, Scoring, moe::route_logits};
 use dots_moe_fuzz::alloc_guard::Limit;
-use dots_moe_fuzz::reference::{check_tie_rule, route_token, router_config_is_valid};
+use dots_moe::moe::reference::{check_tie_rule, route_token, router_config_is_valid};
 use dots_moe_fuzz::values::{any_f32, rarely, small_len};
 use libfuzzer_sys::fuzz_target;
 

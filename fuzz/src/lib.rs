@@ -1,15 +1,11 @@
 //! Shared pieces of the dots-moe fuzz targets: the allocation guard every target runs
-//! under, value generators that reach the corner cases (NaN, infinities, ties, huge and
-//! tiny values), and the plain reference router the `route` and `moe_layer` oracles
-//! compare against.
-//!
-//! The reference code here is written from the contract's text (src/moe/route.rs), not
-//! from the implementation: sorts instead of selection loops, `f64` where the contract
-//! does not fix the order of an operation.
+//! under and value generators that reach the corner cases (NaN, infinities, ties, huge
+//! and tiny values). The plain reference the `route`, `config` and `moe_layer` oracles
+//! compare against is the library's own, `dots_moe::moe::reference`, written from the
+//! contract's text rather than from the engines (sorts instead of selection loops).
 
 pub mod alloc_guard;
 pub mod panics;
-pub mod reference;
 pub mod safetensors_file;
 pub mod values;
 

@@ -238,7 +238,7 @@ impl Layer {
 /// Builds a layer (or the part holding experts `expert_begin..expert_end` and, if
 /// `shared`, the shared experts). `experts` is a list of `(gate [I,H], up [I,H],
 /// down [H,I])` for the held experts in order; `shared_mlp` the shared MLP
-/// `(gate [S*I,H], up [S*I,H], down [H,S*I])` or None. Every weight buffer is of `w_dtype`.
+/// `(gate [n_shared*I,H], up [n_shared*I,H], down [H,n_shared*I])` or None. Every weight buffer is of `w_dtype`.
 #[pyfunction]
 #[pyo3(signature = (hidden_size, moe_intermediate_size, n_experts, top_k, n_shared_experts, n_group, topk_group,
                     scoring, norm_topk_prob, routed_scaling_factor, w_dtype, router_gate, router_bias,

@@ -9,15 +9,17 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::{ArgGroup, Args};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::CliResult;
 use super::precision::PrecisionArg;
 use dots_moe::model::tokenizer::END_OF_RESPONSE;
 use dots_moe::model::{
-    Dots1Model, GenerateOptions, Generation, LoadOptions, ModelError, SamplingParams, StopReason, TextStream,
-    Tokenizer, chat_prompt, generate,
+    Dots1Model, GenerateOptions, Generation, LoadOptions, LoadProgress, ModelError, ProgressFn, SamplingParams,
+    StopReason, TextStream, Tokenizer, chat_prompt, generate,
 };
 
 /// Arguments of `dots-moe generate`.
@@ -73,6 +75,16 @@ pub enum ModelBackend {
     Cuda,
 }
 
+/// The bar `load_model` draws on stderr (hidden when stderr is not a terminal).
+fn load_progress_bar(dir: &Path) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} layers ({elapsed})") {
+        bar.set_style(style);
+    }
+    bar.set_message(format!("loading {}", dir.display()));
+    bar
+}
+
 /// Loads a model in `precision`, reporting the load on stderr, and moves its MoE layers to
 /// `backend`. The CUDA layer computes the bf16 contract, so `cuda` needs `bf16`.
 pub(crate) fn load_model(
@@ -85,8 +97,16 @@ pub(crate) fn load_model(
     }
     // The GPU first: without one, say so before the (possibly long) load.
     let gpu = open_backend(backend)?;
+    let bar = load_progress_bar(dir);
+    let on_layer = bar.clone();
+    let progress: ProgressFn = Arc::new(move |p: LoadProgress| {
+        on_layer.set_length(p.layers as u64);
+        on_layer.set_position(p.layers_done as u64);
+    });
+    let loaded = Dots1Model::load_with(dir, LoadOptions { progress: Some(progress), precision: precision.into() });
+    bar.finish_and_clear();
     #[allow(unused_mut)]
-    let mut model = Dots1Model::load_with(dir, LoadOptions { progress: true, precision: precision.into() })?;
+    let mut model = loaded?;
     let report = model.load_report();
     for warning in &report.warnings {
         eprintln!("warning: {warning}");

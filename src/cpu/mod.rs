@@ -24,6 +24,7 @@
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod driver;
+pub mod experts;
 mod plan;
 mod portable;
 mod rows;
@@ -35,6 +36,7 @@ use rayon::prelude::*;
 
 use crate::tensor::TensorView;
 pub(crate) use driver::Sink;
+pub use experts::{LayerBuffers, WORKSPACE_KEEP_BYTES};
 pub(crate) use plan::{Cols, PackedA};
 pub(crate) use rows::{RowBuf, RowMut, RowsPtr};
 

@@ -53,17 +53,11 @@ impl CudaBackend {
 
     /// A workspace holding `perm` (uploaded) as if the permutation kernels made it.
     fn workspace_from(&self, perm: &Permutation) -> Result<RoutingWorkspace, BackendError> {
-        let n_slots = perm.n_experts();
+        let n_slots = perm.n_slots();
         let mut ws = RoutingWorkspace::new(&self.gpu, perm.tokens, 0, perm.slots_per_token, n_slots)?;
         check_len("row_pairs", &[perm.tokens, perm.slots_per_token], perm.row_pairs.len())?;
         check_len("pair_rows", &[perm.tokens, perm.slots_per_token], perm.pair_rows.len())?;
-        if let Some(&bad) = perm.row_pairs.iter().chain(&perm.pair_rows).find(|&&r| r as usize >= perm.rows()) {
-            return Err(MoeError::BadRouting {
-                token: 0,
-                reason: format!("permutation index {bad} out of range 0..{}", perm.rows()),
-            }
-            .into());
-        }
+        perm.validate()?;
         ws.expert_offsets.copy_from_host("expert_offsets", &perm.expert_offsets)?;
         ws.row_pairs.copy_from_host("row_pairs", &perm.row_pairs)?;
         ws.pair_rows.copy_from_host("pair_rows", &perm.pair_rows)?;
@@ -201,7 +195,7 @@ impl CudaBackend {
             slot_ids: ws.routing.slot_ids.download()?,
             slot_weights: ws.routing.slot_weights.download()?,
             permutation: ws.routing.read_permutation()?,
-            expert_rows: ws.expert_rows.download()?,
+            weighted_rows: ws.expert_rows.download()?,
             output,
         })
     }

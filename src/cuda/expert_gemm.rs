@@ -183,15 +183,15 @@ impl GemmOptions {
 /// The expert weights on the device, in the contract's stacked layout (bf16).
 #[derive(Debug)]
 pub struct DeviceExpertWeights {
-    /// `[E + S, 2I, H]`: per slot, gate rows then up rows.
+    /// `[E + n_shared, 2I, H]`: per slot, gate rows then up rows.
     pub gate_up: DeviceBuffer<bf16>,
-    /// `[E + S, H, I]`.
+    /// `[E + n_shared, H, I]`.
     pub down: DeviceBuffer<bf16>,
     /// `H`.
     pub hidden_size: usize,
     /// `I`.
     pub intermediate_size: usize,
-    /// `E + S`.
+    /// `E + n_shared`.
     pub n_slots: usize,
 }
 

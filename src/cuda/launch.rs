@@ -120,7 +120,7 @@ pub struct LaunchDims {
     pub tokens: usize,
     /// Routed experts `E`.
     pub experts: usize,
-    /// Slots per token `S`.
+    /// Slots per token, `k + n_shared`.
     pub slots_per_token: usize,
     /// Expert slots (`E + n_shared`).
     pub n_slots: usize,

@@ -48,7 +48,7 @@ pub struct LayerWorkspace {
     pub hidden: DeviceTensor,
     /// Routing and permutation buffers.
     pub routing: RoutingWorkspace,
-    /// The gathered rows `x [R, H]`, bf16, permuted order (`R = T * (k + S)`).
+    /// The gathered rows `x [R, H]`, bf16, permuted order (`R = T * (k + n_shared)`).
     pub x: DeviceTensor,
     /// Work items and the activation `[R, I]`.
     pub gemm: GemmWorkspace,

@@ -6,16 +6,16 @@
 //! captured in a CUDA graph. Only the `download`/`read_*` helpers of [`RoutingWorkspace`] copy
 //! results back (and wait).
 //!
-//! The pipeline for `T` tokens, `S = k + n_shared` slots per token:
+//! The pipeline for `T` tokens, `slots_per_token = k + n_shared`:
 //!
 //! ```text
 //! moe_router_logits_*   hidden [T,H], gate [E,H]          -> logits [T,E]
-//! moe_router_select     logits, bias                      -> slot_ids, slot_weights [T,S],
-//!                                                            pair_ranks [T*S], tile_counts
+//! moe_router_select     logits, bias                      -> slot_ids, slot_weights [T,slots],
+//!                                                            pair_ranks [T*slots_per_token], tile_counts
 //! moe_permute_scatter   ids, ranks, tile_counts           -> expert_offsets [n_slots+1],
 //!                                                            row_pairs, pair_rows, row_weights
-//! moe_gather_*          hidden, row_pairs                 -> x_perm [T*S, H]
-//!   (expert GEMMs)                                        -> expert_rows [T*S, H], weighted
+//! moe_gather_*          hidden, row_pairs                 -> x_perm [T*slots_per_token, H]
+//!   (expert GEMMs)                                        -> expert_rows [T*slots_per_token, H], weighted
 //! moe_combine           expert_rows, pair_rows            -> out [T, H]
 //! ```
 //!
@@ -108,7 +108,7 @@ pub struct WorkspacePtrs {
 pub struct WorkspaceDims {
     /// Tokens `T`.
     pub tokens: usize,
-    /// Slots per token `S`.
+    /// Slots per token, `k + n_shared`.
     pub slots_per_token: usize,
     /// Expert slots.
     pub n_slots: usize,
@@ -281,7 +281,7 @@ pub fn scatter_launch(ws: &WorkspacePtrs, dims: &WorkspaceDims) -> Result<Option
     Launch::new(&source::SCATTER, &dims.launch_dims(), args).map(Some)
 }
 
-/// The gather `out [T * S, H] = hidden [row_pairs[r] / S]`.
+/// The gather `out [T * slots_per_token, H] = hidden [row_pairs[r] / slots_per_token]`.
 pub fn gather_launch(
     hidden: (u64, Dtype),
     row_pairs: u64,
@@ -309,7 +309,7 @@ pub fn gather_launch(
     Launch::new(GATHER[index2(hidden.1, out.1)], &dims, args).map(Some)
 }
 
-/// The combine `out [T, H]` of `expert_rows [T * S, H]` through `pair_rows [T * S]`.
+/// The combine `out [T, H]` of `expert_rows [T * slots_per_token, H]` through `pair_rows [T * slots_per_token]`.
 pub fn combine_launch(
     expert_rows: u64,
     pair_rows: u64,
@@ -448,7 +448,7 @@ impl RouteCombineKernels {
         Self::check_router(router, ws)?;
         let bias = router.bias.as_ref().map_or(0, |b| b.device_ptr());
         // The workspace was sized for this router and T (checked): ids, weights, ranks,
-        // row_pairs, pair_rows and row_weights hold T*S, tile_counts n_tiles*n_slots,
+        // row_pairs, pair_rows and row_weights hold T*slots_per_token, tile_counts n_tiles*n_slots,
         // expert_offsets n_slots+1; the bias is [E] or null.
         let launch = select_launch(&router.config, router.n_shared, bias, &ws.ptrs(), &ws.dims())?;
         ws.status_source = StatusSource::Router;
@@ -459,7 +459,7 @@ impl RouteCombineKernels {
     /// (ids from elsewhere than the router).
     pub fn permute_rank(&self, ws: &mut RoutingWorkspace) -> Result<(), CudaError> {
         ws.status_source = StatusSource::Permute;
-        // The workspace buffers have the sizes its constructor gave for (T, S, n_slots).
+        // The workspace buffers have the sizes its constructor gave for (T, slots_per_token, n_slots).
         self.run(rank_launch(&ws.ptrs(), &ws.dims())?)
     }
 
@@ -490,7 +490,7 @@ impl RouteCombineKernels {
         self.permute_scatter(ws)
     }
 
-    /// Queues the gather `out [T * S, H] = hidden [row_pairs[r] / S]` (bf16 output rounds
+    /// Queues the gather `out [T * slots_per_token, H] = hidden [row_pairs[r] / slots_per_token]` (bf16 output rounds
     /// to nearest even).
     pub fn gather(
         &self,
@@ -501,7 +501,7 @@ impl RouteCombineKernels {
     ) -> Result<(), CudaError> {
         hidden.expect_shape("hidden", &[ws.tokens, hidden_size])?;
         out.expect_shape("permuted hidden", &[ws.pairs(), hidden_size])?;
-        // hidden is [T, H], out [T*S, H], row_pairs [T*S] with values < T*S once permuted.
+        // hidden is [T, H], out [T*slots_per_token, H], row_pairs [T*slots_per_token] with values < T*slots_per_token once permuted.
         self.run(gather_launch(
             (hidden.device_ptr(), hidden.dtype()),
             ws.row_pairs.device_ptr(),
@@ -512,8 +512,8 @@ impl RouteCombineKernels {
         )?)
     }
 
-    /// Queues the combine `out [T, H]`: each token's `S` weighted rows of
-    /// `expert_rows [T * S, H]`, summed in slot order from 0.0.
+    /// Queues the combine `out [T, H]`: each token's `slots_per_token` weighted rows of
+    /// `expert_rows [T * slots_per_token, H]`, summed in slot order from 0.0.
     pub fn combine(
         &self,
         expert_rows: &DeviceBuffer<f32>,
@@ -524,7 +524,7 @@ impl RouteCombineKernels {
         let (t, s) = (ws.tokens, ws.slots_per_token);
         expert_rows.expect_shape("expert output rows", &[t * s, hidden_size])?;
         out.expect_shape("output", &[t, hidden_size])?;
-        // expert_rows [T*S, H], out [T, H], pair_rows [T*S] (S checked by the launch).
+        // expert_rows [T*slots_per_token, H], out [T, H], pair_rows [T*slots_per_token] (slots_per_token checked by the launch).
         self.run(combine_launch(
             expert_rows.device_ptr(),
             ws.pair_rows.device_ptr(),

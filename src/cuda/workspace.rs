@@ -7,8 +7,8 @@ use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
 use crate::cuda::context::GpuContext;
 use crate::cuda::error::CudaError;
 use crate::cuda::moe::tiles;
-use crate::error::{MoeError, check_len};
-use crate::moe::{MoeLayer, Permutation, Routing};
+use crate::error::MoeError;
+use crate::moe::{MoeLayer, Permutation, RouterBias, Routing};
 use crate::tensor::TensorView;
 
 /// The router's weights on the device, with the shape they route for.
@@ -18,7 +18,7 @@ pub struct DeviceRouter {
     pub config: RouterConfig,
     /// Model width `H`.
     pub hidden_size: usize,
-    /// Shared experts, appended as slots `E..E+S` of every token.
+    /// Shared experts, appended as slots `E..E+n_shared` of every token.
     pub n_shared: usize,
     /// `[E, H]`, f32 or bf16 (`None` for a router that only selects from given logits).
     pub gate: Option<DeviceTensor>,
@@ -37,14 +37,8 @@ impl DeviceRouter {
         cfg.validate().map_err(MoeError::from)?;
         let e = cfg.router.n_experts;
         let gate = DeviceTensor::upload(gpu, "mlp.gate.weight", gate, &[e, cfg.hidden_size])?;
-        let bias = match bias {
-            Some(b) => {
-                check_len("e_score_correction_bias", &[e], b.len())?;
-                if let Some((expert, &value)) = b.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                    return Err(MoeError::NonFiniteBias { expert, value }.into());
-                }
-                Some(DeviceBuffer::upload(gpu, "e_score_correction_bias", b, &[e])?)
-            }
+        let bias = match RouterBias::from_slice(bias, e)? {
+            Some(b) => Some(DeviceBuffer::upload(gpu, "e_score_correction_bias", &b, &[e])?),
             None => None,
         };
         Ok(DeviceRouter {
@@ -65,14 +59,8 @@ impl DeviceRouter {
         bias: Option<&[f32]>,
     ) -> Result<Self, CudaError> {
         cfg.validate().map_err(MoeError::from)?;
-        let bias = match bias {
-            Some(b) => {
-                check_len("e_score_correction_bias", &[cfg.n_experts], b.len())?;
-                if let Some((expert, &value)) = b.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                    return Err(MoeError::NonFiniteBias { expert, value }.into());
-                }
-                Some(DeviceBuffer::upload(gpu, "e_score_correction_bias", b, &[cfg.n_experts])?)
-            }
+        let bias = match RouterBias::from_slice(bias, cfg.n_experts)? {
+            Some(b) => Some(DeviceBuffer::upload(gpu, "e_score_correction_bias", &b, &[cfg.n_experts])?),
             None => None,
         };
         Ok(DeviceRouter { config: cfg.clone(), hidden_size: 0, n_shared, gate: None, bias })
@@ -81,7 +69,7 @@ impl DeviceRouter {
     /// Uploads the router of `layer`.
     pub fn from_layer(gpu: &GpuContext, layer: &MoeLayer) -> Result<Self, CudaError> {
         let w = layer.weights();
-        Self::upload(gpu, layer.config(), w.router_gate(), w.router_bias())
+        Self::upload(gpu, layer.config(), w.router_gate(), w.router_bias().map(RouterBias::as_slice))
     }
 
     /// Slots per token, `k + n_shared`.
@@ -114,7 +102,7 @@ pub fn router_status(status: &[u64], logits: &[f32], n_experts: usize) -> Result
 }
 
 /// The contract's error for the per-tile status the rank kernel left: the first pair whose
-/// slot id (`ids [T * S]`) is out of range, or `Ok` when every tile is clean.
+/// slot id (`ids [T * slots_per_token]`) is out of range, or `Ok` when every tile is clean.
 pub fn permute_status(status: &[u64], ids: &[u32], slots_per_token: usize, n_slots: usize) -> Result<(), MoeError> {
     let Some(&code) = status.iter().find(|&&s| s != 0) else { return Ok(()) };
     let pair = (code - 1) as usize;
@@ -131,17 +119,17 @@ pub struct RoutingWorkspace {
     pub tokens: usize,
     /// Routed experts `E` (0 for a permutation-only workspace).
     pub n_experts: usize,
-    /// Slots per token `S`.
+    /// Slots per token, `k + n_shared`.
     pub slots_per_token: usize,
     /// Expert slots (`E + n_shared`).
     pub n_slots: usize,
     /// Router logits `[T, E]`.
     pub logits: DeviceBuffer<f32>,
-    /// Slot ids `[T, S]`.
+    /// Slot ids `[T, slots_per_token]`.
     pub slot_ids: DeviceBuffer<u32>,
-    /// Slot weights `[T, S]`.
+    /// Slot weights `[T, slots_per_token]`.
     pub slot_weights: DeviceBuffer<f32>,
-    /// Stable rank of each pair among its tile's pairs of the same slot `[T * S]`.
+    /// Stable rank of each pair among its tile's pairs of the same slot `[T * slots_per_token]`.
     pub pair_ranks: DeviceBuffer<u32>,
     /// Pairs per (tile, slot) `[n_tiles, n_slots]`: the router's per-expert counts.
     pub tile_counts: DeviceBuffer<u32>,
@@ -149,11 +137,11 @@ pub struct RoutingWorkspace {
     pub tile_status: DeviceBuffer<u64>,
     /// `[n_slots + 1]`.
     pub expert_offsets: DeviceBuffer<u32>,
-    /// `[T * S]`: the pair of each permuted row.
+    /// `[T * slots_per_token]`: the pair of each permuted row.
     pub row_pairs: DeviceBuffer<u32>,
-    /// `[T * S]`: the permuted row of each pair.
+    /// `[T * slots_per_token]`: the permuted row of each pair.
     pub pair_rows: DeviceBuffer<u32>,
-    /// `[T * S]`: the slot weight of each permuted row.
+    /// `[T * slots_per_token]`: the slot weight of each permuted row.
     pub row_weights: DeviceBuffer<f32>,
     pub(crate) status_source: StatusSource,
 }
@@ -199,7 +187,7 @@ impl RoutingWorkspace {
         })
     }
 
-    /// `T * S`.
+    /// `T * slots_per_token`.
     pub fn pairs(&self) -> usize {
         self.tokens * self.slots_per_token
     }

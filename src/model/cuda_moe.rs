@@ -150,7 +150,7 @@ fn device_form(w: &MoeWeights) -> MoeLayer {
     let mut layer = MoeLayer::new(MoeWeights {
         cfg: padded_cfg.clone(),
         router_gate,
-        router_bias: w.router_bias().map(<[f32]>::to_vec),
+        router_bias: w.router_bias().cloned(),
         gate_up: TensorData::Bf16(gate_up),
         down: TensorData::Bf16(down),
         shard: ExpertShard::full(&padded_cfg),
@@ -201,7 +201,7 @@ mod tests {
                 let mut same = MoeLayer::new(MoeWeights {
                     cfg: cfg.clone(),
                     router_gate: TensorData::F32(w.router_gate().to_f32_vec()),
-                    router_bias: w.router_bias().map(<[f32]>::to_vec),
+                    router_bias: w.router_bias().cloned(),
                     gate_up: round(w.gate_up()),
                     down: round(w.down()),
                     shard: ExpertShard::full(&cfg),

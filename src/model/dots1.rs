@@ -30,14 +30,14 @@
 use std::path::Path;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
-
 use super::attention::{AttentionShape, AttentionWeights, KvCache, attention};
 use super::checkpoint::{Checkpoint, Weight};
 use super::error::ModelError;
+use super::generation_config::GenerationConfig;
+use super::manifest::{Manifest, MlpManifest, MoeManifest, TensorSpec};
 use super::ops::{GemmInput, Rope, linear_in, rms_norm, rms_norm_rows};
-use super::weights::{GenerationConfig, expected_tensors, layer_prefix, sliding_window_layers};
-use crate::config::Dots1Config;
+use crate::config::{Dots1Config, sliding_window_layers};
+use crate::error::ConfigError;
 use crate::moe::{MoeLayer, MoeLayerBuilder, Precision, Routing};
 use crate::tensor::{Dtype, TensorView, round_to_bf16};
 
@@ -50,11 +50,24 @@ pub enum LogitsFor {
     Last,
 }
 
+/// Where loading stands, reported to [`LoadOptions::progress`] after each decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadProgress {
+    /// Decoder layers loaded so far.
+    pub layers_done: usize,
+    /// Decoder layers in all.
+    pub layers: usize,
+}
+
+/// A callback that receives [`LoadProgress`] (a progress bar, a log line).
+pub type ProgressFn = std::sync::Arc<dyn Fn(LoadProgress) + Send + Sync>;
+
 /// How to load a model.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct LoadOptions {
-    /// Show an indicatif progress bar on stderr (hidden when stderr is not a terminal).
-    pub progress: bool,
+    /// Called after each decoder layer is loaded (none by default); the library draws
+    /// nothing itself.
+    pub progress: Option<ProgressFn>,
     /// The compute precision of the matrix products (see the [module docs](self)):
     /// [`Precision::F32`] by default (the exact reference), [`Precision::Bf16`] for engine
     /// speed.
@@ -63,7 +76,16 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { progress: false, precision: Precision::F32 }
+        LoadOptions { progress: None, precision: Precision::F32 }
+    }
+}
+
+impl std::fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("progress", &self.progress.as_ref().map(|_| "callback"))
+            .field("precision", &self.precision)
+            .finish()
     }
 }
 
@@ -124,8 +146,8 @@ impl std::fmt::Debug for Dots1Model {
 
 /// A norm weight, widened to f32 (they are a few KB; everything large stays mapped);
 /// under [`Precision::Bf16`] an f32 one is first rounded to bf16 like every weight.
-fn norm_weight(ckpt: &mut Checkpoint, name: &str, len: usize, precision: Precision) -> Result<Vec<f32>, ModelError> {
-    let w = ckpt.weight(name, &[len])?;
+fn norm_weight(ckpt: &mut Checkpoint, spec: &TensorSpec, precision: Precision) -> Result<Vec<f32>, ModelError> {
+    let w = ckpt.weight(&spec.name, &spec.shape)?;
     let mut values = ckpt.view(&w).to_f32_vec();
     if precision == Precision::Bf16 {
         round_to_bf16(&mut values);
@@ -135,13 +157,8 @@ fn norm_weight(ckpt: &mut Checkpoint, name: &str, len: usize, precision: Precisi
 
 /// A matrix weight as the compute precision holds it: in place (or as loaded) under
 /// [`Precision::F32`]; under [`Precision::Bf16`], bf16 (f32 and f16 tensors rounded once).
-fn matrix_weight(
-    ckpt: &mut Checkpoint,
-    name: &str,
-    shape: &[usize],
-    precision: Precision,
-) -> Result<Weight, ModelError> {
-    let w = ckpt.weight(name, shape)?;
+fn matrix_weight(ckpt: &mut Checkpoint, spec: &TensorSpec, precision: Precision) -> Result<Weight, ModelError> {
+    let w = ckpt.weight(&spec.name, &spec.shape)?;
     Ok(match precision {
         Precision::F32 => w,
         Precision::Bf16 => ckpt.to_bf16(w),
@@ -149,7 +166,7 @@ fn matrix_weight(
 }
 
 impl Dots1Model {
-    /// Loads the model in directory `dir` without a progress bar.
+    /// Loads the model in directory `dir` with the default [`LoadOptions`].
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         Self::load_with(dir, LoadOptions::default())
     }
@@ -161,8 +178,9 @@ impl Dots1Model {
         let started = Instant::now();
         std::fs::read_dir(dir).map_err(|e| ModelError::io(dir, e))?;
         let config_path = dir.join("config.json");
-        let cfg = Dots1Config::from_file(&config_path)?;
-        let config_text = std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+        let config_text = std::fs::read_to_string(&config_path)
+            .map_err(|source| ConfigError::Io { path: config_path.clone(), source })?;
+        let cfg = Dots1Config::from_json(&config_text)?;
         if let Some(sliding) = sliding_window_layers(&config_text, cfg.num_hidden_layers) {
             return Err(ModelError::Unsupported(format!(
                 "config.json asks for sliding-window attention in layers {sliding}; only full attention is implemented (dots.llm1 uses none)"
@@ -172,65 +190,64 @@ impl Dots1Model {
         let mut ckpt = Checkpoint::open(dir)?;
 
         // Validate every tensor before computing or copying anything.
-        for (name, shape) in expected_tensors(&cfg) {
-            ckpt.check(&name, &shape)?;
+        let manifest = Manifest::new(&cfg);
+        for spec in manifest.tensors() {
+            ckpt.check(&spec.name, &spec.shape)?;
         }
 
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let h = cfg.hidden_size;
         let (heads, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let bar = if options.progress {
-            let bar = ProgressBar::new(cfg.num_hidden_layers as u64);
-            if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} layers ({elapsed})") {
-                bar.set_style(style);
+        let report_progress = |layers_done: usize| {
+            if let Some(progress) = &options.progress {
+                progress(LoadProgress { layers_done, layers: cfg.num_hidden_layers });
             }
-            bar.set_message(format!("loading {}", dir.display()));
-            bar
-        } else {
-            ProgressBar::hidden()
         };
+        report_progress(0);
 
         let precision = options.precision;
-        let embed = ckpt.weight("model.embed_tokens.weight", &[v, h])?;
+        let embed_spec = manifest.embed();
+        let embed = ckpt.weight(&embed_spec.name, &embed_spec.shape)?;
         let mut copied_bytes = 0usize;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for n in 0..cfg.num_hidden_layers {
-            let p = layer_prefix(n);
+            let m = manifest.layer(n);
             let attn = AttentionWeights {
-                q_proj: matrix_weight(&mut ckpt, &format!("{p}.self_attn.q_proj.weight"), &[heads * d, h], precision)?,
-                k_proj: matrix_weight(&mut ckpt, &format!("{p}.self_attn.k_proj.weight"), &[kv * d, h], precision)?,
-                v_proj: matrix_weight(&mut ckpt, &format!("{p}.self_attn.v_proj.weight"), &[kv * d, h], precision)?,
-                o_proj: matrix_weight(&mut ckpt, &format!("{p}.self_attn.o_proj.weight"), &[h, heads * d], precision)?,
-                q_norm: norm_weight(&mut ckpt, &format!("{p}.self_attn.q_norm.weight"), d, precision)?,
-                k_norm: norm_weight(&mut ckpt, &format!("{p}.self_attn.k_norm.weight"), d, precision)?,
+                q_proj: matrix_weight(&mut ckpt, &m.q_proj, precision)?,
+                k_proj: matrix_weight(&mut ckpt, &m.k_proj, precision)?,
+                v_proj: matrix_weight(&mut ckpt, &m.v_proj, precision)?,
+                o_proj: matrix_weight(&mut ckpt, &m.o_proj, precision)?,
+                q_norm: norm_weight(&mut ckpt, &m.q_norm, precision)?,
+                k_norm: norm_weight(&mut ckpt, &m.k_norm, precision)?,
             };
-            let mlp = if n < cfg.first_k_dense_replace {
-                let i = cfg.intermediate_size;
-                Mlp::Dense {
-                    gate: matrix_weight(&mut ckpt, &format!("{p}.mlp.gate_proj.weight"), &[i, h], precision)?,
-                    up: matrix_weight(&mut ckpt, &format!("{p}.mlp.up_proj.weight"), &[i, h], precision)?,
-                    down: matrix_weight(&mut ckpt, &format!("{p}.mlp.down_proj.weight"), &[h, i], precision)?,
+            let mlp = match &m.mlp {
+                MlpManifest::Dense { gate, up, down } => Mlp::Dense {
+                    gate: matrix_weight(&mut ckpt, gate, precision)?,
+                    up: matrix_weight(&mut ckpt, up, precision)?,
+                    down: matrix_weight(&mut ckpt, down, precision)?,
+                },
+                MlpManifest::Moe(moe) => {
+                    let layer = build_moe_layer(&mut ckpt, &cfg, moe, precision)?;
+                    copied_bytes += layer.weights().bytes();
+                    Mlp::Moe(Box::new(layer))
                 }
-            } else {
-                let layer = build_moe_layer(&mut ckpt, &cfg, n, precision)?;
-                copied_bytes += layer.weights().bytes();
-                Mlp::Moe(Box::new(layer))
             };
             layers.push(Layer {
-                input_norm: norm_weight(&mut ckpt, &format!("{p}.input_layernorm.weight"), h, precision)?,
-                post_norm: norm_weight(&mut ckpt, &format!("{p}.post_attention_layernorm.weight"), h, precision)?,
+                input_norm: norm_weight(&mut ckpt, &m.input_norm, precision)?,
+                post_norm: norm_weight(&mut ckpt, &m.post_norm, precision)?,
                 attn,
                 mlp,
             });
-            bar.inc(1);
+            report_progress(n + 1);
         }
-        let norm = norm_weight(&mut ckpt, "model.norm.weight", h, precision)?;
-        let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+        let norm = norm_weight(&mut ckpt, &manifest.norm(), precision)?;
+        let lm_head_spec = manifest.lm_head();
+        let lm_head = if manifest.lm_head_tied() && !ckpt.contains(&lm_head_spec.name) {
             match precision {
                 Precision::F32 => embed.clone(),
                 Precision::Bf16 => ckpt.to_bf16(embed.clone()),
             }
         } else {
-            matrix_weight(&mut ckpt, "lm_head.weight", &[v, h], precision)?
+            matrix_weight(&mut ckpt, &lm_head_spec, precision)?
         };
         // Weights held as owned copies (f16 widened, or rounded to bf16 in bf16 mode).
         let owned = |w: &Weight| if w.is_mapped() { 0 } else { ckpt.view(w).len() * w.dtype().size() };
@@ -254,7 +271,6 @@ impl Dots1Model {
             }
         }
         ckpt.prefetch(&lm_head);
-        bar.finish_and_clear();
 
         let warnings = ckpt
             .unused()
@@ -480,41 +496,33 @@ fn add_in_place(acc: &mut [f32], x: &[f32]) {
 fn build_moe_layer(
     ckpt: &mut Checkpoint,
     cfg: &Dots1Config,
-    n: usize,
+    m: &MoeManifest,
     precision: Precision,
 ) -> Result<MoeLayer, ModelError> {
-    let p = layer_prefix(n);
-    let moe_cfg = cfg.moe();
-    let (h, i, e_count, s) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.router.n_experts, cfg.n_shared_experts);
-    let gate = ckpt.weight(&format!("{p}.mlp.gate.weight"), &[e_count, h])?;
-    let bias_name = format!("{p}.mlp.gate.e_score_correction_bias");
-    let bias = if ckpt.contains(&bias_name) || cfg.router.scoring == crate::config::Scoring::Sigmoid {
-        Some(ckpt.weight(&bias_name, &[e_count])?)
+    let gate = ckpt.weight(&m.gate.name, &m.gate.shape)?;
+    let bias = if m.bias_required || ckpt.contains(&m.bias.name) {
+        Some(ckpt.weight(&m.bias.name, &m.bias.shape)?)
     } else {
         None
     };
-    let mut experts = Vec::with_capacity(e_count);
-    for e in 0..e_count {
-        let q = format!("{p}.mlp.experts.{e}");
+    let mut experts = Vec::with_capacity(m.n_experts());
+    for e in 0..m.n_experts() {
+        let [g, u, d] = m.expert(e);
         experts.push([
-            ckpt.weight(&format!("{q}.gate_proj.weight"), &[i, h])?,
-            ckpt.weight(&format!("{q}.up_proj.weight"), &[i, h])?,
-            ckpt.weight(&format!("{q}.down_proj.weight"), &[h, i])?,
+            ckpt.weight(&g.name, &g.shape)?,
+            ckpt.weight(&u.name, &u.shape)?,
+            ckpt.weight(&d.name, &d.shape)?,
         ]);
     }
-    let shared = if s > 0 {
-        let q = format!("{p}.mlp.shared_experts");
-        Some([
-            ckpt.weight(&format!("{q}.gate_proj.weight"), &[s * i, h])?,
-            ckpt.weight(&format!("{q}.up_proj.weight"), &[s * i, h])?,
-            ckpt.weight(&format!("{q}.down_proj.weight"), &[h, s * i])?,
-        ])
-    } else {
-        None
+    let shared = match &m.shared {
+        Some([g, u, d]) => {
+            Some([ckpt.weight(&g.name, &g.shape)?, ckpt.weight(&u.name, &u.shape)?, ckpt.weight(&d.name, &d.shape)?])
+        }
+        None => None,
     };
     let all_bf16 = experts.iter().chain(shared.iter()).flatten().all(|w| w.dtype() == Dtype::Bf16);
     let dtype = if all_bf16 || precision == Precision::Bf16 { Dtype::Bf16 } else { Dtype::F32 };
-    let mut builder = MoeLayerBuilder::new(moe_cfg, dtype)?;
+    let mut builder = MoeLayerBuilder::new(cfg.moe(), dtype)?;
     builder.router(ckpt.view(&gate), bias.as_ref().map(|b| ckpt.view(b)))?;
     ckpt.release(&gate);
     // Each expert lives in the layer's own copy once written: let its mapped pages go at

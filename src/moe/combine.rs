@@ -1,13 +1,13 @@
 //! Step 5 of the contract: **combine**. Expert rows back to token order.
 //!
-//! Input: `expert_out [T*S, H]` f32, the grouped step's output rows in permuted order,
+//! Input: `expert_out [T*slots_per_token, H]` f32, the grouped step's output rows in permuted order,
 //! each already multiplied by its pair's weight (the down GEMM's epilogue does
 //! `y[r] = w[r] * acc[r]`, one f32 multiply; shared slots carry weight 1.0).
 //!
 //! ```text
 //! out[t][h] = 0.0
-//! for j in 0..S:                     # slot order: routed choices, then shared slots
-//!     out[t][h] += expert_out[pair_rows[t * S + j]][h]
+//! for j in 0..slots_per_token:                     # slot order: routed choices, then shared slots
+//!     out[t][h] += expert_out[pair_rows[t * slots_per_token + j]][h]
 //! ```
 //!
 //! One f32 add per slot, in that fixed order, no atomics: the result is bit-identical run

@@ -1,46 +1,23 @@
 //! The whole MoE layer on the CPU: route, permute, grouped experts, combine.
 
-use std::sync::Mutex;
-
 use crate::config::MoeConfig;
 use crate::cpu::Isa;
+use crate::cpu::experts::{self, LayerBuffers};
 use crate::error::{MoeError, check_len};
-use crate::moe::expert::{self, Workspace};
+use crate::moe::expert::Precision;
 use crate::moe::permute::{Permutation, gather_into, permute};
-use crate::moe::route::{Routing, route};
+use crate::moe::route::{Routing, route_checked};
 use crate::moe::weights::MoeWeights;
 use crate::tensor::{Dtype, TensorView};
-
-/// The buffers of a layer call are kept for the next call only while they hold at most
-/// this many bytes (about 1000 tokens of dots.llm1); a larger batch allocates them for
-/// that call only.
-pub const WORKSPACE_KEEP_BYTES: usize = 256 << 20;
-
-/// The buffers of the last layer call in this process, for the next call of any layer
-/// (a model runs its layers one after another: one set serves them all). A call takes
-/// them out while it runs, so concurrent calls each get their own.
-static WORKSPACE: Mutex<Option<Workspace>> = Mutex::new(None);
-
-/// What the expert GEMMs take as input.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum Precision {
-    /// The kernel contract: the gathered hidden rows and the SwiGLU activation are rounded
-    /// to bf16 (nearest even) before each GEMM; products and sums in f32. This is what a
-    /// bf16 engine (and the CUDA kernels) compute.
-    #[default]
-    Bf16,
-    /// Inputs stay f32 (bf16 weights convert exactly): the accurate path the reference
-    /// model uses to match an f32 computation.
-    F32,
-}
 
 /// One MoE layer, ready to run. Build it from a checkpoint or from tensors in memory with
 /// [`crate::moe::MoeLayerBuilder`], or from [`MoeWeights::synthetic`].
 ///
-/// The buffers of a call (gathered rows, activations, expert rows: about 215 KB per
-/// token at dots.llm1's shape) are kept for the next call of any layer in the process,
-/// up to [`WORKSPACE_KEEP_BYTES`], so that a repeated call neither allocates nor
-/// page-faults. Calls from several threads at once are fine: each runs on its own.
+/// The buffers of a call ([`LayerBuffers`]: gathered rows, activations, expert rows,
+/// about 215 KB per token at dots.llm1's shape) are kept for the next call of any layer
+/// in the process, up to [`crate::cpu::WORKSPACE_KEEP_BYTES`], so that a repeated call
+/// neither allocates nor page-faults; [`MoeLayer::forward_with`] takes the caller's own
+/// instead. Calls from several threads at once are fine: each runs on its own.
 #[derive(Clone, Debug)]
 pub struct MoeLayer {
     weights: MoeWeights,
@@ -53,14 +30,14 @@ pub struct MoeLayer {
 pub struct MoeTrace {
     /// The router's choice (`k` routed slots per token).
     pub routing: Routing,
-    /// Slot ids `[T, k + S]`: the routed ids, then the shared slots `E..E+S`.
+    /// Slot ids `[T, k + n_shared]`: the routed ids, then the shared slots `E..E+n_shared`.
     pub slot_ids: Vec<u32>,
-    /// Slot weights `[T, k + S]`: the routed weights, then 1.0 per shared slot.
+    /// Slot weights `[T, k + n_shared]`: the routed weights, then 1.0 per shared slot.
     pub slot_weights: Vec<f32>,
-    /// The permutation of the `T * (k + S)` pairs.
+    /// The permutation of the `T * (k + n_shared)` pairs.
     pub permutation: Permutation,
-    /// Weighted expert output rows `[T * (k + S), H]` in permuted order.
-    pub expert_rows: Vec<f32>,
+    /// Weighted expert output rows `[T * (k + n_shared), H]` in permuted order.
+    pub weighted_rows: Vec<f32>,
     /// The layer output `[T, H]`.
     pub output: Vec<f32>,
 }
@@ -116,12 +93,31 @@ impl MoeLayer {
     pub fn route(&self, hidden: TensorView<'_>, tokens: usize) -> Result<Routing, MoeError> {
         let cfg = self.config();
         check_len("hidden", &[tokens, cfg.hidden_size], hidden.len())?;
-        route(&cfg.router, hidden, tokens, cfg.hidden_size, self.weights.router_gate(), self.weights.router_bias())
+        route_checked(
+            &cfg.router,
+            hidden,
+            tokens,
+            cfg.hidden_size,
+            self.weights.router_gate(),
+            self.weights.router_bias(),
+        )
     }
 
     /// The layer's output `[T, H]` (f32) for `hidden [T, H]`. `T = 0` is valid.
     pub fn forward(&self, hidden: TensorView<'_>, tokens: usize) -> Result<Vec<f32>, MoeError> {
-        self.with_workspace(|ws| Ok(self.run(hidden, tokens, ws)?.output))
+        experts::with_cached_buffers(|ws| self.forward_with(hidden, tokens, ws))
+    }
+
+    /// [`MoeLayer::forward`] on buffers the caller keeps (an engine that manages its own
+    /// memory): the same output bit for bit, with `buffers` reshaped and reused from call
+    /// to call instead of the process-wide cache.
+    pub fn forward_with(
+        &self,
+        hidden: TensorView<'_>,
+        tokens: usize,
+        buffers: &mut LayerBuffers,
+    ) -> Result<Vec<f32>, MoeError> {
+        Ok(self.run(hidden, tokens, buffers)?.output)
     }
 
     /// The layer's output `[T, H]` for `hidden [T, H]` under a routing given by the caller
@@ -140,37 +136,20 @@ impl MoeLayer {
             return Err(MoeError::shape("routing", &[tokens, routing.top_k], &[routing.tokens, routing.top_k]));
         }
         routing.validate(cfg.router.n_experts)?;
-        self.with_workspace(|ws| Ok(self.run_routed(hidden, tokens, routing.clone(), ws)?.output))
+        experts::with_cached_buffers(|ws| Ok(self.run_routed(hidden, tokens, routing.clone(), ws)?.output))
     }
 
     /// Like [`MoeLayer::forward`], keeping every step's result.
     pub fn forward_trace(&self, hidden: TensorView<'_>, tokens: usize) -> Result<MoeTrace, MoeError> {
-        self.with_workspace(|ws| {
+        experts::with_cached_buffers(|ws| {
             let mut trace = self.run(hidden, tokens, ws)?;
-            trace.expert_rows = std::mem::take(&mut ws.rows);
+            trace.weighted_rows = std::mem::take(&mut ws.rows);
             Ok(trace)
         })
     }
 
-    /// Runs `f` with the buffers of the last call (fresh ones if there are none, or if
-    /// another call is using them), and keeps them for the next call if not too large.
-    fn with_workspace<R>(&self, f: impl FnOnce(&mut Workspace) -> R) -> R {
-        // The lock is held only to take or return the buffers, never while computing; a
-        // call that panicked left only buffers behind, reshaped before any use.
-        let slot = || WORKSPACE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut ws = slot().take().unwrap_or_default();
-        let result = f(&mut ws);
-        if ws.capacity_bytes() <= WORKSPACE_KEEP_BYTES {
-            let mut kept = slot();
-            if kept.as_ref().is_none_or(|k| k.capacity_bytes() < ws.capacity_bytes()) {
-                *kept = Some(ws);
-            }
-        }
-        result
-    }
-
-    /// Every step; the trace's `expert_rows` stay in `ws.rows` (left empty in the trace).
-    fn run(&self, hidden: TensorView<'_>, tokens: usize, ws: &mut Workspace) -> Result<MoeTrace, MoeError> {
+    /// Every step; the trace's `weighted_rows` stay in `ws.rows` (left empty in the trace).
+    fn run(&self, hidden: TensorView<'_>, tokens: usize, ws: &mut LayerBuffers) -> Result<MoeTrace, MoeError> {
         let cfg = self.config();
         let (h, slots) = (cfg.hidden_size, cfg.slots_per_token());
         tokens
@@ -187,7 +166,7 @@ impl MoeLayer {
         hidden: TensorView<'_>,
         tokens: usize,
         routing: Routing,
-        ws: &mut Workspace,
+        ws: &mut LayerBuffers,
     ) -> Result<MoeTrace, MoeError> {
         let cfg = self.config();
         let (h, k, e) = (cfg.hidden_size, routing.top_k, cfg.router.n_experts);
@@ -208,10 +187,46 @@ impl MoeLayer {
             Precision::F32 => Dtype::F32,
         };
         gather_into(hidden, h, &permutation, x_dtype, &mut ws.x)?;
-        let Workspace { x, act, rows } = ws;
-        expert::run(&self.weights, x, &permutation, &row_weights, self.precision, self.isa, act, rows)?;
+        let LayerBuffers { x, act, rows } = ws;
+        experts::run(&self.weights, x, &permutation, &row_weights, self.precision, self.isa, act, rows)?;
         let mut output = vec![0.0f32; tokens * h];
         crate::moe::combine(rows, h, &permutation, &mut output)?;
-        Ok(MoeTrace { routing, slot_ids, slot_weights, permutation, expert_rows: Vec::new(), output })
+        Ok(MoeTrace { routing, slot_ids, slot_weights, permutation, weighted_rows: Vec::new(), output })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouterConfig;
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn forward_with_own_buffers_equals_forward_and_reuses_them() {
+        let router = RouterConfig { n_experts: 8, top_k: 2, n_group: 1, topk_group: 1, ..RouterConfig::dots1() };
+        let cfg = MoeConfig { hidden_size: 64, moe_intermediate_size: 40, n_shared_experts: 1, router };
+        let layer = MoeLayer::new(MoeWeights::synthetic(&cfg, Dtype::Bf16, 3).unwrap());
+        let (tokens, h) = (9, cfg.hidden_size);
+        let x: Vec<f32> = (0..tokens * h).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+        let want = layer.forward(TensorView::F32(&x), tokens).unwrap();
+
+        let mut buffers = LayerBuffers::new();
+        assert_eq!(buffers.capacity_bytes(), 0);
+        let got = layer.forward_with(TensorView::F32(&x), tokens, &mut buffers).unwrap();
+        assert_eq!(bits(&got), bits(&want), "forward_with differs from forward");
+        let held = buffers.capacity_bytes();
+        assert!(held >= tokens * cfg.slots_per_token() * h * 4, "the buffers hold the call's rows");
+        let rows_at = buffers.rows.as_ptr();
+
+        // Again, and then a smaller batch: the same storage, the same results.
+        let again = layer.forward_with(TensorView::F32(&x), tokens, &mut buffers).unwrap();
+        assert_eq!(bits(&again), bits(&want));
+        let fewer = layer.forward_with(TensorView::F32(&x[..3 * h]), 3, &mut buffers).unwrap();
+        assert_eq!(bits(&fewer), bits(&want[..3 * h]));
+        assert_eq!(buffers.capacity_bytes(), held, "the buffers were reallocated");
+        assert_eq!(buffers.rows.as_ptr(), rows_at, "the output rows moved");
     }
 }

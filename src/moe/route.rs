@@ -28,6 +28,50 @@ use crate::cpu;
 use crate::error::{MoeError, check_len};
 use crate::tensor::TensorView;
 
+/// The router's score-correction bias `e_score_correction_bias [E]`: one finite f32 per
+/// expert. Made only by [`RouterBias::new`] (or [`RouterBias::from_view`]), which check
+/// both, so code holding one never checks again; every entry point that takes a bias
+/// (the layer builder, the routing functions, the CUDA router upload) goes through it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouterBias(Vec<f32>);
+
+impl RouterBias {
+    /// The bias of a router over `n_experts` experts: a shape error unless
+    /// `values.len() == n_experts`, [`MoeError::NonFiniteBias`] naming the first NaN or
+    /// infinite value.
+    pub fn new(values: Vec<f32>, n_experts: usize) -> Result<Self, MoeError> {
+        check_len("e_score_correction_bias", &[n_experts], values.len())?;
+        if let Some((expert, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(MoeError::NonFiniteBias { expert, value });
+        }
+        Ok(RouterBias(values))
+    }
+
+    /// [`RouterBias::new`] of an f32 or bf16 tensor (bf16 converts exactly).
+    pub fn from_view(values: TensorView<'_>, n_experts: usize) -> Result<Self, MoeError> {
+        check_len("e_score_correction_bias", &[n_experts], values.len())?;
+        Self::new(values.to_f32_vec(), n_experts)
+    }
+
+    /// An optional bias given as a slice (the raw entry points' form), checked.
+    pub fn from_slice(values: Option<&[f32]>, n_experts: usize) -> Result<Option<Self>, MoeError> {
+        values.map(|b| Self::new(b.to_vec(), n_experts)).transpose()
+    }
+
+    /// The values, `[E]`.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for RouterBias {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
 /// The router's decision for a batch of `tokens`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Routing {
@@ -119,7 +163,8 @@ pub fn router_logits(
 }
 
 /// Routes `tokens` tokens from their router `logits` `[T, E]`; `bias` `[E]` is the
-/// score-correction bias (selection only).
+/// score-correction bias (selection only), checked as a [`RouterBias`]: a NaN or
+/// infinite value is [`MoeError::NonFiniteBias`].
 pub fn route_logits(
     cfg: &RouterConfig,
     logits: &[f32],
@@ -129,12 +174,23 @@ pub fn route_logits(
     cfg.validate()?;
     let e = cfg.n_experts;
     check_len("router logits", &[tokens, e], logits.len())?;
+    route_checked_logits(cfg, logits, tokens, RouterBias::from_slice(bias, e)?.as_ref())
+}
+
+/// [`route_logits`] with a bias already checked.
+fn route_checked_logits(
+    cfg: &RouterConfig,
+    logits: &[f32],
+    tokens: usize,
+    bias: Option<&RouterBias>,
+) -> Result<Routing, MoeError> {
+    cfg.validate()?;
+    let e = cfg.n_experts;
+    check_len("router logits", &[tokens, e], logits.len())?;
     if let Some(bias) = bias {
         check_len("e_score_correction_bias", &[e], bias.len())?;
-        if let Some((expert, &value)) = bias.iter().enumerate().find(|(_, b)| !b.is_finite()) {
-            return Err(MoeError::NonFiniteBias { expert, value });
-        }
     }
+    let bias = bias.map(RouterBias::as_slice);
     let k = cfg.top_k;
     let mut routing = Routing { tokens, top_k: k, expert_ids: vec![0; tokens * k], weights: vec![0.0; tokens * k] };
     if tokens == 0 {
@@ -166,6 +222,20 @@ pub fn route(
     cfg.validate()?;
     let logits = router_logits(hidden, tokens, hidden_size, gate, cfg.n_experts)?;
     route_logits(cfg, &logits, tokens, bias)
+}
+
+/// [`route`] with a bias already checked (a layer's own).
+pub(crate) fn route_checked(
+    cfg: &RouterConfig,
+    hidden: TensorView<'_>,
+    tokens: usize,
+    hidden_size: usize,
+    gate: TensorView<'_>,
+    bias: Option<&RouterBias>,
+) -> Result<Routing, MoeError> {
+    cfg.validate()?;
+    let logits = router_logits(hidden, tokens, hidden_size, gate, cfg.n_experts)?;
+    route_checked_logits(cfg, &logits, tokens, bias)
 }
 
 /// Per-token buffers, reused across tokens.
@@ -347,8 +417,26 @@ mod tests {
         assert!(matches!(err, MoeError::NonFiniteLogit { token: 1, expert: 1, .. }), "{err}");
         let err = route_logits(&cfg(4, 2), &[0.0; 4], 1, Some(&[0.0, f32::INFINITY, 0.0, 0.0])).unwrap_err();
         assert!(matches!(err, MoeError::NonFiniteBias { expert: 1, .. }), "{err}");
+        let err = route_logits(&cfg(4, 2), &[0.0; 4], 1, Some(&[0.0; 3])).unwrap_err();
+        assert!(matches!(&err, MoeError::Shape { name, .. } if name == "e_score_correction_bias"), "{err}");
         assert!(route_logits(&cfg(4, 2), &[0.0; 3], 1, None).is_err());
         assert!(route_logits(&cfg(4, 5), &[0.0; 4], 1, None).is_err());
+    }
+
+    #[test]
+    fn router_bias_is_checked_once_at_construction() {
+        let bias = RouterBias::new(vec![0.5, -0.25, 0.0], 3).unwrap();
+        assert_eq!(bias.as_slice(), &[0.5, -0.25, 0.0]);
+        let err = RouterBias::new(vec![0.0, 0.0, f32::NAN], 3).unwrap_err();
+        assert!(matches!(err, MoeError::NonFiniteBias { expert: 2, .. }), "{err}");
+        let err = RouterBias::new(vec![f32::NEG_INFINITY, 0.0, 0.0], 3).unwrap_err();
+        assert!(matches!(err, MoeError::NonFiniteBias { expert: 0, value } if value == f32::NEG_INFINITY), "{err}");
+        let err = RouterBias::new(vec![0.0; 2], 3).unwrap_err();
+        assert!(matches!(&err, MoeError::Shape { name, .. } if name == "e_score_correction_bias"), "{err}");
+        let b16 = [half::bf16::from_f32(1.5), half::bf16::INFINITY];
+        let err = RouterBias::from_view(TensorView::Bf16(&b16), 2).unwrap_err();
+        assert!(matches!(err, MoeError::NonFiniteBias { expert: 1, .. }), "{err}");
+        assert_eq!(RouterBias::from_slice(None, 3).unwrap(), None);
     }
 
     #[test]

@@ -3,14 +3,14 @@
 //! ```text
 //! router_gate  [E, H]              f32 or bf16 (checkpoint dtype)
 //! router_bias  [E]                 f32 (a bf16 bias converts exactly)
-//! gate_up      [E + S, 2I, H]      per slot: gate rows 0..I, then up rows I..2I
-//! down         [E + S, H, I]
+//! gate_up      [E + n_shared, 2I, H]      per slot: gate rows 0..I, then up rows I..2I
+//! down         [E + n_shared, H, I]
 //! ```
 //!
-//! Slots `0..E` are the routed experts; slots `E..E+S` are the shared experts' halves:
-//! the `S * I`-wide shared MLP splits exactly into `S` experts of width `I` (gate and up
+//! Slots `0..E` are the routed experts; slots `E..E+n_shared` are the shared experts' halves:
+//! the `n_shared * I`-wide shared MLP splits exactly into `n_shared` experts of width `I` (gate and up
 //! rows `s*I..(s+1)*I`, down columns `s*I..(s+1)*I`), whose outputs sum to the shared
-//! output. So "top-k of E plus S shared" runs as one grouped step over `E + S` slots.
+//! output. So "top-k of E plus n_shared shared" runs as one grouped step over `E + n_shared` slots.
 //!
 //! Why gate and up are **stacked** in one `[2I, H]` block per slot rather than
 //! interleaved: it is the layout transformers 5.x fuses to (`gate_up_proj`, gate rows
@@ -21,7 +21,7 @@
 //! checkpoint's `[out, in]` orientation: every output element is a contiguous dot product.
 //!
 //! Loading from per-expert checkpoint tensors copies each into its slot once
-//! ([`MoeLayerBuilder`]); weights keep their dtype (bf16 stays bf16).
+//! ([`crate::moe::MoeLayerBuilder`]); weights keep their dtype (bf16 stays bf16).
 //!
 //! **Expert parallelism.** A layer may hold only some of the slots ([`ExpertShard`]: a
 //! contiguous range of the routed experts, and the shared experts or not). Its storage
@@ -38,12 +38,12 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::config::MoeConfig;
-use crate::error::{MoeError, check_len};
-use crate::moe::layer::MoeLayer;
+use crate::error::MoeError;
+use crate::moe::route::RouterBias;
 use crate::tensor::{Dtype, TensorData, TensorView};
 
 /// Which expert slots a layer holds (see the module docs): routed experts `routed`, and
-/// the `S` shared slots when `shared` is set.
+/// the `n_shared` shared slots when `shared` is set.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ExpertShard {
     /// The routed experts held, a contiguous range of `0..E`.
@@ -76,13 +76,13 @@ impl ExpertShard {
         *self == Self::full(cfg) || (self.routed == (0..cfg.router.n_experts) && cfg.n_shared_experts == 0)
     }
 
-    /// Whether slot `slot` (routed `0..E`, shared `E..E+S`) is held.
+    /// Whether slot `slot` (routed `0..E`, shared `E..E+n_shared`) is held.
     pub fn holds(&self, cfg: &MoeConfig, slot: usize) -> bool {
         let e = cfg.router.n_experts;
         if slot < e { self.routed.contains(&slot) } else { self.shared && slot < cfg.n_slots() }
     }
 
-    /// Slots stored: the routed range, plus `S` when the shared experts are held.
+    /// Slots stored: the routed range, plus `n_shared` when the shared experts are held.
     pub fn stored_slots(&self, cfg: &MoeConfig) -> usize {
         self.routed.len() + if self.shared { cfg.n_shared_experts } else { 0 }
     }
@@ -105,7 +105,7 @@ impl ExpertShard {
 pub struct MoeWeights {
     pub(crate) cfg: MoeConfig,
     pub(crate) router_gate: TensorData,
-    pub(crate) router_bias: Option<Vec<f32>>,
+    pub(crate) router_bias: Option<RouterBias>,
     pub(crate) gate_up: TensorData,
     pub(crate) down: TensorData,
     pub(crate) shard: ExpertShard,
@@ -123,17 +123,17 @@ impl MoeWeights {
     }
 
     /// Score-correction bias `[E]`, if the router has one.
-    pub fn router_bias(&self) -> Option<&[f32]> {
-        self.router_bias.as_deref()
+    pub fn router_bias(&self) -> Option<&RouterBias> {
+        self.router_bias.as_ref()
     }
 
-    /// Stacked gate and up weights `[E + S, 2I, H]` (`[stored, 2I, H]` for a partial
+    /// Stacked gate and up weights `[E + n_shared, 2I, H]` (`[stored, 2I, H]` for a partial
     /// layer: see [`MoeWeights::shard`]).
     pub fn gate_up(&self) -> TensorView<'_> {
         self.gate_up.view()
     }
 
-    /// Down weights `[E + S, H, I]` (`[stored, H, I]` for a partial layer).
+    /// Down weights `[E + n_shared, H, I]` (`[stored, H, I]` for a partial layer).
     pub fn down(&self) -> TensorView<'_> {
         self.down.view()
     }
@@ -242,7 +242,7 @@ impl MoeWeights {
         let mut down = TensorData::zeros(dtype, slots * h * i);
         fill(&mut down, h * i, 0x3333, i);
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4444);
-        let bias = (0..e).map(|_| rng.random_range(-0.02f32..0.02)).collect();
+        let bias = RouterBias::new((0..e).map(|_| rng.random_range(-0.02f32..0.02)).collect(), e)?;
         Ok(MoeWeights {
             shard: ExpertShard::full(cfg),
             cfg: cfg.clone(),
@@ -251,152 +251,5 @@ impl MoeWeights {
             gate_up,
             down,
         })
-    }
-}
-
-/// Builds a layer from weights an engine or a checkpoint already has in memory, one
-/// tensor at a time, in the checkpoint's per-expert shapes. Each tensor is checked
-/// against the config and copied into its slot once.
-#[derive(Debug)]
-pub struct MoeLayerBuilder {
-    weights: MoeWeights,
-    router_set: bool,
-    experts_set: Vec<bool>,
-    shared_set: bool,
-}
-
-impl MoeLayerBuilder {
-    /// An empty builder for a layer of shape `cfg` whose expert weights are stored as
-    /// `dtype` (inputs of the other dtype convert; f32 -> bf16 rounds to nearest even).
-    /// Allocates the full expert storage up front.
-    pub fn new(cfg: MoeConfig, dtype: Dtype) -> Result<Self, MoeError> {
-        let shard = ExpertShard::full(&cfg);
-        Self::with_shard(cfg, dtype, shard)
-    }
-
-    /// An empty builder for the part of a layer that holds `shard` only (expert
-    /// parallelism): the router whole, the routed experts of `shard.routed`, and the
-    /// shared experts if `shard.shared`. Only those are given and stored; the layer's
-    /// output is its partial sum (see the module docs).
-    pub fn with_shard(cfg: MoeConfig, dtype: Dtype, shard: ExpertShard) -> Result<Self, MoeError> {
-        cfg.validate()?;
-        shard.validate(&cfg)?;
-        let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
-        let slots = shard.stored_slots(&cfg);
-        let weights = MoeWeights {
-            router_gate: TensorData::zeros(dtype, cfg.router.n_experts * h),
-            router_bias: None,
-            gate_up: TensorData::zeros(dtype, slots * 2 * i * h),
-            down: TensorData::zeros(dtype, slots * h * i),
-            cfg,
-            shard,
-        };
-        let experts_set = vec![false; weights.cfg.router.n_experts];
-        Ok(MoeLayerBuilder { weights, router_set: false, experts_set, shared_set: false })
-    }
-
-    /// The router: `gate [E, H]` and the optional score-correction bias `[E]` (f32 or
-    /// bf16; non-finite values are rejected).
-    pub fn router(&mut self, gate: TensorView<'_>, bias: Option<TensorView<'_>>) -> Result<&mut Self, MoeError> {
-        let cfg = &self.weights.cfg;
-        check_len("mlp.gate.weight", &[cfg.router.n_experts, cfg.hidden_size], gate.len())?;
-        let bias = match bias {
-            Some(b) => {
-                check_len("mlp.gate.e_score_correction_bias", &[cfg.router.n_experts], b.len())?;
-                let b = b.to_f32_vec();
-                if let Some((expert, &value)) = b.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                    return Err(MoeError::NonFiniteBias { expert, value });
-                }
-                Some(b)
-            }
-            None => None,
-        };
-        self.weights.router_gate.write_at(0, gate);
-        self.weights.router_bias = bias;
-        self.router_set = true;
-        Ok(self)
-    }
-
-    /// Routed expert `e`: `gate [I, H]`, `up [I, H]`, `down [H, I]`.
-    pub fn expert(
-        &mut self,
-        e: usize,
-        gate: TensorView<'_>,
-        up: TensorView<'_>,
-        down: TensorView<'_>,
-    ) -> Result<&mut Self, MoeError> {
-        let cfg = &self.weights.cfg;
-        let (h, i, n) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.router.n_experts);
-        if e >= n {
-            return Err(MoeError::MissingWeights(format!("expert index {e} out of range 0..{n}")));
-        }
-        let Some(stored) = self.weights.shard.stored_index(cfg, e) else {
-            let r = &self.weights.shard.routed;
-            return Err(MoeError::MissingWeights(format!(
-                "expert {e} is not one of this layer's local experts {}..{}",
-                r.start, r.end
-            )));
-        };
-        check_len(&format!("experts.{e}.gate_proj.weight"), &[i, h], gate.len())?;
-        check_len(&format!("experts.{e}.up_proj.weight"), &[i, h], up.len())?;
-        check_len(&format!("experts.{e}.down_proj.weight"), &[h, i], down.len())?;
-        let base = stored * 2 * i * h;
-        self.weights.gate_up.write_at(base, gate);
-        self.weights.gate_up.write_at(base + i * h, up);
-        self.weights.down.write_at(stored * h * i, down);
-        self.experts_set[e] = true;
-        Ok(self)
-    }
-
-    /// The shared experts as one MLP of width `S * I`: `gate [S*I, H]`, `up [S*I, H]`,
-    /// `down [H, S*I]`; split into `S` slots of width `I`.
-    pub fn shared(
-        &mut self,
-        gate: TensorView<'_>,
-        up: TensorView<'_>,
-        down: TensorView<'_>,
-    ) -> Result<&mut Self, MoeError> {
-        let cfg = &self.weights.cfg;
-        let (h, i, s, e) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_shared_experts, cfg.router.n_experts);
-        if s == 0 {
-            return Err(MoeError::MissingWeights("shared experts given, but n_shared_experts is 0".into()));
-        }
-        if !self.weights.shard.shared {
-            return Err(MoeError::MissingWeights("shared experts given, but this layer leaves them out".into()));
-        }
-        let first = self.weights.shard.routed.len();
-        check_len("shared_experts.gate_proj.weight", &[s * i, h], gate.len())?;
-        check_len("shared_experts.up_proj.weight", &[s * i, h], up.len())?;
-        check_len("shared_experts.down_proj.weight", &[h, s * i], down.len())?;
-        debug_assert_eq!(self.weights.shard.stored_index(cfg, e), Some(first));
-        for half in 0..s {
-            let slot = first + half;
-            let base = slot * 2 * i * h;
-            self.weights.gate_up.write_at(base, gate.slice(half * i * h..(half + 1) * i * h));
-            self.weights.gate_up.write_at(base + i * h, up.slice(half * i * h..(half + 1) * i * h));
-            // Down columns half*I..(half+1)*I of each of the H rows.
-            for row in 0..h {
-                let src = down.slice(row * s * i + half * i..row * s * i + (half + 1) * i);
-                self.weights.down.write_at(slot * h * i + row * i, src);
-            }
-        }
-        self.shared_set = true;
-        Ok(self)
-    }
-
-    /// Finishes the layer; every expert, the router and (if any) the shared experts must
-    /// have been given.
-    pub fn build(self) -> Result<MoeLayer, MoeError> {
-        if !self.router_set {
-            return Err(MoeError::MissingWeights("router gate (mlp.gate.weight)".into()));
-        }
-        let local = self.weights.shard.routed.clone();
-        if let Some(e) = local.clone().find(|&e| !self.experts_set[e]) {
-            return Err(MoeError::MissingWeights(format!("expert {e} (and possibly others)")));
-        }
-        if self.weights.cfg.n_shared_experts > 0 && self.weights.shard.shared && !self.shared_set {
-            return Err(MoeError::MissingWeights("shared experts (mlp.shared_experts.*)".into()));
-        }
-        Ok(MoeLayer::new(self.weights))
     }
 }
