@@ -1,33 +1,33 @@
 // permute.cu: step 2 of the MoE contract (src/moe/permute.rs): the stable counting sort of
 // the (token, slot) pairs by slot, and the gather of hidden rows into permuted order.
-// Includes common.cuh. Pairs p = t * S + j are u32 (the host checks
-// T * S < 2^32); element offsets (row * H) are u64.
+// Includes common.cuh. Pairs p = t * slots + j are u32 (the host checks
+// T * slots < 2^32); element offsets (row * H) are u64.
 //
-// moe_permute_rank      slot_ids [T * S] -> pair_ranks [T * S], tile_counts [n_tiles, n_slots],
+// moe_permute_rank      slot_ids [T * slots] -> pair_ranks [T * slots], tile_counts [n_tiles, n_slots],
 //                       tile_status [n_tiles]
 //   grid n_tiles, block TILE_THREADS. One CTA owns one tile of TILE_TOKENS tokens (the same
 //   tiles as moe_router_select, which does this step itself when it produced the ids): it
 //   copies the tile's ids to shared memory and ranks them (rank_tile). An id >= n_slots is
 //   left out and tile_status gets (its pair + 1) for the tile's first one.
-//   Bytes: 4 T S read, 4 T S + 4 n_tiles n_slots written. Shared: 4 (TILE_TOKENS S +
+//   Bytes: 4 T slots read, 4 T slots + 4 n_tiles n_slots written. Shared: 4 (TILE_TOKENS slots +
 //   (TILE_WARPS + 1) n_slots).
 //
-// moe_permute_scatter   -> expert_offsets [n_slots + 1], row_pairs [T S], pair_rows [T S],
-//                          row_weights [T S] (optional: slot_weights in row order)
+// moe_permute_scatter   -> expert_offsets [n_slots + 1], row_pairs [T slots], pair_rows [T slots],
+//                          row_weights [T slots] (optional: slot_weights in row order)
 //   grid max(n_tiles, 1), block TILE_THREADS, shared 4 (2 n_slots + 1) bytes. Every CTA reads the
 //   whole tile_counts table (L2-resident: 4 n_tiles n_slots bytes) to get, for each slot,
 //   the pairs of earlier tiles and the slot totals; warp 0 scans the totals into
 //   expert_offsets (CTA 0 writes them). Each thread then places pairs of its tile:
 //   row = expert_offsets[e] + (earlier tiles' pairs of e) + rank. Ascending pair order inside
 //   every slot, exactly the CPU's stable sort; integer sums only, so no order question.
-//   Bytes: 4 n_tiles^2 n_slots (L2) + 8 T S read, 12 T S (16 with weights) written.
+//   Bytes: 4 n_tiles^2 n_slots (L2) + 8 T slots read, 12 T slots (16 with weights) written.
 //
-// moe_gather_<x>_to_<out>   x_perm [T S, H] = hidden [row_pairs[r] / S]
-//   grid (T S, ceil(H / (8 * GATHER_THREADS))), block GATHER_THREADS. One CTA owns one
+// moe_gather_<x>_to_<out>   x_perm [T slots, H] = hidden [row_pairs[r] / slots]
+//   grid (T slots, ceil(H / (8 * GATHER_THREADS))), block GATHER_THREADS. One CTA owns one
 //   permuted row (or 8 * GATHER_THREADS columns of it); each thread moves 8 consecutive
 //   elements with 16-byte accesses (bf16 reads/writes are one uint4; f32 two float4). With
 //   H % 8 != 0 it moves one element a thread. f32 -> bf16 rounds to nearest even, like
-//   cpu::f32_to_bf16. Bytes: T S H (sizeof(x) + sizeof(out)) + 4 T S. FLOPs: 0.
+//   cpu::f32_to_bf16. Bytes: T slots H (sizeof(x) + sizeof(out)) + 4 T slots. FLOPs: 0.
 
 #include "common.cuh"
 
@@ -38,17 +38,17 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
                      u32 n_slots, u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts,
                      u64* __restrict__ tile_status) {
     DECLARE_DYNAMIC_SMEM(smem, 16);
-    const u32 S = slots_per_token;
+    const u32 slots = slots_per_token;
     u32* ids = reinterpret_cast<u32*>(smem);
-    u32* warp_counts = ids + TILE_TOKENS * S;
+    u32* warp_counts = ids + TILE_TOKENS * slots;
     u32* running = warp_counts + TILE_WARPS * n_slots;
     __shared__ u32 first_bad;
 
     const u32 tile = blockIdx.x;
     const u64 t_begin = (u64)tile * TILE_TOKENS;
     const u32 tile_tokens = (u32)min((u64)TILE_TOKENS, (u64)tokens - t_begin);
-    const u32 n_pairs = tile_tokens * S;
-    const u64 pair_base = t_begin * S;
+    const u32 n_pairs = tile_tokens * slots;
+    const u64 pair_base = t_begin * slots;
     if (threadIdx.x == 0) first_bad = NO_INDEX;
     __syncthreads();
     for (u32 i = threadIdx.x; i < n_pairs; i += TILE_THREADS) {
@@ -93,11 +93,11 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
     for (u32 e = threadIdx.x; e < n_slots; e += TILE_THREADS) base[e] += total[e];
     __syncthreads();
 
-    const u32 S = slots_per_token;
+    const u32 slots = slots_per_token;
     const u64 t_begin = (u64)tile * TILE_TOKENS;
     if (t_begin >= tokens) return;
-    const u32 n_pairs = (u32)min((u64)TILE_TOKENS, (u64)tokens - t_begin) * S;
-    const u32 pair_base = (u32)(t_begin * S);
+    const u32 n_pairs = (u32)min((u64)TILE_TOKENS, (u64)tokens - t_begin) * slots;
+    const u32 pair_base = (u32)(t_begin * slots);
     for (u32 i = threadIdx.x; i < n_pairs; i += TILE_THREADS) {
         const u32 p = pair_base + i;
         const u32 e = slot_ids[p];

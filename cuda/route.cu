@@ -15,15 +15,15 @@
 //   Bytes: E H sizeof(w) (re-read from L2 by each token block) + T H sizeof(x) (re-read
 //   from L2 by each expert block) + 4 T E written. FLOPs: 2 T E H.
 //
-// moe_router_select          logits [T, E] -> slot_ids, slot_weights [T, S], pair_ranks [T S],
+// moe_router_select          logits [T, E] -> slot_ids, slot_weights [T, slots], pair_ranks [T slots],
 //                            tile_counts [n_tiles, n_slots], tile_status [n_tiles]
-//   S = k + n_shared slots per token; n_slots = E + n_shared; a tile is TILE_TOKENS tokens.
+//   slots = k + n_shared slots per token; n_slots = E + n_shared; a tile is TILE_TOKENS tokens.
 //   grid n_tiles, block TILE_THREADS (8 warps), dynamic shared memory (see the layout
 //   below; src/cuda/moe.rs computes the same size). Warp w routes tokens w, w + 8, ... of
 //   the tile: scores (sigmoid or max-subtracted softmax, sequential sum like the CPU),
 //   choice = score + bias, group-limited masking (excluded groups' choices become 0.0), k
 //   rounds of warp arg-max with ties to the lower index, weights from the unbiased scores,
-//   normalised with sum + 1e-20 (sum in slot order) and scaled. Shared slots E..E+S-1 follow
+//   normalised with sum + 1e-20 (sum in slot order) and scaled. Shared slots E..E+n_shared-1 follow
 //   with weight 1.0. Then the whole block ranks the tile's pairs (rank_tile): these per-tile
 //   counts are the router's per-expert counts; no separate counting pass is needed. With a
 //   single tile (T <= TILE_TOKENS, decode) and fuse_scatter set, the CTA also writes
@@ -31,7 +31,7 @@
 //   routing plus permutation is two launches at decode.
 //   A token with a non-finite logit is still routed (its bad logits read as 0.0) so every
 //   id stays in range; tile_status records (token << 32 | expert) + 1 of the tile's first
-//   such token, 0 when the tile is clean. Bytes: 4 T E read, 12 T S + 4 n_tiles n_slots
+//   such token, 0 when the tile is clean. Bytes: 4 T E read, 12 T slots + 4 n_tiles n_slots
 //   written. FLOPs: about 10 T E.
 
 #include "common.cuh"
@@ -143,8 +143,8 @@ ROUTER_LOGITS(moe_router_logits_bf16_bf16_e4, u16, u16, 4)
 // Shared memory of moe_router_select, in this order (4-byte words unless said):
 //   choice      [TILE_WARPS * E]   f32, per warp
 //   score       [TILE_WARPS * E]   f32, per warp
-//   ids         [TILE_TOKENS * S]  the tile's slot ids
-//   weights     [TILE_TOKENS * S]  f32
+//   ids         [TILE_TOKENS * slots]  the tile's slot ids
+//   weights     [TILE_TOKENS * slots]  f32
 //   warp_counts [TILE_WARPS * n_slots], running [n_slots]   (rank_tile)
 //   bad         [TILE_WARPS]       u64, 8-byte aligned
 extern "C" __global__ void __launch_bounds__(TILE_THREADS)
@@ -157,17 +157,17 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
                       u32* __restrict__ expert_offsets, u32* __restrict__ row_pairs,
                       u32* __restrict__ pair_rows, float* __restrict__ row_weights) {
     DECLARE_DYNAMIC_SMEM(smem, 16);
-    const u32 S = top_k + n_shared;
+    const u32 slots = top_k + n_shared;
     const u32 n_slots = experts + n_shared;
     const u32 warp = threadIdx.x >> 5;
     const u32 lane = threadIdx.x & 31u;
     float* choice = reinterpret_cast<float*>(smem) + warp * experts;
     float* score = reinterpret_cast<float*>(smem) + (TILE_WARPS + warp) * experts;
     u32* ids = reinterpret_cast<u32*>(smem) + 2 * TILE_WARPS * experts;
-    float* weights = reinterpret_cast<float*>(ids + TILE_TOKENS * S);
-    u32* warp_counts = reinterpret_cast<u32*>(weights + TILE_TOKENS * S);
+    float* weights = reinterpret_cast<float*>(ids + TILE_TOKENS * slots);
+    u32* warp_counts = reinterpret_cast<u32*>(weights + TILE_TOKENS * slots);
     u32* running = warp_counts + TILE_WARPS * n_slots;
-    const size_t words = 2 * TILE_WARPS * experts + 2 * TILE_TOKENS * S + (TILE_WARPS + 1) * n_slots;
+    const size_t words = 2 * TILE_WARPS * experts + 2 * TILE_TOKENS * slots + (TILE_WARPS + 1) * n_slots;
     u64* bad = reinterpret_cast<u64*>(smem + ((words * 4 + 7) & ~(size_t)7));
 
     const u32 tile = blockIdx.x;
@@ -261,29 +261,29 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
             if (lane == (pick & 31u)) choice[pick] = NEG_INF;
             if (lane == 0) {
                 const float wj = score[pick];
-                ids[local * S + j] = pick;
-                weights[local * S + j] = wj;
+                ids[local * slots + j] = pick;
+                weights[local * slots + j] = wj;
                 sum += wj;  // slot order, like the CPU
             }
         }
         if (lane == 0) {
             if (norm_topk_prob) {
                 const float denominator = sum + 1e-20f;
-                for (u32 j = 0; j < top_k; ++j) weights[local * S + j] = weights[local * S + j] / denominator;
+                for (u32 j = 0; j < top_k; ++j) weights[local * slots + j] = weights[local * slots + j] / denominator;
             }
-            for (u32 j = 0; j < top_k; ++j) weights[local * S + j] = weights[local * S + j] * scale;
+            for (u32 j = 0; j < top_k; ++j) weights[local * slots + j] = weights[local * slots + j] * scale;
         }
-        for (u32 j = top_k + lane; j < S; j += 32) {
-            ids[local * S + j] = experts + (j - top_k);
-            weights[local * S + j] = 1.0f;
+        for (u32 j = top_k + lane; j < slots; j += 32) {
+            ids[local * slots + j] = experts + (j - top_k);
+            weights[local * slots + j] = 1.0f;
         }
         __syncwarp();
     }
     if (lane == 0) bad[warp] = first_bad;
     __syncthreads();
 
-    const u32 n_pairs = tile_tokens * S;
-    const u64 pair_base = t_begin * S;
+    const u32 n_pairs = tile_tokens * slots;
+    const u64 pair_base = t_begin * slots;
     for (u32 i = threadIdx.x; i < n_pairs; i += TILE_THREADS) {
         slot_ids[pair_base + i] = ids[i];
         slot_weights[pair_base + i] = weights[i];

@@ -243,8 +243,8 @@ fn a_missing_syncthreads_reads_shared_memory_another_warp_has_not_written() {
         "combine",
         (
             "combine.cu",
-            "rows[j] = pair_rows[token * S + j];\n    __syncthreads();\n",
-            "rows[j] = pair_rows[token * S + j];\n",
+            "rows[j] = pair_rows[token * slots + j];\n    __syncthreads();\n",
+            "rows[j] = pair_rows[token * slots + j];\n",
         ),
         "",
         |emu| run_combine(emu, 3, 2048 + 16),

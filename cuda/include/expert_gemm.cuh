@@ -2,13 +2,13 @@
 // contract, src/moe/expert.rs), included by each of them after common.cuh. No kernels
 // here, no toolkit header.
 //
-// The contract, for every slot e (routed experts 0..E, shared halves E..E+S) and each of its
-// permuted rows r in expert_offsets[e]..expert_offsets[e+1]:
+// The contract, for every slot e (routed experts 0..E, shared halves E..E+n_shared) and
+// each of its permuted rows r in expert_offsets[e]..expert_offsets[e+1]:
 //   GEMM 1   a[r][i] = bf16( silu(x[r] . gate_e[i]) * (x[r] . up_e[i]) )      i < I
 //   GEMM 2   y[r][h] = w[r] * (a[r] . down_e[h])                              h < H, f32
-// x [R, H] bf16 (gathered, permuted order), gate_up [E+S, 2I, H] bf16 (gate rows 0..I, up
-// rows I..2I of each slot), down [E+S, H, I] bf16, products and sums in f32, silu(g) =
-// g / (1 + exp(-g)) exactly as cpu::swiglu writes it.
+// x [R, H] bf16 (gathered, permuted order), gate_up [E+n_shared, 2I, H] bf16 (gate rows
+// 0..I, up rows I..2I of each slot), down [E+n_shared, H, I] bf16, products and sums in f32,
+// silu(g) = g / (1 + exp(-g)) exactly as cpu::swiglu writes it.
 //
 // Work items. A schedule kernel (expert_gemm_schedule.cu) turns expert_offsets into lists
 // of items on the device; an item is one slot's contiguous rows [row_begin, row_begin +
