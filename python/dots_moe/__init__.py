@@ -17,11 +17,11 @@ __all__ = ["MoeLayer", "fused_experts", "grouped_topk", "patch_transformers"]
 
 
 def _tokens_hidden(x, name, hidden_size):
-    """`x` as `[T, H]` (a view of `[T, H]` or `[B, S, H]`), checked."""
+    """`x` as `[T, H]` (a view of `[T, H]` or `[batch, seq, H]`), checked."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() not in (2, 3) or x.shape[-1] != hidden_size:
-        raise ValueError(f"{name}: expected shape [T, {hidden_size}] or [B, S, {hidden_size}], got {describe(x)}")
+        raise ValueError(f"{name}: expected shape [T, {hidden_size}] or [batch, seq, {hidden_size}], got {describe(x)}")
     host_view(x, name)  # device, dtype, contiguity, before any reshape
     return x.reshape(-1, hidden_size)
 
@@ -149,7 +149,7 @@ class MoeLayer(torch.nn.Module):
     """A dots.llm1 MoE layer on dots-moe, called like transformers' `Dots1MoE`.
 
     Build it with `MoeLayer.from_transformers(module)`. Calling it on `[T, H]` or
-    `[B, S, H]` returns what `module(x)` returns, in the input's dtype. A layer built with
+    `[batch, seq, H]` returns what `module(x)` returns, in the input's dtype. A layer built with
     `local_experts=range(a, b)` and/or `shared_experts=False` holds those experts only and
     returns its partial output (routing is still computed in full); the partials of layers
     holding every expert once sum to the whole output.
@@ -237,7 +237,7 @@ class MoeLayer(torch.nn.Module):
         return self._native.shard[2] and self.n_shared_experts > 0
 
     def route(self, hidden_states):
-        """`(topk_ids int32 [T, k], topk_weights float32 [T, k])` of `[T, H]` or `[B, S, H]`."""
+        """`(topk_ids int32 [T, k], topk_weights float32 [T, k])` of `[T, H]` or `[batch, seq, H]`."""
         x = _tokens_hidden(hidden_states, "hidden_states", self.hidden_size)
         xv, code = host_view(x, "hidden_states")
         tokens = x.shape[0]
@@ -247,7 +247,7 @@ class MoeLayer(torch.nn.Module):
         return ids, weights
 
     def forward_f32(self, hidden_states):
-        """The (partial) output `[T, H]` in float32, for `[T, H]` or `[B, S, H]` input."""
+        """The (partial) output `[T, H]` in float32, for `[T, H]` or `[batch, seq, H]` input."""
         x = _tokens_hidden(hidden_states, "hidden_states", self.hidden_size)
         xv, code = host_view(x, "hidden_states")
         out, out_np = out_f32((x.shape[0], self.hidden_size))
