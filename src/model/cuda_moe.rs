@@ -1,7 +1,9 @@
 //! The model's MoE layers on the GPU ([`Dots1Model::moe_to_cuda`](super::Dots1Model::moe_to_cuda)):
 //! each layer's weights are uploaded once into a [`CudaMoeLayer`], and attention, norms and
 //! the dense layers stay on the CPU. Each MoE call uploads the normed hidden states `[T, H]`,
-//! runs the whole layer on the device and downloads its output.
+//! runs the whole layer on the device and downloads its output. The device buffers of the
+//! last call's batch size are kept and reused by the next call of the same size (every
+//! decode step after the first), so decoding allocates nothing on the device.
 //!
 //! The device layer computes the contract under [`Precision::Bf16`] with bf16 expert weights
 //! (what the kernels implement): f32 or f16 expert weights of the checkpoint are rounded to
@@ -16,13 +18,13 @@
 //! output columns are dropped.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use half::bf16;
 
 use crate::config::MoeConfig;
 use crate::cuda::expert_gemm::{GemmOptions, HIDDEN_MULTIPLE, INTER_MULTIPLE};
-use crate::cuda::layer::CudaMoeLayer;
+use crate::cuda::layer::{CudaMoeLayer, LayerWorkspace};
 use crate::cuda::{CudaError, GpuContext};
 use crate::error::MoeError;
 use crate::moe::weights::ExpertShard;
@@ -34,6 +36,8 @@ pub(crate) struct DeviceMoe {
     layer: CudaMoeLayer,
     /// The model's hidden size (the device layer's may be padded up).
     hidden: usize,
+    /// The buffers of the last call (f32 input), reused when the next has as many tokens.
+    workspace: Mutex<Option<LayerWorkspace>>,
 }
 
 impl std::fmt::Debug for DeviceMoe {
@@ -53,7 +57,7 @@ impl DeviceMoe {
         }
         let device_form = device_form(cpu.weights());
         let layer = CudaMoeLayer::new(gpu, &device_form, GemmOptions::for_device(gpu))?;
-        Ok(DeviceMoe { layer, hidden: cpu.config().hidden_size })
+        Ok(DeviceMoe { layer, hidden: cpu.config().hidden_size, workspace: Mutex::new(None) })
     }
 
     /// The device layer's hidden size (the model's, rounded up to the kernels' multiple).
@@ -75,11 +79,34 @@ impl DeviceMoe {
         Cow::Owned(out)
     }
 
+    /// Runs the whole layer on `hidden [T, H]` (f32, unpadded) in the kept workspace (made
+    /// anew when the token count changed) and hands it to `read`.
+    fn run<R>(
+        &self,
+        hidden: &[f32],
+        tokens: usize,
+        read: impl FnOnce(&LayerWorkspace) -> Result<R, CudaError>,
+    ) -> Result<R, CudaError> {
+        crate::error::check_len("hidden", &[tokens, self.hidden], hidden.len())?;
+        let mut kept = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ws = match kept.take() {
+            Some(ws) if ws.tokens == tokens => ws,
+            _ => self.layer.workspace(tokens, Dtype::F32)?,
+        };
+        ws.set_input(TensorView::F32(&self.pad(hidden, tokens)))?;
+        self.layer.enqueue(&mut ws)?;
+        let result = read(&ws);
+        // Kept only after a clean run: an error leaves nothing half-used behind.
+        if result.is_ok() {
+            *kept = Some(ws);
+        }
+        result
+    }
+
     /// The layer's output `[T, H]` (f32) for the normed hidden states `[T, H]`.
     pub(crate) fn forward(&self, hidden: &[f32], tokens: usize) -> Result<Vec<f32>, CudaError> {
         let (h, hp) = (self.hidden, self.padded_hidden());
-        crate::error::check_len("hidden", &[tokens, h], hidden.len())?;
-        let out = self.layer.forward(TensorView::F32(&self.pad(hidden, tokens)), tokens)?;
+        let out = self.run(hidden, tokens, LayerWorkspace::read_output)?;
         if h == hp {
             return Ok(out);
         }
@@ -88,12 +115,11 @@ impl DeviceMoe {
 
     /// The device router's choice for the normed hidden states `[T, H]`.
     pub(crate) fn route(&self, hidden: &[f32], tokens: usize) -> Result<Routing, CudaError> {
-        crate::error::check_len("hidden", &[tokens, self.hidden], hidden.len())?;
-        let mut ws = self.layer.workspace(tokens, Dtype::F32)?;
-        ws.set_input(TensorView::F32(&self.pad(hidden, tokens)))?;
-        self.layer.enqueue(&mut ws)?;
-        ws.read_output()?;
-        ws.routing.read_routing(self.layer.config().router.top_k)
+        let top_k = self.layer.config().router.top_k;
+        self.run(hidden, tokens, |ws| {
+            ws.read_output()?;
+            ws.routing.read_routing(top_k)
+        })
     }
 }
 
