@@ -160,6 +160,17 @@ impl MoeError {
     }
 }
 
+/// The message a caught panic carried (`catch_unwind`'s payload: a `&str` or a `String`),
+/// for the embedding layers (C ABI, Python) that turn a panic into an error at their
+/// boundary.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 /// Checks that `len` equals the product of `shape`, naming the tensor otherwise.
 pub fn check_len(name: &str, shape: &[usize], len: usize) -> Result<(), MoeError> {
     let expected = shape

@@ -186,11 +186,7 @@ fn guard(f: impl FnOnce() -> Result<(), Failure>) -> DotsMoeStatus {
             status
         }
         Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = dots_moe::error::panic_message(payload.as_ref());
             set_last_error(&format!("internal error (please report): {what}"));
             DotsMoeStatus::DotsMoeErrPanic
         }

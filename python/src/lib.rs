@@ -22,11 +22,7 @@ fn guarded<R: Send>(py: Python<'_>, f: impl FnOnce() -> PyResult<R> + Send) -> P
     py.detach(|| match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = dots_moe::error::panic_message(payload.as_ref());
             Err(PyRuntimeError::new_err(format!("dots_moe internal error (please report): {what}")))
         }
     })
