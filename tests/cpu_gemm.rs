@@ -137,6 +137,21 @@ fn gemm_is_batch_invariant_at_larger_sizes() {
     }
 }
 
+/// Shapes the AMX kernel takes (`k` a multiple of 32; `avx512bf16` otherwise): rows around
+/// the 16-row activation blocks and the pairs of them, columns around the 16-row weight
+/// tiles and the 32-column groups, a weight tile past the last row of `w`.
+#[test]
+fn tile_shapes_match_reference_and_are_batch_invariant() {
+    for (m, n, k) in
+        [(1, 16, 32), (15, 17, 64), (16, 31, 96), (17, 33, 4096), (33, 15, 128), (48, 100, 1408), (70, 48, 64)]
+    {
+        check_against_reference(m, n, k, 1, (m * n + k) as u64);
+    }
+    for (m, n, k) in [(17, 33, 64), (40, 20, 96), (3, 50, 4096)] {
+        check_batch_invariance(m, n, k, (m + n + k) as u64);
+    }
+}
+
 #[test]
 fn empty_shapes_write_nothing() {
     for isa in Isa::supported() {

@@ -488,6 +488,34 @@ fn forward_is_bit_identical_and_batch_invariant() {
     }
 }
 
+/// Batch invariance in bf16 at shapes whose GEMMs all take the AMX tiles where the CPU has
+/// them (`H` and `I` multiples of 32, at least 3 chunks of 32 each so that the order of
+/// the chunks' sums shows): a slot's rows in the batch go through two-block tiles, a
+/// token alone through the single-tile kernel, and both must give the same bits.
+#[test]
+fn bf16_forward_is_batch_invariant_at_tile_shapes() {
+    let cfg = MoeConfig {
+        hidden_size: 128,
+        moe_intermediate_size: 96,
+        n_shared_experts: 1,
+        router: RouterConfig { n_experts: 4, top_k: 2, n_group: 1, topk_group: 1, ..RouterConfig::dots1() },
+    };
+    let plain = random_weights(&cfg, Dtype::Bf16, 13);
+    let mut layer = build_layer(&plain, Dtype::Bf16);
+    layer.set_precision(Precision::Bf16);
+    let (h, tokens) = (cfg.hidden_size, 75);
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let x = random_vec(&mut rng, tokens * h, 1.0, Dtype::F32);
+    let all = layer.forward(TensorView::F32(&x), tokens).unwrap();
+    assert_eq!(all, layer.forward(TensorView::F32(&x), tokens).unwrap());
+    for t in [0, 16, 17, 40, 74] {
+        let alone = layer.forward(TensorView::F32(&x[t * h..(t + 1) * h]), 1).unwrap();
+        assert_eq!(alone, all[t * h..(t + 1) * h], "token {t} alone differs from inside the batch");
+    }
+    let some = layer.forward(TensorView::F32(&x[10 * h..43 * h]), 33).unwrap();
+    assert_eq!(some, all[10 * h..43 * h], "tokens 10..43 differ from inside the whole batch");
+}
+
 #[test]
 fn bf16_and_f32_hidden_route_alike() {
     let cfg = small_cfg();

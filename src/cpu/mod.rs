@@ -7,7 +7,7 @@
 //!
 //! | a | w | products | accumulation |
 //! |---|---|---|---|
-//! | bf16 | bf16 | exact in f32 | f32 (VDPBF16PS on [`Isa::Avx512Bf16`]) |
+//! | bf16 | bf16 | exact in f32 | f32 (VDPBF16PS on [`Isa::Avx512Bf16`]; AMX `TDPBF16PS` tiles on [`Isa::Amx`] when `k` is a multiple of 32) |
 //! | f32 | bf16 | `w` widened exactly, `a` never rounded | f32 FMA |
 //! | f32 | f32 | f32 FMA | f32 |
 //! | bf16 | f32 | `a` widened exactly | f32 FMA |
@@ -16,11 +16,15 @@
 //!
 //! `out[i][j]` is a function of `(isa, a[i, :], w[j, :], k)` only: every output element
 //! has one accumulator of 16 f32 lanes that walks `k` in fixed chunks from 0 upwards and
-//! is reduced by the same tree, whatever `m`, `n`, `ldo`, the thread or the position of
-//! the element inside a register tile. [`par_gemm_nt`] therefore returns bit-identical
+//! is reduced by the same tree (on AMX tiles, one f32 accumulator that walks `k` in
+//! chunks of 32), whatever `m`, `n`, `ldo`, the thread or the position of the element
+//! inside a register tile. Which kernel runs depends on the ISA, the dtypes and `k`,
+//! never on `m`. [`par_gemm_nt`] therefore returns bit-identical
 //! results to [`gemm_nt`] with [`Isa::detect`], and a token's output does not depend on
 //! the other tokens in its batch. Results may differ (within rounding) between ISAs.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod driver;
@@ -43,6 +47,9 @@ pub(crate) use rows::{RowBuf, RowMut, RowsPtr};
 /// Instruction set the CPU kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {
+    /// AMX-BF16 tiles for bf16 x bf16 products (`k` a multiple of 32), the
+    /// [`Isa::Avx512Bf16`] kernels for everything else (Sapphire Rapids and later, on Linux).
+    Amx,
     /// AVX-512 with `avx512bf16`: bf16 x bf16 products by VDPBF16PS (Zen 4, Sapphire Rapids).
     Avx512Bf16,
     /// AVX-512 F/BW/VL without bf16 dot products: every path by f32 FMA.
@@ -57,7 +64,7 @@ pub const ISA_ENV: &str = "DOTS_MOE_CPU_ISA";
 impl Isa {
     /// Best ISA this CPU supports (detected once, cached).
     ///
-    /// The environment variable [`ISA_ENV`] (`DOTS_MOE_CPU_ISA=portable|avx512|avx512bf16`)
+    /// The environment variable [`ISA_ENV`] (`DOTS_MOE_CPU_ISA=portable|avx512|avx512bf16|amx`)
     /// forces a lower one; a value above what the CPU supports, or an unknown value, is
     /// ignored.
     pub fn detect() -> Isa {
@@ -66,6 +73,7 @@ impl Isa {
             let best = Isa::supported()[0];
             let forced = match std::env::var(ISA_ENV).as_deref() {
                 Ok("portable") => Some(Isa::Portable),
+                Ok("amx") => Some(Isa::Amx),
                 Ok("avx512") => Some(Isa::Avx512),
                 Ok("avx512bf16") => Some(Isa::Avx512Bf16),
                 _ => None,
@@ -83,6 +91,7 @@ impl Isa {
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl");
             match self {
+                Isa::Amx => avx512 && amx::available(),
                 Isa::Avx512Bf16 => avx512 && is_x86_feature_detected!("avx512bf16"),
                 Isa::Avx512 => avx512,
                 Isa::Portable => true,
@@ -96,7 +105,7 @@ impl Isa {
 
     /// All ISAs this CPU supports, best first (for tests that check every path).
     pub fn supported() -> Vec<Isa> {
-        [Isa::Avx512Bf16, Isa::Avx512, Isa::Portable].into_iter().filter(|isa| isa.is_supported()).collect()
+        [Isa::Amx, Isa::Avx512Bf16, Isa::Avx512, Isa::Portable].into_iter().filter(|isa| isa.is_supported()).collect()
     }
 }
 

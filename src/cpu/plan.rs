@@ -15,7 +15,7 @@ use std::ops::Range;
 use half::slice::HalfFloatSliceExt;
 
 #[cfg(target_arch = "x86_64")]
-use super::avx512;
+use super::{amx, avx512};
 
 use super::driver::{Blocking, MAX_PREFETCH_ROWS, Sink, drive, lcm};
 use super::rows::{AlignedRows, RowBuf};
@@ -91,6 +91,9 @@ enum Prepared<'a> {
     /// bf16 x bf16 by VDPBF16PS; `a` copied to aligned rows as raw bf16 bits.
     #[cfg(target_arch = "x86_64")]
     Bf16Dot(AlignedRows<'a, u16>),
+    /// bf16 x bf16 by AMX tiles; `a` packed as the tiles' `B` operand.
+    #[cfg(target_arch = "x86_64")]
+    Amx(amx::AmxA),
     /// f32 (or exactly widened bf16) `a`, packed even/odd, times bf16 `w` by FMA.
     #[cfg(target_arch = "x86_64")]
     F32Bf16(AlignedRows<'a, f32>),
@@ -135,10 +138,11 @@ impl<'a> PackedA<'a> {
         let (m, k) = (rows.len(), buf.k());
         #[cfg(target_arch = "x86_64")]
         match (isa, buf.dtype(), w_dtype) {
-            (Isa::Avx512Bf16, Dtype::Bf16, Dtype::Bf16) => {
+            (Isa::Amx, Dtype::Bf16, Dtype::Bf16) if amx::takes(k) => {}
+            (Isa::Amx | Isa::Avx512Bf16, Dtype::Bf16, Dtype::Bf16) => {
                 return PackedA { prepared: Prepared::Bf16Dot(buf.aligned(rows)), w_dtype, m, k };
             }
-            (Isa::Avx512Bf16 | Isa::Avx512, Dtype::F32, Dtype::F32) => {
+            (Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512, Dtype::F32, Dtype::F32) => {
                 return PackedA { prepared: Prepared::F32F32(buf.aligned(rows)), w_dtype, m, k };
             }
             _ => {}
@@ -166,8 +170,14 @@ impl<'a> PackedA<'a> {
                 Prepared::Portable(Cow::Owned(a))
             }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 | Isa::Avx512 => match (a_dtype, w_dtype) {
-                (Dtype::Bf16, Dtype::Bf16) if isa == Isa::Avx512Bf16 => {
+            Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512 => match (a_dtype, w_dtype) {
+                (Dtype::Bf16, Dtype::Bf16) if isa == Isa::Amx && amx::takes(k) => {
+                    Prepared::Amx(amx::AmxA::pack(m, k, |i| {
+                        let TensorView::Bf16(src) = row(i) else { unreachable!("rows of a_dtype") };
+                        bytemuck::cast_slice(src)
+                    }))
+                }
+                (Dtype::Bf16, Dtype::Bf16) if isa != Isa::Avx512 => {
                     let mut rows = AlignedRows::new(m, k);
                     for i in 0..m {
                         let TensorView::Bf16(src) = row(i) else { unreachable!("rows of a_dtype") };
@@ -189,7 +199,7 @@ impl<'a> PackedA<'a> {
                 }
             },
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx512Bf16 | Isa::Avx512 => unreachable!("checked by is_supported"),
+            Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512 => unreachable!("checked by is_supported"),
         };
         PackedA { prepared, w_dtype, m, k }
     }
@@ -255,6 +265,12 @@ impl<'a> PackedA<'a> {
                     cols,
                     sink,
                 )
+            },
+            // SAFETY: `PackedA::prepare` built this plan only for `Isa::Amx`, whose support
+            // (AMX granted to this process) it checked; the sink access is forwarded.
+            #[cfg(target_arch = "x86_64")]
+            Prepared::Amx(a) => unsafe {
+                amx::drive(a, bytemuck::cast_slice(bf16_slice(w)), k, mode, rows, cols, sink)
             },
             #[cfg(target_arch = "x86_64")]
             Prepared::F32Bf16(a) => unsafe {
