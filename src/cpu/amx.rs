@@ -35,7 +35,7 @@ use std::sync::OnceLock;
 
 use super::driver::Sink;
 use super::plan::Cols;
-use super::rows::AlignedRows;
+use super::rows::{AlignedRows, Line};
 
 /// Rows of `a` per activation tile, and weight rows per weight tile.
 pub(crate) const TILE: usize = 16;
@@ -43,6 +43,8 @@ pub(crate) const TILE: usize = 16;
 pub(crate) const CHUNK: usize = 32;
 /// `u32` pairs per packed tile (16 pair-rows of 16 activation rows).
 const TILE_WORDS: usize = TILE * TILE;
+/// Bytes of one tile (16 rows of 64 bytes).
+const TILE_BYTES: usize = 4 * TILE_WORDS;
 
 /// Whether this CPU has AMX-BF16 and AMX-TILE and the kernel may use them: the CPU says
 /// so (CPUID leaf 7), `avx512bf16` is present (the plans fall back to its kernel), and
@@ -192,57 +194,77 @@ impl Drop for TileGuard {
 /// `acc = 2 * weight tile + activation tile`.
 type Stored = [[f32; TILE_WORDS]; 4];
 
-/// Computes the accumulators of weight tiles at `w0` and `w1` (16 rows each, `w_stride`
-/// bytes apart) against the activation blocks `b0` and, when `two`, `b1`, over `chunks`
-/// chunks (`b_stride` words between a block's chunks), and stores them into `out`.
+/// Where a tile block reads its two weight tiles: 16 rows each, `stride` bytes apart, the
+/// next chunk `step` bytes further on. In place in `w` (`stride = 2k`, `step = 64`), or
+/// from a copy packed tile by tile (`stride = 64`, `step = 2048`, the second tile 1 KiB
+/// after the first): rows 2k apart share one L1 set when `2k` is a multiple of 4 KiB, and
+/// 32 of them miss L1 on every load, while a packed tile is 1 KiB in a row.
+#[derive(Clone, Copy)]
+struct WeightTiles {
+    w0: *const u8,
+    w1: *const u8,
+    stride: usize,
+    step: usize,
+}
+
+/// Computes the accumulators of the weight tiles `w` against the activation blocks `b0`
+/// and, when `two`, `b1`, over `chunks` chunks (`b_stride` words between a block's
+/// chunks), and stores them into `out`. When `keep` is not null, the weight tiles are
+/// also stored there packed (chunk `c` at `keep + 2048 c`, see [`WeightTiles`]).
 ///
 /// # Safety
-/// A tile configuration must be loaded ([`TileGuard`]); `w0`/`w1` must be readable for
-/// 16 rows of `chunks * 64` bytes at `w_stride`, the blocks for `chunks` tiles.
+/// A tile configuration must be loaded ([`TileGuard`]); the weight tiles must be readable
+/// for `chunks` chunks, the blocks for `chunks` tiles, `keep` (if not null) writable for
+/// `2048 * chunks` bytes.
 #[allow(clippy::too_many_arguments)] // the operands of one tile block
 unsafe fn tile_block(
-    w0: *const u16,
-    w1: *const u16,
-    w_stride: usize,
+    w: WeightTiles,
     b0: *const u32,
     b1: *const u32,
     b_stride: usize,
     chunks: usize,
     two: bool,
+    keep: *mut u8,
     out: &mut Stored,
 ) {
     // SAFETY (every asm block): tiles configured (caller); every load reads 16 rows of 64
-    // bytes inside the ranges the caller vouches for; the stores write `out`.
+    // bytes inside the ranges the caller vouches for; the stores write `keep` and `out`.
     unsafe {
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-        let k = w_stride / 2;
         for c in 0..chunks {
-            let (w0, w1) = (w0.add(c * CHUNK), w1.add(c * CHUNK));
+            let (w0, w1) = (w.w0.add(c * w.step), w.w1.add(c * w.step));
             let (b0, b1) = (b0.add(c * b_stride), b1.add(c * b_stride));
-            prefetch_rows(w0, k);
-            prefetch_rows(w1, k);
+            asm!(
+                "tileloadd tmm4, [{w0} + {ws}*1]",
+                "tileloadd tmm5, [{w1} + {ws}*1]",
+                w0 = in(reg) w0, w1 = in(reg) w1, ws = in(reg) w.stride,
+                options(nostack, readonly),
+            );
+            if !keep.is_null() {
+                let k0 = keep.add(c * 2 * TILE_BYTES);
+                asm!(
+                    "tilestored [{k0} + {s}*1], tmm4",
+                    "tilestored [{k1} + {s}*1], tmm5",
+                    k0 = in(reg) k0, k1 = in(reg) k0.add(TILE_BYTES), s = in(reg) 64usize,
+                    options(nostack),
+                );
+            }
             if two {
                 asm!(
-                    "tileloadd tmm4, [{w0} + {ws}*1]",
-                    "tileloadd tmm5, [{w1} + {ws}*1]",
                     "tileloadd tmm6, [{b0} + {bs}*1]",
                     "tileloadd tmm7, [{b1} + {bs}*1]",
                     "tdpbf16ps tmm0, tmm4, tmm6",
                     "tdpbf16ps tmm1, tmm4, tmm7",
                     "tdpbf16ps tmm2, tmm5, tmm6",
                     "tdpbf16ps tmm3, tmm5, tmm7",
-                    w0 = in(reg) w0, w1 = in(reg) w1, ws = in(reg) w_stride,
                     b0 = in(reg) b0, b1 = in(reg) b1, bs = in(reg) 64usize,
                     options(nostack, readonly),
                 );
             } else {
                 asm!(
-                    "tileloadd tmm4, [{w0} + {ws}*1]",
-                    "tileloadd tmm5, [{w1} + {ws}*1]",
                     "tileloadd tmm6, [{b0} + {bs}*1]",
                     "tdpbf16ps tmm0, tmm4, tmm6",
                     "tdpbf16ps tmm2, tmm5, tmm6",
-                    w0 = in(reg) w0, w1 = in(reg) w1, ws = in(reg) w_stride,
                     b0 = in(reg) b0, bs = in(reg) 64usize,
                     options(nostack, readonly),
                 );
@@ -264,12 +286,18 @@ unsafe fn tile_block(
     }
 }
 
+/// Bytes of packed activation blocks per row panel of [`drive`]: with a column group's
+/// weight rows (`64 k` bytes) they stay in the 2 MiB L2 while the group's tiles run.
+/// Streaming them from L3 instead measured 3x slower (k = 4096, m = 256).
+const PANEL_BYTES: usize = 1 << 20;
+
 /// Elements of `k` that [`tile_single`] prefetches ahead of the chunk it multiplies.
 const PREFETCH_AHEAD: usize = 4 * CHUNK;
 
 /// Prefetches into L1 the line [`PREFETCH_AHEAD`] elements past `w` in each of the 16
-/// rows (`k` elements apart) of a weight tile: the hardware prefetchers follow 16 or 32
-/// rows that each advance 64 bytes per chunk too slowly on their own.
+/// rows (`k` elements apart) of a weight tile streamed from memory: the hardware
+/// prefetchers follow 16 rows that each advance 64 bytes per chunk too slowly on their
+/// own. (The two-block kernel reads its weights from L2 and runs faster without it.)
 #[inline(always)]
 fn prefetch_rows(w: *const u16, k: usize) {
     use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
@@ -349,57 +377,78 @@ pub(crate) unsafe fn drive<S: Sink>(
     let mut x = [0.0f32; 2 * TILE];
     // SAFETY: AMX is available (caller).
     let _tiles = unsafe { TileGuard::load() };
-    for j in cols.clone().step_by(group) {
-        let n = group.min(cols.end - j);
-        let ptrs = std::array::from_fn::<_, 2, _>(|t| {
-            let r0 = starts(j)[t];
-            if r0 + TILE <= w_rows {
-                w[r0 * k..].as_ptr()
-            } else {
-                let buf = &mut tail[t];
-                buf.clear();
-                buf.resize(TILE * k, 0u16);
-                let have = w_rows.saturating_sub(r0).min(TILE);
-                if have > 0 {
-                    buf[..have * k].copy_from_slice(&w[r0 * k..(r0 + have) * k]);
+    // Row panels: the packed blocks of a panel stay in L2 (about `PANEL_BYTES`) while
+    // every column group of the task runs over them; one panel when the rows fit.
+    let panel = (PANEL_BYTES / (TILE * 2 * k)).max(2) & !1;
+    let single = end_block - first_block == 1;
+    // A column group's two weight tiles, packed (`WeightTiles`), for the blocks of a panel.
+    let mut packed_w = if single { Vec::new() } else { vec![Line([0; 64]); a.chunks * 2 * TILE_BYTES / 64] };
+    for p0 in (first_block..end_block).step_by(panel) {
+        let p1 = (p0 + panel).min(end_block);
+        for j in cols.clone().step_by(group) {
+            let n = group.min(cols.end - j);
+            let ptrs = std::array::from_fn::<_, 2, _>(|t| {
+                let r0 = starts(j)[t];
+                if r0 + TILE <= w_rows {
+                    w[r0 * k..].as_ptr()
+                } else {
+                    let buf = &mut tail[t];
+                    buf.clear();
+                    buf.resize(TILE * k, 0u16);
+                    let have = w_rows.saturating_sub(r0).min(TILE);
+                    if have > 0 {
+                        buf[..have * k].copy_from_slice(&w[r0 * k..(r0 + have) * k]);
+                    }
+                    buf.as_ptr()
                 }
-                buf.as_ptr()
-            }
-        });
-        let mut b = first_block;
-        while b < end_block {
-            let two = b + 1 < end_block;
-            let b1 = if two { a.block(b + 1) } else { a.block(b) };
-            // SAFETY (both): tiles configured above; the weight pointers cover 16 rows of
-            // `k` (in `w`, or the padded copy), the blocks `a.chunks` tiles each.
-            if end_block - first_block == 1 {
-                for (t, &p) in ptrs.iter().enumerate() {
-                    if t == 0 || n > TILE || second.is_some() {
-                        unsafe { tile_single(p, 2 * k, a.block(b), b_stride, a.chunks, &mut out[2 * t]) };
+            });
+            let mut b = p0;
+            while b < p1 {
+                let two = b + 1 < p1;
+                let b1 = if two { a.block(b + 1) } else { a.block(b) };
+                // SAFETY (both): tiles configured above; the weight pointers cover 16 rows of
+                // `k` (in `w`, or the padded copy), the blocks `a.chunks` tiles each.
+                if single {
+                    for (t, &p) in ptrs.iter().enumerate() {
+                        if t == 0 || n > TILE || second.is_some() {
+                            unsafe { tile_single(p, 2 * k, a.block(b), b_stride, a.chunks, &mut out[2 * t]) };
+                        }
                     }
+                } else {
+                    // The first tile block of a group in a panel with more reads the weights
+                    // in place and keeps them packed; the later ones read the packed copy.
+                    let (tiles, keep) = if b == p0 {
+                        let keep = if p1 - p0 > 2 { packed_w.as_mut_ptr().cast::<u8>() } else { std::ptr::null_mut() };
+                        let (w0, w1) = (ptrs[0].cast(), ptrs[1].cast());
+                        (WeightTiles { w0, w1, stride: 2 * k, step: 2 * CHUNK }, keep)
+                    } else {
+                        let w0 = packed_w.as_ptr().cast::<u8>();
+                        // SAFETY: `packed_w` holds `2 * TILE_BYTES * a.chunks` bytes.
+                        let w1 = unsafe { w0.add(TILE_BYTES) };
+                        (WeightTiles { w0, w1, stride: 64, step: 2 * TILE_BYTES }, std::ptr::null_mut())
+                    };
+                    unsafe { tile_block(tiles, a.block(b), b1, b_stride, a.chunks, two, keep, &mut out) };
                 }
-            } else {
-                unsafe { tile_block(ptrs[0], ptrs[1], 2 * k, a.block(b), b1, b_stride, a.chunks, two, &mut out) };
-            }
-            for bt in 0..if two { 2 } else { 1 } {
-                for t in 0..TILE {
-                    let i = (b + bt) * TILE + t;
-                    if !rows.contains(&i) {
-                        continue;
-                    }
-                    for (c, v) in x.iter_mut().enumerate() {
-                        *v = out[2 * (c / TILE) + bt][(c % TILE) * TILE + t];
-                    }
-                    // SAFETY: the caller owns these elements for the call.
-                    unsafe {
-                        match mode {
-                            Cols::Plain => sink.put(i, j, &x[..n], &[]),
-                            Cols::Paired { .. } => sink.put(i, j, &x[..n], &x[TILE..TILE + n]),
+                for bt in 0..if two { 2 } else { 1 } {
+                    for t in 0..TILE {
+                        let i = (b + bt) * TILE + t;
+                        if !rows.contains(&i) {
+                            continue;
+                        }
+                        for (c, v) in x.iter_mut().enumerate() {
+                            *v = out[2 * (c / TILE) + bt][(c % TILE) * TILE + t];
+                        }
+                        // SAFETY: the caller owns these elements for the call.
+                        unsafe {
+                            match mode {
+                                Cols::Plain => sink.put(i, j, &x[..n], &[]),
+                                Cols::Paired { .. } => sink.put(i, j, &x[..n], &x[TILE..TILE + n]),
+                            }
                         }
                     }
                 }
+                b += if two { 2 } else { 1 };
             }
-            b += if two { 2 } else { 1 };
         }
     }
 }

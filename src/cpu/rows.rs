@@ -20,7 +20,7 @@ use crate::tensor::{Dtype, TensorView};
 /// One 64-byte cache line: the unit of row storage, which makes it aligned.
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C, align(64))]
-pub(crate) struct Line([u8; 64]);
+pub(crate) struct Line(pub(crate) [u8; 64]);
 
 thread_local! {
     /// Storage of the last owned [`AlignedRows`] dropped on this thread, reused by the
