@@ -1,4 +1,5 @@
-//! `dots-moe doctor`: what this machine offers the CUDA backend (driver library and NVRTC,
+//! `dots-moe doctor`: the CPU kernels this machine runs, and what it offers the CUDA
+//! backend (driver library and NVRTC,
 //! with the files they were loaded from; devices with compute capability and memory, driver
 //! version; whether every kernel compiles, or comes from the on-disk cubin cache; and on a
 //! GPU each kernel's occupancy at its launch shape beside the shared-memory opt-in limit).
@@ -18,6 +19,7 @@ pub fn run(_args: DoctorArgs) -> CliResult {
     use dots_moe::cuda::{GpuContext, context, nvrtc, occupancy};
 
     println!("dots-moe {} (cuda feature on)", env!("CARGO_PKG_VERSION"));
+    print_cpu_kernels();
     let mut device_arch = None;
     if context::driver_present() {
         match context::driver_version() {
@@ -112,5 +114,16 @@ fn loaded_library(fragment: &str) -> String {
 #[cfg(not(feature = "cuda"))]
 pub fn run(_args: DoctorArgs) -> CliResult {
     println!("dots-moe {} built without the `cuda` feature: no GPU support in this binary", env!("CARGO_PKG_VERSION"));
+    print_cpu_kernels();
     Ok(())
+}
+
+/// The CPU kernels this machine runs, and every ISA it supports.
+fn print_cpu_kernels() {
+    use dots_moe::cpu::Isa;
+    println!(
+        "CPU kernels: {:?} (supported: {:?}; DOTS_MOE_CPU_ISA forces a lower one)",
+        Isa::detect(),
+        Isa::supported()
+    );
 }

@@ -94,6 +94,9 @@ impl Weight {
 
 struct MappedFile {
     path: PathBuf,
+    /// Kept open for `posix_fadvise` (see [`Checkpoint::release`]).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    file: File,
     map: Mmap,
 }
 
@@ -220,7 +223,7 @@ impl Checkpoint {
                 },
             ));
         }
-        self.files.push(MappedFile { path, map });
+        self.files.push(MappedFile { path, file, map });
         Ok(out)
     }
 
@@ -353,10 +356,46 @@ impl Checkpoint {
         }
     }
 
+    /// Reads every page of a mapped `weight` into the page cache, then unmaps it from this
+    /// process: for tensors read only in part, like the embeddings (only the rows of the
+    /// tokens seen), whose rows would otherwise each cost a disk read on first use
+    /// (measured from a cold cache: a 64-token prefill 0.78 s instead of 0.45 s). The
+    /// rows read later are minor faults, and the resident memory does not count the
+    /// whole tensor. A no-op for owned weights.
+    pub fn cache(&self, weight: &Weight) {
+        self.prefetch(weight);
+        self.unmap(weight);
+    }
+
     /// Tells the OS that this process no longer needs the mapped pages of `weight` (after
-    /// they were copied elsewhere, like the MoE experts): its resident memory drops, and a
-    /// later read simply maps the file again. A no-op for owned weights and off Unix.
+    /// they were copied elsewhere, like the MoE experts): its resident memory drops, the
+    /// file's pages leave the page cache (`POSIX_FADV_DONTNEED`), so that the machine holds
+    /// those weights once, not twice, and a later read simply reads the file again. On a
+    /// machine whose memory barely holds the model, the cached copy otherwise fills it and
+    /// the kernel reclaims it during the first forward passes. A no-op for owned weights
+    /// and off Unix.
     pub fn release(&self, weight: &Weight) {
+        self.unmap(weight);
+        #[cfg(target_os = "linux")]
+        if let Storage::Mapped { file, start, elems, dtype } = &weight.storage {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain advisory call on an open descriptor this struct owns; it
+            // changes no memory of ours (the pages were unmapped just above, and any later
+            // access reads the same bytes from the file). Errors are ignored.
+            let _ = unsafe {
+                libc::posix_fadvise(
+                    self.files[*file].file.as_raw_fd(),
+                    *start as libc::off_t,
+                    (elems * dtype.size()) as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                )
+            };
+        }
+    }
+
+    /// Drops this process's mapping of the pages of a mapped `weight` (`MADV_DONTNEED`);
+    /// the page cache keeps them. A no-op for owned weights and off Unix.
+    fn unmap(&self, weight: &Weight) {
         #[cfg(unix)]
         if let Storage::Mapped { file, start, elems, dtype } = &weight.storage {
             // SAFETY: the map is a read-only mapping of a file that is never written through

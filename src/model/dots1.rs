@@ -259,8 +259,9 @@ impl Dots1Model {
             }
         }
         copied_bytes += owned(&lm_head);
-        // Fault in the weights used in place on every step (not the embeddings: only the
-        // rows of the tokens seen are ever read).
+        // Fault in the weights used in place on every step; the embeddings (only the rows
+        // of the tokens seen are ever read) only into the page cache.
+        ckpt.cache(&embed);
         for layer in &layers {
             let a = &layer.attn;
             for w in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
