@@ -102,19 +102,33 @@ p256=$(ids 256 2)
 state() {
     echo "[$1] $(date -u +%H:%M:%S) load average: $(cut -d' ' -f1-3 /proc/loadavg); $("$bin" bench --floor-only)"
 }
+# Each program starts with the page cache emptied where this user may (root): the two
+# 12 GB files do not fit together in a 24 GB machine, and a program started while the
+# kernel is still reclaiming the other's pages pays for it in its first pass (measured:
+# dots-moe's 64-token prefill 0.71 s right after llama-bench, 0.48 s on its own).
+drop_caches() {
+    sync
+    if [ -w /proc/sys/vm/drop_caches ]; then
+        echo 3 > /proc/sys/vm/drop_caches && echo "[page cache dropped before $1]"
+    else
+        echo "[page cache NOT dropped before $1: /proc/sys/vm/drop_caches is not writable]"
+    fi
+}
 {
     echo "# $(date -u) $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
-    echo "# checkpoint $ckpt, gguf $gguf, threads $threads, dots-moe --precision $precision"
+    echo "# checkpoint $ckpt, gguf $gguf, threads $threads, dots-moe --precision $precision, $("$bin" doctor 2>/dev/null | grep '^CPU kernels' || echo 'CPU kernels: unknown')"
 } >> "$log"
 for round in $(seq "$rounds"); do
     {
         echo "## round $round"
+        drop_caches llama.cpp
         state "before llama.cpp"
         "$bench" -m "$gguf" -t "$threads" -p 64,256 -n 32 -r 3 -o md 2>/dev/null
         state "after llama.cpp"
         for prompt in p64 p256; do
             new=1
             [ "$prompt" = p64 ] && new=32
+            drop_caches "dots-moe $prompt"
             state "before dots-moe $prompt"
             RAYON_NUM_THREADS=$threads /usr/bin/time -v "$bin" generate --model "$ckpt" --tokens "${!prompt}" \
                 --max-new-tokens "$new" --precision "$precision" 2>&1 >/dev/null \
