@@ -101,38 +101,37 @@ pub(crate) fn takes(k: usize) -> bool {
 /// `a [m, k]` packed as the tiles' `B` operand: tile `(block, chunk)` is row
 /// `block * chunks + chunk` of the storage, 256 `u32` words, word `r * 16 + t` holding
 /// the bf16 pair `(a[16 block + t][32 chunk + 2r], ..[+ 1])` (low half first); rows past
-/// `m` are zeros.
-pub(crate) struct AmxA {
-    tiles: AlignedRows<'static, u32>,
+/// `m` are zeros. Owned, or in storage the caller keeps from call to call.
+pub(crate) struct AmxA<'a> {
+    tiles: AlignedRows<'a, u32>,
     chunks: usize,
 }
 
-impl AmxA {
+impl AmxA<'static> {
     /// Packs the `m` rows `row(i)` (bf16 bits, at least `k` each; `k` a multiple of
-    /// [`CHUNK`]).
+    /// [`CHUNK`]) into owned storage.
     pub(crate) fn pack<'r>(m: usize, k: usize, row: impl Fn(usize) -> &'r [u16]) -> Self {
-        debug_assert!(takes(k));
         let (blocks, chunks) = (m.div_ceil(TILE), k / CHUNK);
         let mut tiles = AlignedRows::new(blocks * chunks, TILE_WORDS);
-        for b in 0..blocks {
-            for t in 0..TILE {
-                let i = b * TILE + t;
-                let src = if i < m { Some(&row(i)[..k]) } else { None };
-                for c in 0..chunks {
-                    let dst = &mut tiles.row_mut(b * chunks + c)[..TILE_WORDS];
-                    match src {
-                        Some(src) => {
-                            let pairs = &src[c * CHUNK..(c + 1) * CHUNK];
-                            for r in 0..TILE {
-                                dst[r * TILE + t] = u32::from(pairs[2 * r]) | (u32::from(pairs[2 * r + 1]) << 16);
-                            }
-                        }
-                        None => (0..TILE).for_each(|r| dst[r * TILE + t] = 0),
-                    }
-                }
-            }
-        }
+        let stride = tiles.stride();
+        fill(tiles.all_mut(), stride, m, k, row);
         AmxA { tiles, chunks }
+    }
+}
+
+impl<'a> AmxA<'a> {
+    /// Cache lines [`AmxA::pack_into`] needs for `m` rows of `k`.
+    pub(crate) fn lines_needed(m: usize, k: usize) -> usize {
+        AlignedRows::<u32>::lines_needed(m.div_ceil(TILE) * (k / CHUNK), TILE_WORDS)
+    }
+
+    /// [`AmxA::pack`] into `lines` (at least [`AmxA::lines_needed`] of them).
+    pub(crate) fn pack_into<'r>(lines: &'a mut [Line], m: usize, k: usize, row: impl Fn(usize) -> &'r [u16]) -> Self {
+        let (blocks, chunks) = (m.div_ceil(TILE), k / CHUNK);
+        let need = Self::lines_needed(m, k);
+        let stride = AlignedRows::<u32>::stride_for(TILE_WORDS);
+        fill(bytemuck::cast_slice_mut(&mut lines[..need]), stride, m, k, row);
+        AmxA { tiles: AlignedRows::borrowed(lines, blocks * chunks, TILE_WORDS), chunks }
     }
 
     /// The first tile of block `b`; the block's chunks follow at [`AmxA::tile_stride`].
@@ -146,6 +145,74 @@ impl AmxA {
             self.tiles.row(1).as_ptr() as usize / 4 - self.tiles.row(0).as_ptr() as usize / 4
         } else {
             0
+        }
+    }
+}
+
+/// Writes the tiles of [`AmxA`] for the `m` rows `row(i)` into `words`, tile `n` at
+/// `n * stride`.
+fn fill<'r>(words: &mut [u32], stride: usize, m: usize, k: usize, row: impl Fn(usize) -> &'r [u16]) {
+    debug_assert!(takes(k));
+    let (blocks, chunks) = (m.div_ceil(TILE), k / CHUNK);
+    for b in 0..blocks {
+        // The block's rows as bf16 pairs (one `u32` per pair, low half first).
+        let src: [Option<&[u32]>; TILE] = std::array::from_fn(|t| {
+            let i = b * TILE + t;
+            (i < m).then(|| bytemuck::cast_slice(&row(i)[..k]))
+        });
+        for c in 0..chunks {
+            let n = b * chunks + c;
+            let dst = &mut words[n * stride..n * stride + TILE_WORDS];
+            // SAFETY: the AMX plans run only where `available()` held (AVX-512 F present);
+            // every row holds `16 * chunks` pairs and `dst` 256 words.
+            unsafe { transpose_tile(&src, c * TILE, dst) };
+        }
+    }
+}
+
+/// Writes `dst[r * 16 + t] = src[t][off + r]` for `r, t < 16` (zeros for absent rows):
+/// the 16 x 16 transpose of 32-bit words that lays 16 rows' pairs out as a `B` tile.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; every present row must hold `off + 16` words and
+/// `dst` 256.
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_tile(src: &[Option<&[u32]>; TILE], off: usize, dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    assert!(dst.len() >= TILE_WORDS);
+    let r: [__m512i; TILE] = std::array::from_fn(|t| match src[t] {
+        // SAFETY: the row holds `off + 16` words (asserted by the slice index).
+        Some(row) => unsafe { _mm512_loadu_si512(row[off..off + TILE].as_ptr().cast()) },
+        None => _mm512_setzero_si512(),
+    });
+    // Pairs of rows interleaved by word, then by pairs of words: `u[4g + j]`, 128-bit
+    // lane `l`, holds rows `4g..4g + 4` of column `4l + j`.
+    let t: [__m512i; TILE] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 { _mm512_unpacklo_epi32(a, b) } else { _mm512_unpackhi_epi32(a, b) }
+    });
+    let u: [__m512i; TILE] = std::array::from_fn(|i| {
+        let (g, j) = (i / 4, i % 4);
+        let (a, b) = (t[4 * g + j / 2], t[4 * g + 2 + j / 2]);
+        if j % 2 == 0 { _mm512_unpacklo_epi64(a, b) } else { _mm512_unpackhi_epi64(a, b) }
+    });
+    for j in 0..4 {
+        // Lanes of the four row groups gathered: output row `4l + j` is lane `l` of
+        // `u[j]`, `u[4 + j]`, `u[8 + j]`, `u[12 + j]`.
+        let p0 = _mm512_shuffle_i32x4::<0x44>(u[j], u[4 + j]);
+        let p1 = _mm512_shuffle_i32x4::<0xEE>(u[j], u[4 + j]);
+        let q0 = _mm512_shuffle_i32x4::<0x44>(u[8 + j], u[12 + j]);
+        let q1 = _mm512_shuffle_i32x4::<0xEE>(u[8 + j], u[12 + j]);
+        let out = [
+            _mm512_shuffle_i32x4::<0x88>(p0, q0),
+            _mm512_shuffle_i32x4::<0xDD>(p0, q0),
+            _mm512_shuffle_i32x4::<0x88>(p1, q1),
+            _mm512_shuffle_i32x4::<0xDD>(p1, q1),
+        ];
+        for (l, v) in out.into_iter().enumerate() {
+            let row = 4 * l + j;
+            // SAFETY: `dst` holds 256 words (asserted); this writes words `16 row..+16`.
+            unsafe { _mm512_storeu_si512(dst[row * TILE..].as_mut_ptr().cast(), v) };
         }
     }
 }
@@ -231,9 +298,14 @@ unsafe fn tile_block(
     // bytes inside the ranges the caller vouches for; the stores write `keep` and `out`.
     unsafe {
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+        let in_place = w.stride != 64;
         for c in 0..chunks {
             let (w0, w1) = (w.w0.add(c * w.step), w.w1.add(c * w.step));
             let (b0, b1) = (b0.add(c * b_stride), b1.add(c * b_stride));
+            if in_place {
+                prefetch_rows(w0.cast(), w.stride / 2);
+                prefetch_rows(w1.cast(), w.stride / 2);
+            }
             asm!(
                 "tileloadd tmm4, [{w0} + {ws}*1]",
                 "tileloadd tmm5, [{w1} + {ws}*1]",
@@ -286,6 +358,11 @@ unsafe fn tile_block(
     }
 }
 
+thread_local! {
+    /// The packed weight tiles of [`drive`], kept per thread from call to call.
+    static PACKED_W: std::cell::Cell<Vec<Line>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Bytes of packed activation blocks per row panel of [`drive`]: with a column group's
 /// weight rows (`64 k` bytes) they stay in the 2 MiB L2 while the group's tiles run.
 /// Streaming them from L3 instead measured 3x slower (k = 4096, m = 256).
@@ -297,7 +374,7 @@ const PREFETCH_AHEAD: usize = 4 * CHUNK;
 /// Prefetches into L1 the line [`PREFETCH_AHEAD`] elements past `w` in each of the 16
 /// rows (`k` elements apart) of a weight tile streamed from memory: the hardware
 /// prefetchers follow 16 rows that each advance 64 bytes per chunk too slowly on their
-/// own. (The two-block kernel reads its weights from L2 and runs faster without it.)
+/// own. (A two-block kernel reading the packed copy from L2 runs faster without it.)
 #[inline(always)]
 fn prefetch_rows(w: *const u16, k: usize) {
     use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
@@ -351,7 +428,7 @@ unsafe fn tile_single(
 /// `rows` must lie within the rows `a` was packed with, and the `w` rows `cols` maps to
 /// inside `w`.
 pub(crate) unsafe fn drive<S: Sink>(
-    a: &AmxA,
+    a: &AmxA<'_>,
     w: &[u16],
     k: usize,
     mode: Cols,
@@ -381,8 +458,12 @@ pub(crate) unsafe fn drive<S: Sink>(
     // every column group of the task runs over them; one panel when the rows fit.
     let panel = (PANEL_BYTES / (TILE * 2 * k)).max(2) & !1;
     let single = end_block - first_block == 1;
-    // A column group's two weight tiles, packed (`WeightTiles`), for the blocks of a panel.
-    let mut packed_w = if single { Vec::new() } else { vec![Line([0; 64]); a.chunks * 2 * TILE_BYTES / 64] };
+    // A column group's two weight tiles, packed (`WeightTiles`), for the blocks of a panel:
+    // this thread's buffer from the last call (a fresh 256 KiB per call costs page faults).
+    let mut packed_w = PACKED_W.take();
+    if !single && packed_w.len() < a.chunks * 2 * TILE_BYTES / 64 {
+        packed_w.resize(a.chunks * 2 * TILE_BYTES / 64, Line([0; 64]));
+    }
     for p0 in (first_block..end_block).step_by(panel) {
         let p1 = (p0 + panel).min(end_block);
         for j in cols.clone().step_by(group) {
@@ -451,4 +532,5 @@ pub(crate) unsafe fn drive<S: Sink>(
             }
         }
     }
+    PACKED_W.set(packed_w);
 }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use std::sync::Mutex;
 
-use crate::cpu::{self, Cols, Isa, PackedA, RowBuf, RowMut, RowsPtr};
+use crate::cpu::{self, Cols, Isa, Line, PackedA, RowBuf, RowMut, RowsPtr};
 use crate::error::{MoeError, check_len};
 use crate::moe::{MoeWeights, Permutation, Precision};
 use crate::tensor::{Dtype, TensorView};
@@ -31,7 +31,8 @@ pub const UP_BLOCK: usize = 128;
 pub const DOWN_BLOCK: usize = 256;
 
 /// The buffers of one layer call on the CPU: the gathered rows, the activations and the
-/// weighted output rows (about 215 KB per token at dots.llm1's shape). Reshaping reuses
+/// weighted output rows, and on AMX the rows packed as tiles (about 215 KB per token at
+/// dots.llm1's shape, 280 KB with the tiles). Reshaping reuses
 /// their storage, so a layer that runs again with them neither allocates nor page-faults.
 ///
 /// [`crate::moe::MoeLayer::forward`] takes them from a process-wide cache of one set
@@ -45,6 +46,8 @@ pub struct LayerBuffers {
     pub(crate) act: RowBuf,
     /// Weighted expert output rows `[R, H]`.
     pub(crate) rows: Vec<f32>,
+    /// Every slot's rows in the layout of kernels that need a copy (the AMX tiles).
+    pub(crate) packed: Vec<Line>,
 }
 
 impl LayerBuffers {
@@ -55,7 +58,7 @@ impl LayerBuffers {
 
     /// Bytes of storage held.
     pub fn capacity_bytes(&self) -> usize {
-        self.x.capacity_bytes() + self.act.capacity_bytes() + self.rows.capacity() * 4
+        self.x.capacity_bytes() + self.act.capacity_bytes() + self.rows.capacity() * 4 + self.packed.capacity() * 64
     }
 }
 
@@ -66,9 +69,9 @@ impl std::fmt::Debug for LayerBuffers {
 }
 
 /// The buffers of a layer call are kept in the process-wide cache only while they hold
-/// at most this many bytes (about 1000 tokens of dots.llm1); a larger batch allocates
-/// them for that call only.
-pub const WORKSPACE_KEEP_BYTES: usize = 256 << 20;
+/// at most this many bytes (about 1100 tokens of dots.llm1 with the AMX tiles, 1500
+/// without); a larger batch allocates them for that call only.
+pub const WORKSPACE_KEEP_BYTES: usize = 320 << 20;
 
 /// The buffers of the last layer call in this process, for the next call of any layer
 /// (a model runs its layers one after another: one set serves them all). A call takes
@@ -164,7 +167,7 @@ pub fn grouped_experts(
         (RowMut::Bf16(d), TensorView::Bf16(s)) => d.copy_from_slice(s),
         _ => unreachable!("the rows were shaped with the input's dtype"),
     });
-    run(weights, &ws.x, perm, row_weights, precision, isa, &mut ws.act, &mut ws.rows)?;
+    run(weights, &ws.x, perm, row_weights, precision, isa, &mut ws.act, &mut ws.rows, &mut ws.packed)?;
     Ok(ws.rows)
 }
 
@@ -180,6 +183,7 @@ pub(crate) fn run(
     isa: Isa,
     act: &mut RowBuf,
     out: &mut Vec<f32>,
+    packed: &mut Vec<Line>,
 ) -> Result<(), MoeError> {
     let cfg = weights.config();
     let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
@@ -204,8 +208,33 @@ pub(crate) fn run(
         .filter(|(_, r)| !r.is_empty())
         .collect();
     /// Each used slot's rows of `x`, prepared for the kernel (in place where possible).
-    fn pack<'x>(isa: Isa, x: &'x RowBuf, w_dtype: Dtype, used: &[(usize, Range<usize>)]) -> Vec<PackedA<'x>> {
-        used.par_iter().map(|(_, r)| PackedA::from_rows(isa, x, r.clone(), w_dtype)).collect()
+    /// Copies go into `arena`, one part per slot, kept from call to call (a fresh
+    /// allocation per slot costs page faults on every call).
+    fn pack<'x>(
+        isa: Isa,
+        x: &'x RowBuf,
+        w_dtype: Dtype,
+        used: &[(usize, Range<usize>)],
+        arena: &'x mut Vec<Line>,
+    ) -> Vec<PackedA<'x>> {
+        let need: Vec<usize> = used.iter().map(|(_, r)| PackedA::arena_lines(isa, x, r.len(), w_dtype)).collect();
+        let total = need.iter().sum();
+        if arena.len() < total {
+            arena.resize(total, Line([0; 64]));
+        }
+        let mut rest = &mut arena[..total];
+        let parts: Vec<&'x mut [Line]> = need
+            .iter()
+            .map(|&n| {
+                let (part, tail) = std::mem::take(&mut rest).split_at_mut(n);
+                rest = tail;
+                part
+            })
+            .collect();
+        used.par_iter()
+            .zip(parts)
+            .map(|((_, r), part)| PackedA::from_rows_in(isa, x, r.clone(), w_dtype, part))
+            .collect()
     }
     let tasks = |width: usize, block: usize| -> Vec<(usize, Range<usize>)> {
         (0..used.len()).flat_map(|u| (0..width).step_by(block).map(move |c| (u, c..(c + block).min(width)))).collect()
@@ -221,7 +250,7 @@ pub(crate) fn run(
         i,
     );
     {
-        let x = pack(isa, x, weights.gate_up.dtype(), &used);
+        let x = pack(isa, x, weights.gate_up.dtype(), &used, packed);
         let act_ptr = match precision {
             Precision::F32 => ActivationPtr::F32(act.rows_ptr()),
             Precision::Bf16 => ActivationPtr::Bf16(act.rows_ptr()),
@@ -240,7 +269,7 @@ pub(crate) fn run(
     // of slots a shard does not hold keep the zeros written here.
     out.clear();
     out.resize(rows * h, 0.0);
-    let a = pack(isa, act, weights.down.dtype(), &used);
+    let a = pack(isa, act, weights.down.dtype(), &used, packed);
     let out_ptr = RowsPtr::new(out, rows, h);
     tasks(h, DOWN_BLOCK).into_par_iter().for_each(|(u, cols)| {
         let (e, r) = &used[u];

@@ -42,7 +42,7 @@ use crate::tensor::TensorView;
 pub(crate) use driver::Sink;
 pub use experts::{LayerBuffers, WORKSPACE_KEEP_BYTES};
 pub(crate) use plan::{Cols, PackedA};
-pub(crate) use rows::{RowBuf, RowMut, RowsPtr};
+pub(crate) use rows::{Line, RowBuf, RowMut, RowsPtr};
 
 /// Instruction set the CPU kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

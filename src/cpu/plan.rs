@@ -18,7 +18,7 @@ use half::slice::HalfFloatSliceExt;
 use super::{amx, avx512};
 
 use super::driver::{Blocking, MAX_PREFETCH_ROWS, Sink, drive, lcm};
-use super::rows::{AlignedRows, RowBuf};
+use super::rows::{AlignedRows, Line, RowBuf};
 use super::{Isa, portable};
 use crate::tensor::{Dtype, TensorView};
 
@@ -93,7 +93,7 @@ enum Prepared<'a> {
     Bf16Dot(AlignedRows<'a, u16>),
     /// bf16 x bf16 by AMX tiles; `a` packed as the tiles' `B` operand.
     #[cfg(target_arch = "x86_64")]
-    Amx(amx::AmxA),
+    Amx(amx::AmxA<'a>),
     /// f32 (or exactly widened bf16) `a`, packed even/odd, times bf16 `w` by FMA.
     #[cfg(target_arch = "x86_64")]
     F32Bf16(AlignedRows<'a, f32>),
@@ -148,6 +148,41 @@ impl<'a> PackedA<'a> {
             _ => {}
         }
         Self::prepare(isa, buf.dtype(), w_dtype, m, k, |i| buf.row(rows.start + i))
+    }
+
+    /// Cache lines of caller-kept storage that [`PackedA::from_rows_in`] packs rows
+    /// `rows` of `buf` into (0 where the plan borrows `buf` in place or owns a copy).
+    pub(crate) fn arena_lines(isa: Isa, buf: &RowBuf, rows: usize, w_dtype: Dtype) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Amx && buf.dtype() == Dtype::Bf16 && w_dtype == Dtype::Bf16 && amx::takes(buf.k()) {
+            return amx::AmxA::lines_needed(rows, buf.k());
+        }
+        let _ = (isa, buf, rows, w_dtype);
+        0
+    }
+
+    /// [`PackedA::from_rows`], packing into `arena` (at least
+    /// [`PackedA::arena_lines`] lines, kept by the caller from call to call) where the
+    /// plan needs a copy in its own layout: the AMX tiles.
+    pub(crate) fn from_rows_in(
+        isa: Isa,
+        buf: &'a RowBuf,
+        rows: Range<usize>,
+        w_dtype: Dtype,
+        arena: &'a mut [Line],
+    ) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if Self::arena_lines(isa, buf, rows.len(), w_dtype) > 0 {
+            assert!(isa.is_supported(), "gemm: {isa:?} is not supported by this CPU");
+            let (m, k) = (rows.len(), buf.k());
+            let tiles = amx::AmxA::pack_into(arena, m, k, |i| match buf.row(rows.start + i) {
+                TensorView::Bf16(src) => bytemuck::cast_slice(src),
+                TensorView::F32(_) => unreachable!("checked by arena_lines"),
+            });
+            return PackedA { prepared: Prepared::Amx(tiles), w_dtype, m, k };
+        }
+        let _ = arena;
+        Self::from_rows(isa, buf, rows, w_dtype)
     }
 
     /// Copies (and converts) the `m` rows `row(i)` of `k` elements of `a_dtype` into the

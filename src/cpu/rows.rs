@@ -65,6 +65,40 @@ impl<T: bytemuck::Pod> AlignedRows<'static, T> {
         assert!(i < self.rows);
         &mut bytemuck::cast_slice_mut(self.lines.to_mut())[i * self.stride..(i + 1) * self.stride]
     }
+
+    /// Every row, mutable, as one slice (row `i` at `i * stride()`).
+    pub(crate) fn all_mut(&mut self) -> &mut [T] {
+        let n = self.rows * self.stride;
+        &mut bytemuck::cast_slice_mut(self.lines.to_mut())[..n]
+    }
+}
+
+impl<'a, T: bytemuck::Pod> AlignedRows<'a, T> {
+    /// Cache lines that `rows` rows of at least `len` elements take.
+    pub(crate) fn lines_needed(rows: usize, len: usize) -> usize {
+        rows * row_lines(len, size_of::<T>())
+    }
+
+    /// `rows` rows of at least `len` elements in `lines` (written by the caller, at
+    /// [`AlignedRows::stride_for`]), borrowed.
+    ///
+    /// # Panics
+    /// If `lines` is shorter than [`AlignedRows::lines_needed`].
+    pub(crate) fn borrowed(lines: &'a [Line], rows: usize, len: usize) -> Self {
+        let need = Self::lines_needed(rows, len);
+        assert!(lines.len() >= need, "AlignedRows::borrowed: {} lines for {need}", lines.len());
+        AlignedRows { lines: Cow::Borrowed(&lines[..need]), rows, stride: Self::stride_for(len), elem: PhantomData }
+    }
+
+    /// Elements from one row to the next for rows of at least `len` elements.
+    pub(crate) fn stride_for(len: usize) -> usize {
+        row_lines(len, size_of::<T>()) * 64 / size_of::<T>()
+    }
+
+    /// Elements from one row to the next.
+    pub(crate) fn stride(&self) -> usize {
+        self.stride
+    }
 }
 
 impl<T: bytemuck::Pod> AlignedRows<'_, T> {

@@ -14,7 +14,7 @@ use crate::tensor::{Dtype, TensorView};
 /// [`crate::moe::MoeLayerBuilder`], or from [`MoeWeights::synthetic`].
 ///
 /// The buffers of a call ([`LayerBuffers`]: gathered rows, activations, expert rows,
-/// about 215 KB per token at dots.llm1's shape) are kept for the next call of any layer
+/// about 215 KB per token at dots.llm1's shape, 280 KB with the AMX tiles) are kept for the next call of any layer
 /// in the process, up to [`crate::cpu::WORKSPACE_KEEP_BYTES`], so that a repeated call
 /// neither allocates nor page-faults; [`MoeLayer::forward_with`] takes the caller's own
 /// instead. Calls from several threads at once are fine: each runs on its own.
@@ -187,8 +187,8 @@ impl MoeLayer {
             Precision::F32 => Dtype::F32,
         };
         gather_into(hidden, h, &permutation, x_dtype, &mut ws.x)?;
-        let LayerBuffers { x, act, rows } = ws;
-        experts::run(&self.weights, x, &permutation, &row_weights, self.precision, self.isa, act, rows)?;
+        let LayerBuffers { x, act, rows, packed } = ws;
+        experts::run(&self.weights, x, &permutation, &row_weights, self.precision, self.isa, act, rows, packed)?;
         let mut output = vec![0.0f32; tokens * h];
         crate::moe::combine(rows, h, &permutation, &mut output)?;
         Ok(MoeTrace { routing, slot_ids, slot_weights, permutation, weighted_rows: Vec::new(), output })
