@@ -451,7 +451,7 @@ pub(crate) unsafe fn drive<S: Sink>(
     let (first_block, end_block) = (rows.start / TILE, rows.end.div_ceil(TILE));
     let b_stride = a.tile_stride();
     let mut out: Box<Stored> = Box::new([[0.0; TILE_WORDS]; 4]);
-    let mut x = [0.0f32; 2 * TILE];
+    let mut by_row = [[0.0f32; TILE_WORDS]; 2];
     // SAFETY: AMX is available (caller).
     let _tiles = unsafe { TileGuard::load() };
     // Row panels: the packed blocks of a panel stay in L2 (about `PANEL_BYTES`) while
@@ -511,19 +511,32 @@ pub(crate) unsafe fn drive<S: Sink>(
                     unsafe { tile_block(tiles, a.block(b), b1, b_stride, a.chunks, two, keep, &mut out) };
                 }
                 for bt in 0..if two { 2 } else { 1 } {
+                    // The block's two accumulators (weight tile 0 and 1) transposed: row `t`
+                    // of `by_row[w]` holds token `t`'s 16 values of weight tile `w`.
+                    for w in 0..2 {
+                        let src: [Option<&[u32]>; TILE] = std::array::from_fn(|jj| {
+                            Some(bytemuck::cast_slice(&out[2 * w + bt][jj * TILE..(jj + 1) * TILE]))
+                        });
+                        // SAFETY: AVX-512 F is present (`available()`); each row holds 16 words
+                        // and the destination 256.
+                        unsafe { transpose_tile(&src, 0, bytemuck::cast_slice_mut(&mut by_row[w])) };
+                    }
                     for t in 0..TILE {
                         let i = (b + bt) * TILE + t;
                         if !rows.contains(&i) {
                             continue;
                         }
-                        for (c, v) in x.iter_mut().enumerate() {
-                            *v = out[2 * (c / TILE) + bt][(c % TILE) * TILE + t];
-                        }
+                        let [first, second] = [0, 1].map(|w| &by_row[w][t * TILE..(t + 1) * TILE]);
                         // SAFETY: the caller owns these elements for the call.
                         unsafe {
                             match mode {
-                                Cols::Plain => sink.put(i, j, &x[..n], &[]),
-                                Cols::Paired { .. } => sink.put(i, j, &x[..n], &x[TILE..TILE + n]),
+                                Cols::Plain => {
+                                    sink.put(i, j, &first[..n.min(TILE)], &[]);
+                                    if n > TILE {
+                                        sink.put(i, j + TILE, &second[..n - TILE], &[]);
+                                    }
+                                }
+                                Cols::Paired { .. } => sink.put(i, j, &first[..n], &second[..n]),
                             }
                         }
                     }
