@@ -22,7 +22,9 @@
 #
 # Everything lands in $WORK (default /tmp/dots-peer); the log is $WORK/results.txt.
 # Environment: PYTHON (default .venv-golden/bin/python, made from
-# scripts/golden/requirements.txt if absent), THREADS (2), PRECISION (bf16).
+# scripts/golden/requirements.txt if absent), THREADS (2), PRECISION (bf16), WARM (0: the
+# page cache is emptied before each program where permitted; 1: each program runs once
+# unrecorded first instead).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -106,9 +108,13 @@ state() {
 # 12 GB files do not fit together in a 24 GB machine, and a program started while the
 # kernel is still reclaiming the other's pages pays for it in its first pass (measured:
 # dots-moe's 64-token prefill 0.71 s right after llama-bench, 0.48 s on its own).
+# WARM=1 instead runs each program once unrecorded right before its recorded run (same
+# arguments), with the page cache left as it is: both measured warm.
 drop_caches() {
     sync
-    if [ -w /proc/sys/vm/drop_caches ]; then
+    if [ "${WARM:-0}" = 1 ]; then
+        echo "[page cache kept before $1: WARM=1, an unrecorded warm-up run first]"
+    elif [ -w /proc/sys/vm/drop_caches ]; then
         echo 3 > /proc/sys/vm/drop_caches && echo "[page cache dropped before $1]"
     else
         echo "[page cache NOT dropped before $1: /proc/sys/vm/drop_caches is not writable]"
@@ -123,12 +129,19 @@ for round in $(seq "$rounds"); do
         echo "## round $round"
         drop_caches llama.cpp
         state "before llama.cpp"
+        if [ "${WARM:-0}" = 1 ]; then
+            "$bench" -m "$gguf" -t "$threads" -p 64,256 -n 32 -r 1 -o md >/dev/null 2>&1
+        fi
         "$bench" -m "$gguf" -t "$threads" -p 64,256 -n 32 -r 3 -o md 2>/dev/null
         state "after llama.cpp"
         for prompt in p64 p256; do
             new=1
             [ "$prompt" = p64 ] && new=32
             drop_caches "dots-moe $prompt"
+            if [ "${WARM:-0}" = 1 ]; then
+                RAYON_NUM_THREADS=$threads "$bin" generate --model "$ckpt" --tokens "${!prompt}" \
+                    --max-new-tokens "$new" --precision "$precision" >/dev/null 2>&1
+            fi
             state "before dots-moe $prompt"
             RAYON_NUM_THREADS=$threads /usr/bin/time -v "$bin" generate --model "$ckpt" --tokens "${!prompt}" \
                 --max-new-tokens "$new" --precision "$precision" 2>&1 >/dev/null \

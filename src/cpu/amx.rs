@@ -384,6 +384,18 @@ fn prefetch_rows(w: *const u16, k: usize) {
     }
 }
 
+/// Prefetches into L2 the line at `w` of each of the 16 rows of the weight tile that
+/// runs next, one line per row and chunk of this one: its rows start streaming before
+/// it begins (the role of `driver::drive`'s block prefetch in the AVX-512 kernels).
+#[inline(always)]
+fn prefetch_next(w: *const u16, k: usize) {
+    use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+    for r in 0..TILE {
+        // SAFETY: prefetching is a hint that never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add(r * k).cast::<i8>()) };
+    }
+}
+
 /// One weight tile at `w0` against one activation block `b0`, into `out`: the kernel for
 /// a single block of rows (decode, small slots), where the weights stream from memory
 /// and one tile's 16 rows at a time, each prefetched a few lines ahead, keep the memory
@@ -398,6 +410,7 @@ unsafe fn tile_single(
     b0: *const u32,
     b_stride: usize,
     chunks: usize,
+    next: Option<*const u16>,
     out: &mut [f32],
 ) {
     debug_assert!(out.len() >= TILE_WORDS);
@@ -408,6 +421,9 @@ unsafe fn tile_single(
         for c in 0..chunks {
             let w = w0.add(c * CHUNK);
             prefetch_rows(w, k);
+            if let Some(next) = next {
+                prefetch_next(next.wrapping_add(c * CHUNK), k);
+            }
             asm!(
                 "tileloadd tmm4, [{w} + {ws}*1]",
                 "tileloadd tmm6, [{b} + {bs}*1]",
@@ -490,9 +506,15 @@ pub(crate) unsafe fn drive<S: Sink>(
                 // SAFETY (both): tiles configured above; the weight pointers cover 16 rows of
                 // `k` (in `w`, or the padded copy), the blocks `a.chunks` tiles each.
                 if single {
+                    // The weight tile after each: the group's second, then the next group's
+                    // first (when it lies in `w`).
+                    let after = j + group;
+                    let next_group = (after < cols.end && starts(after)[0] + TILE <= w_rows)
+                        .then(|| w[starts(after)[0] * k..].as_ptr());
                     for (t, &p) in ptrs.iter().enumerate() {
                         if t == 0 || n > TILE || second.is_some() {
-                            unsafe { tile_single(p, 2 * k, a.block(b), b_stride, a.chunks, &mut out[2 * t]) };
+                            let next = if t == 0 { Some(ptrs[1]) } else { next_group };
+                            unsafe { tile_single(p, 2 * k, a.block(b), b_stride, a.chunks, next, &mut out[2 * t]) };
                         }
                     }
                 } else {
