@@ -94,9 +94,6 @@ impl Weight {
 
 struct MappedFile {
     path: PathBuf,
-    /// Kept open for `posix_fadvise` (see [`Checkpoint::release`]).
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-    file: File,
     map: Mmap,
 }
 
@@ -223,7 +220,7 @@ impl Checkpoint {
                 },
             ));
         }
-        self.files.push(MappedFile { path, file, map });
+        self.files.push(MappedFile { path, map });
         Ok(out)
     }
 
@@ -368,29 +365,12 @@ impl Checkpoint {
     }
 
     /// Tells the OS that this process no longer needs the mapped pages of `weight` (after
-    /// they were copied elsewhere, like the MoE experts): its resident memory drops, the
-    /// file's pages leave the page cache (`POSIX_FADV_DONTNEED`), so that the machine holds
-    /// those weights once, not twice, and a later read simply reads the file again. On a
-    /// machine whose memory barely holds the model, the cached copy otherwise fills it and
-    /// the kernel reclaims it during the first forward passes. A no-op for owned weights
-    /// and off Unix.
+    /// they were copied elsewhere, like the MoE experts): its resident memory drops, and a
+    /// later read simply maps the file again. The page cache keeps the file's pages (a
+    /// later load of the same checkpoint reads them from memory, not from disk). A no-op
+    /// for owned weights and off Unix.
     pub fn release(&self, weight: &Weight) {
         self.unmap(weight);
-        #[cfg(target_os = "linux")]
-        if let Storage::Mapped { file, start, elems, dtype } = &weight.storage {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a plain advisory call on an open descriptor this struct owns; it
-            // changes no memory of ours (the pages were unmapped just above, and any later
-            // access reads the same bytes from the file). Errors are ignored.
-            let _ = unsafe {
-                libc::posix_fadvise(
-                    self.files[*file].file.as_raw_fd(),
-                    *start as libc::off_t,
-                    (elems * dtype.size()) as libc::off_t,
-                    libc::POSIX_FADV_DONTNEED,
-                )
-            };
-        }
     }
 
     /// Drops this process's mapping of the pages of a mapped `weight` (`MADV_DONTNEED`);
