@@ -201,8 +201,12 @@ pub(crate) fn run(
     }
 
     // The slots with rows that this layer holds (all of them unless it is a shard: the
-    // rows of the others stay zero, so the combine sums only this shard's part).
-    let used: Vec<(usize, Range<usize>)> = (0..cfg.n_slots())
+    // rows of the others stay zero, so the combine sums only this shard's part). The
+    // shared slots (every token's rows: compute-bound) come first, so that the first
+    // thread computes them while the others stream the routed experts' weights.
+    let routed = cfg.router.n_experts;
+    let used: Vec<(usize, Range<usize>)> = (routed..cfg.n_slots())
+        .chain(0..routed)
         .filter(|&e| weights.shard.holds(cfg, e))
         .map(|e| (e, perm.expert_rows(e)))
         .filter(|(_, r)| !r.is_empty())
