@@ -141,11 +141,7 @@ impl<'a> AmxA<'a> {
 
     /// `u32` words from one chunk's tile to the next of the same block.
     fn tile_stride(&self) -> usize {
-        if self.chunks > 1 {
-            self.tiles.row(1).as_ptr() as usize / 4 - self.tiles.row(0).as_ptr() as usize / 4
-        } else {
-            0
-        }
+        self.tiles.stride()
     }
 }
 

@@ -235,10 +235,7 @@ pub(crate) fn run(
                 part
             })
             .collect();
-        used.par_iter()
-            .zip(parts)
-            .map(|((_, r), part)| PackedA::from_rows_in(isa, x, r.clone(), w_dtype, part))
-            .collect()
+        used.par_iter().zip(parts).map(|((_, r), part)| PackedA::from_rows(isa, x, r.clone(), w_dtype, part)).collect()
     }
     let tasks = |width: usize, block: usize| -> Vec<(usize, Range<usize>)> {
         (0..used.len()).flat_map(|u| (0..width).step_by(block).map(move |c| (u, c..(c + block).min(width)))).collect()

@@ -129,16 +129,30 @@ impl<'a> PackedA<'a> {
 
     /// Rows `rows` of `buf` (`[_, k]`), prepared for weights of `w_dtype` on `isa`:
     /// borrowed in place when `buf` already holds them in the kernel's layout (bf16 rows
-    /// for VDPBF16PS, f32 rows for f32 weights), copied otherwise.
+    /// for VDPBF16PS, f32 rows for f32 weights), packed into `arena` (at least
+    /// [`PackedA::arena_lines`] lines, kept by the caller from call to call) for the AMX
+    /// tiles, copied otherwise.
     ///
     /// # Panics
-    /// If `rows` is out of range or this CPU cannot run `isa`.
-    pub(crate) fn from_rows(isa: Isa, buf: &'a RowBuf, rows: Range<usize>, w_dtype: Dtype) -> Self {
+    /// If `rows` is out of range, `arena` too short, or this CPU cannot run `isa`.
+    pub(crate) fn from_rows(
+        isa: Isa,
+        buf: &'a RowBuf,
+        rows: Range<usize>,
+        w_dtype: Dtype,
+        arena: &'a mut [Line],
+    ) -> Self {
         assert!(isa.is_supported(), "gemm: {isa:?} is not supported by this CPU");
         let (m, k) = (rows.len(), buf.k());
         #[cfg(target_arch = "x86_64")]
         match (isa, buf.dtype(), w_dtype) {
-            (Isa::Amx, Dtype::Bf16, Dtype::Bf16) if amx::takes(k) => {}
+            _ if uses_amx(isa, buf.dtype(), w_dtype, k) => {
+                let tiles = amx::AmxA::pack_into(arena, m, k, |i| match buf.row(rows.start + i) {
+                    TensorView::Bf16(src) => bytemuck::cast_slice(src),
+                    TensorView::F32(_) => unreachable!("checked by uses_amx"),
+                });
+                return PackedA { prepared: Prepared::Amx(tiles), w_dtype, m, k };
+            }
             (Isa::Amx | Isa::Avx512Bf16, Dtype::Bf16, Dtype::Bf16) => {
                 return PackedA { prepared: Prepared::Bf16Dot(buf.aligned(rows)), w_dtype, m, k };
             }
@@ -147,42 +161,19 @@ impl<'a> PackedA<'a> {
             }
             _ => {}
         }
+        let _ = arena;
         Self::prepare(isa, buf.dtype(), w_dtype, m, k, |i| buf.row(rows.start + i))
     }
 
-    /// Cache lines of caller-kept storage that [`PackedA::from_rows_in`] packs rows
-    /// `rows` of `buf` into (0 where the plan borrows `buf` in place or owns a copy).
+    /// Cache lines of caller-kept storage that [`PackedA::from_rows`] packs `rows` rows
+    /// of `buf` into (0 where the plan borrows `buf` in place or owns a copy).
     pub(crate) fn arena_lines(isa: Isa, buf: &RowBuf, rows: usize, w_dtype: Dtype) -> usize {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Amx && buf.dtype() == Dtype::Bf16 && w_dtype == Dtype::Bf16 && amx::takes(buf.k()) {
+        if uses_amx(isa, buf.dtype(), w_dtype, buf.k()) {
             return amx::AmxA::lines_needed(rows, buf.k());
         }
         let _ = (isa, buf, rows, w_dtype);
         0
-    }
-
-    /// [`PackedA::from_rows`], packing into `arena` (at least
-    /// [`PackedA::arena_lines`] lines, kept by the caller from call to call) where the
-    /// plan needs a copy in its own layout: the AMX tiles.
-    pub(crate) fn from_rows_in(
-        isa: Isa,
-        buf: &'a RowBuf,
-        rows: Range<usize>,
-        w_dtype: Dtype,
-        arena: &'a mut [Line],
-    ) -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if Self::arena_lines(isa, buf, rows.len(), w_dtype) > 0 {
-            assert!(isa.is_supported(), "gemm: {isa:?} is not supported by this CPU");
-            let (m, k) = (rows.len(), buf.k());
-            let tiles = amx::AmxA::pack_into(arena, m, k, |i| match buf.row(rows.start + i) {
-                TensorView::Bf16(src) => bytemuck::cast_slice(src),
-                TensorView::F32(_) => unreachable!("checked by arena_lines"),
-            });
-            return PackedA { prepared: Prepared::Amx(tiles), w_dtype, m, k };
-        }
-        let _ = arena;
-        Self::from_rows(isa, buf, rows, w_dtype)
     }
 
     /// Copies (and converts) the `m` rows `row(i)` of `k` elements of `a_dtype` into the
@@ -206,12 +197,10 @@ impl<'a> PackedA<'a> {
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512 => match (a_dtype, w_dtype) {
-                (Dtype::Bf16, Dtype::Bf16) if isa == Isa::Amx && amx::takes(k) => {
-                    Prepared::Amx(amx::AmxA::pack(m, k, |i| {
-                        let TensorView::Bf16(src) = row(i) else { unreachable!("rows of a_dtype") };
-                        bytemuck::cast_slice(src)
-                    }))
-                }
+                _ if uses_amx(isa, a_dtype, w_dtype, k) => Prepared::Amx(amx::AmxA::pack(m, k, |i| {
+                    let TensorView::Bf16(src) = row(i) else { unreachable!("rows of a_dtype") };
+                    bytemuck::cast_slice(src)
+                })),
                 (Dtype::Bf16, Dtype::Bf16) if isa != Isa::Avx512 => {
                     let mut rows = AlignedRows::new(m, k);
                     for i in 0..m {
@@ -328,6 +317,13 @@ impl<'a> PackedA<'a> {
             },
         }
     }
+}
+
+/// Whether the plan for `a_dtype` x `w_dtype` over `k` on `isa` runs the AMX tiles: the
+/// one place that choice is made (it depends on `k`, never on `m`).
+#[cfg(target_arch = "x86_64")]
+fn uses_amx(isa: Isa, a_dtype: Dtype, w_dtype: Dtype, k: usize) -> bool {
+    isa == Isa::Amx && a_dtype == Dtype::Bf16 && w_dtype == Dtype::Bf16 && amx::takes(k)
 }
 
 /// The bf16 elements of `w` (its dtype was checked to be bf16).

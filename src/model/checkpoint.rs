@@ -361,7 +361,7 @@ impl Checkpoint {
     /// whole tensor. A no-op for owned weights.
     pub fn cache(&self, weight: &Weight) {
         self.prefetch(weight);
-        self.unmap(weight);
+        self.release(weight);
     }
 
     /// Tells the OS that this process no longer needs the mapped pages of `weight` (after
@@ -370,12 +370,6 @@ impl Checkpoint {
     /// later load of the same checkpoint reads them from memory, not from disk). A no-op
     /// for owned weights and off Unix.
     pub fn release(&self, weight: &Weight) {
-        self.unmap(weight);
-    }
-
-    /// Drops this process's mapping of the pages of a mapped `weight` (`MADV_DONTNEED`);
-    /// the page cache keeps them. A no-op for owned weights and off Unix.
-    fn unmap(&self, weight: &Weight) {
         #[cfg(unix)]
         if let Storage::Mapped { file, start, elems, dtype } = &weight.storage {
             // SAFETY: the map is a read-only mapping of a file that is never written through

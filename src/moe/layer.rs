@@ -14,10 +14,10 @@ use crate::tensor::{Dtype, TensorView};
 /// [`crate::moe::MoeLayerBuilder`], or from [`MoeWeights::synthetic`].
 ///
 /// The buffers of a call ([`LayerBuffers`]: gathered rows, activations, expert rows,
-/// about 215 KB per token at dots.llm1's shape, 280 KB with the AMX tiles) are kept for the next call of any layer
-/// in the process, up to [`crate::cpu::WORKSPACE_KEEP_BYTES`], so that a repeated call
-/// neither allocates nor page-faults; [`MoeLayer::forward_with`] takes the caller's own
-/// instead. Calls from several threads at once are fine: each runs on its own.
+/// about 215 KB per token at dots.llm1's shape, 280 KB with the AMX tiles) are kept for
+/// the next call of any layer in the process, up to [`crate::cpu::WORKSPACE_KEEP_BYTES`],
+/// so that a repeated call neither allocates nor page-faults; [`MoeLayer::forward_with`]
+/// takes the caller's own instead. Calls from several threads at once are fine: each runs on its own.
 #[derive(Clone, Debug)]
 pub struct MoeLayer {
     weights: MoeWeights,
