@@ -28,7 +28,7 @@ mod support;
 use dots_moe::config::{MoeConfig, RouterConfig};
 use dots_moe::cpu::Isa;
 use dots_moe::cuda::Arch;
-use dots_moe::cuda::expert_gemm::{self, GemmOptions, GemmPtrs, ITEM_WORDS};
+use dots_moe::cuda::expert_gemm::{self, GemmOptions, GemmPtrs, ITEM_WORDS, TiledKernel};
 use dots_moe::moe::{MoeWeights, Permutation, Precision, grouped_experts};
 use dots_moe::tensor::{Dtype, TensorView};
 use half::bf16;
@@ -173,6 +173,12 @@ fn upload_weights(dev: &Device, weights: &MoeWeights) -> (u64, u64) {
 
 /// Schedule, GEMM 1, GEMM 2 as `ExpertGemm::run` queues them, every output poisoned.
 fn run(dev: &Device, options: GemmOptions, weights: &MoeWeights, case: &Case) -> Run {
+    run_on_ctas(dev, options, weights, case, None)
+}
+
+/// [`run`], with the persistent grids of the warp-specialised kernels cut to `ctas` CTAs
+/// (each then runs several tiles, and its ring wraps across them).
+fn run_on_ctas(dev: &Device, options: GemmOptions, weights: &MoeWeights, case: &Case, ctas: Option<u32>) -> Run {
     let dev = dev.fresh();
     let (gate_up, down) = upload_weights(&dev, weights);
     let rows = case.rows();
@@ -184,17 +190,27 @@ fn run(dev: &Device, options: GemmOptions, weights: &MoeWeights, case: &Case) ->
         act: dev.poisoned(2 * rows * I),
         decode_capacity,
         tiled_capacity,
+        rows,
+        n_slots: N_SLOTS,
     };
     let offsets = dev.upload(&case.perm.expert_offsets);
     let x = dev.upload(&case.x);
     let row_weights = dev.upload(&case.row_weights);
     let y = dev.poisoned(4 * rows * H);
     dev.run(Some(expert_gemm::schedule_launch(&options, offsets, N_SLOTS, &ws).unwrap()));
+    let persistent = |mut l: dots_moe::cuda::launch::Launch| {
+        if let Some(ctas) = ctas
+            && l.kernel.file == "expert_gemm_ws.cu"
+        {
+            l.grid.0 = l.grid.0.min(ctas);
+        }
+        Some(l)
+    };
     for l in expert_gemm::up_launches(&options, x, gate_up, H, I, &ws).unwrap() {
-        dev.run(Some(l));
+        dev.run(persistent(l));
     }
     for l in expert_gemm::down_launches(&options, down, row_weights, y, H, I, &ws).unwrap() {
-        dev.run(Some(l));
+        dev.run(persistent(l));
     }
     let counts: Vec<u32> = dev.download(ws.item_counts, 3);
     assert_eq!(counts[2], 0, "{}: an item list overflowed", dev.name());
@@ -235,12 +251,29 @@ fn expected_items(options: &GemmOptions, counts: &[usize]) -> (usize, usize) {
 fn check_case(dev: &Device, weights: &MoeWeights, name: &str, case: &Case) {
     let want_y = cpu_rows(weights, case);
     let want_act = cpu_activation(weights, case);
+    let mut by_label = std::collections::HashMap::new();
     for (label, options) in options(dev) {
         let run = run(dev, options, weights, case);
         let name = format!("{}: {name} / {label}", dev.name());
         assert_eq!(run.items, expected_items(&options, &case.counts), "{name}: work items");
         assert_close(&format!("{name}: activation"), &run.act, &want_act);
         assert_close(&format!("{name}: weighted rows"), &run.y, &want_y);
+        if options.tiled == TiledKernel::WarpSpecialized {
+            // Three persistent CTAs: several tiles per CTA, the same bits.
+            let few = run_on_ctas(dev, options, weights, case, Some(3));
+            assert!(bits(&few.y) == bits(&run.y), "{name}: 3 persistent CTAs change the weighted rows");
+            assert!(bits(&few.act) == bits(&run.act), "{name}: 3 persistent CTAs change the activation");
+        }
+        by_label.insert(label, run);
+    }
+    // The second generation sums in the first one's order: the same bits.
+    for (first, second) in [("all-tiled-wgmma", "all-tiled-ws"), ("default", "default-ws")] {
+        if let (Some(a), Some(b)) = (by_label.get(first), by_label.get(second))
+            && options(dev).iter().any(|(l, o)| *l == first && o.tiled == TiledKernel::Wgmma)
+        {
+            assert!(bits(&a.y) == bits(&b.y), "{}: {name}: {second} and {first} differ", dev.name());
+            assert!(bits(&a.act) == bits(&b.act), "{}: {name}: {second} and {first} differ", dev.name());
+        }
     }
 }
 

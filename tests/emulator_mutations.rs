@@ -51,6 +51,8 @@ fn run(emu: &Emu, tiled: TiledKernel) -> Result<(Vec<u16>, Vec<u32>), String> {
         act: dev.poisoned(2 * rows * I),
         decode_capacity,
         tiled_capacity,
+        rows,
+        n_slots,
     };
     let y = dev.poisoned(4 * rows * H);
     dev.run(Some(expert_gemm::schedule_launch(&options, offsets, n_slots, &ws).unwrap()));
@@ -206,6 +208,64 @@ fn a_refilled_stage_under_a_wgmma_in_flight_aborts() {
         "        wgmma_commit();\n        wgmma_wait<0>();\n        fence_accumulators(acc);\n    }\n}",
         "        wgmma_commit();\n        if (kt + 1 == k_tiles) wgmma_wait<0>();\n        fence_accumulators(acc);\n    }\n}",
         "operands changed before its wait_group",
+    );
+}
+
+// The warp-specialised kernels (expert_gemm_ws.cu): the TMA producer and the mbarrier
+// ring. The batch has items of 128, 2 and 3 rows (one A box or two), GEMM 1 8 k-tiles and
+// GEMM 2 2 through 4 stages.
+
+#[test]
+fn an_expect_tx_larger_than_the_tma_boxes_hangs_the_ring() {
+    // Both A halves announced for an item whose second half is never loaded: the stage's
+    // phase never completes, and every warp ends up waiting for it.
+    check_mutation(
+        "an_expect_tx_larger_than_the_tma_boxes_hangs_the_ring",
+        TiledKernel::WarpSpecialized,
+        "expert_gemm_ws.cu",
+        "(two_halves ? 2u : 1u) * WS_HALF_BYTES",
+        "2u * WS_HALF_BYTES",
+        "can never complete",
+    );
+}
+
+#[test]
+fn a_wrong_full_barrier_parity_reads_a_stage_before_its_boxes_land() {
+    // The consumers wait for the other parity: the first round passes at once and reads
+    // the stages while the TMA boxes are in flight (poison).
+    check_mutation(
+        "a_wrong_full_barrier_parity_reads_a_stage_before_its_boxes_land",
+        TiledKernel::WarpSpecialized,
+        "expert_gemm_ws.cu",
+        "            mbar_wait(full + 8 * s, (use / WS_STAGES) & 1u);\n            const u64 desc_a",
+        "            mbar_wait(full + 8 * s, ((use / WS_STAGES) & 1u) ^ 1u);\n            const u64 desc_a",
+        "",
+    );
+}
+
+#[test]
+fn a_stage_released_under_its_wgmma_in_flight_aborts() {
+    // wait_group 2 leaves k-tile kt - 1's wgmmas in flight when its stage is released: the
+    // producer refills it under them.
+    check_mutation(
+        "a_stage_released_under_its_wgmma_in_flight_aborts",
+        TiledKernel::WarpSpecialized,
+        "expert_gemm_ws.cu",
+        "            wgmma_wait<1>();",
+        "            wgmma_wait<2>();",
+        "operands changed before its wait_group",
+    );
+}
+
+#[test]
+fn a_producer_that_does_not_wait_for_an_empty_stage_overwrites_it() {
+    check_mutation(
+        "a_producer_that_does_not_wait_for_an_empty_stage_overwrites_it",
+        TiledKernel::WarpSpecialized,
+        "expert_gemm_ws.cu",
+        "                mbar_wait(empty + 8 * s, parity ^ 1u);\n",
+        "",
+        "",
     );
 }
 

@@ -18,6 +18,15 @@
 
 #pragma once
 
+// A TMA tensor map (the driver's CUtensorMap: 128 opaque bytes, 64-byte aligned), passed to
+// a kernel by value as a `const __grid_constant__` parameter, so that its address is a
+// valid operand of the tensor copies below. The launcher encodes it from a
+// `TensorMapSpec` (src/cuda/launch.rs): cuTensorMapEncodeTiled on a device, the emulator's
+// own encoding on the CPU (tests/emulator/ptx_models.h).
+struct __align__(64) TmaMap {
+    u64 opaque[16];
+};
+
 #ifndef DOTS_MOE_EMULATE
 
 // mbarrier at shared address `bar`, completing a phase after `count` arrivals.
@@ -56,6 +65,19 @@ __device__ __forceinline__ void bulk_copy_g2s(u32 dst, const void* src, u32 byte
         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], "
         "%4;\n" ::"r"(dst),
         "l"(src), "r"(bytes), "r"(bar), "l"(policy)
+        : "memory");
+}
+
+// The box of the 2-D tensor `map` at (c0 inner elements, c1 rows) into shared `dst`,
+// completing on `bar`'s transaction count with the box's full size (elements outside the
+// tensor are written as zeros and still count). With the 128-byte swizzle, `dst` is
+// 1024-byte aligned and 16-byte chunk c of box row r lands at chunk c ^ (r & 7): the wgmma
+// operand layout (wgmma.cuh).
+__device__ __forceinline__ void tma_load_2d(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+        "[%4];\n" ::"r"(dst),
+        "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(bar)
         : "memory");
 }
 

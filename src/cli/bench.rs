@@ -25,6 +25,17 @@ pub enum BackendChoice {
     All,
 }
 
+/// The CUDA kernels of the slots with many rows (`--tiled`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TiledChoice {
+    /// `wgmma` tiles, the first generation (sm_90a).
+    Wgmma,
+    /// The warp-specialised TMA + `wgmma` kernels, the second generation (sm_90a).
+    Ws,
+    /// `mma.sync` tiles (any card).
+    Mma,
+}
+
 /// Arguments of `dots-moe bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -51,6 +62,11 @@ pub struct BenchArgs {
     /// bytes and FLOPs of that GEMM alone; REGIME is `decode`, `tiled` or `mixed`).
     #[arg(long)]
     pub gemm: bool,
+    /// With the CUDA backend, the tiled expert kernels to time, comma separated, each as
+    /// its own rows (`cuda-wgmma`, `cuda-ws`, `cuda-mma`), side by side at every batch
+    /// size; default: the device's default kernels, as rows `cuda`.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub tiled: Vec<TiledChoice>,
     /// Only measure and print this machine's floor (copy and read bandwidth, bf16 matmul
     /// rate), timing no layer: a quick probe of the machine's state beside other runs.
     #[arg(long)]
@@ -252,7 +268,8 @@ mod cuda {
     use dots_moe::roofline::{self, BenchRow, LayerCost};
     use dots_moe::tensor::{Dtype, TensorView};
 
-    use super::{BenchArgs, print_row, progress};
+    use super::{BenchArgs, TiledChoice, print_row, progress};
+    use dots_moe::cuda::expert_gemm::{GemmOptions, TiledKernel};
 
     /// GPU 0, opened for timing.
     pub struct GpuBench {
@@ -269,7 +286,23 @@ mod cuda {
         pub fn time(&self, layer: &MoeLayer, args: &BenchArgs) -> Result<Vec<BenchRow>, String> {
             let gpu = &self.gpu;
             let bar = progress("cuda: uploading the layer and compiling the kernels");
-            let device_layer = CudaMoeLayer::with_default_options(gpu, layer).map_err(|e| e.to_string())?;
+            let default = GemmOptions::for_device(gpu);
+            let layers = if args.tiled.is_empty() {
+                vec![("cuda".to_string(), CudaMoeLayer::new(gpu, layer, default).map_err(|e| e.to_string())?)]
+            } else {
+                let mut layers = Vec::new();
+                for choice in &args.tiled {
+                    let tiled = match choice {
+                        TiledChoice::Wgmma => TiledKernel::Wgmma,
+                        TiledChoice::Ws => TiledKernel::WarpSpecialized,
+                        TiledChoice::Mma => TiledKernel::Mma,
+                    };
+                    let options = GemmOptions { tiled, ..default };
+                    let device_layer = CudaMoeLayer::new(gpu, layer, options).map_err(|e| e.to_string())?;
+                    layers.push((format!("cuda-{}", tiled.name()), device_layer));
+                }
+                layers
+            };
             bar.finish_and_clear();
             let floor = roofline::H200;
             let h = layer.config().hidden_size;
@@ -281,14 +314,24 @@ mod cuda {
                     layer,
                     &layer.route(TensorView::F32(&hidden), tokens).map_err(|e| e.to_string())?,
                 );
-                let mut ws = device_layer.workspace(tokens, Dtype::F32).map_err(|e| e.to_string())?;
-                ws.set_input(TensorView::F32(&hidden)).map_err(|e| e.to_string())?;
                 let iterations = if tokens >= 4096 { 20 } else { 50 };
-                let (_eager_us, graph_us) =
-                    time_region(gpu, iterations, || device_layer.enqueue(&mut ws)).map_err(|e| e.to_string())?;
-                let mut timed = vec![("cuda".to_string(), graph_us, cost)];
-                if args.gemm {
-                    timed.extend(time_gemms(gpu, &device_layer, &mut ws, iterations).map_err(|e| e.to_string())?);
+                let mut timed = Vec::new();
+                for (label, device_layer) in &layers {
+                    let mut ws = device_layer.workspace(tokens, Dtype::F32).map_err(|e| e.to_string())?;
+                    ws.set_input(TensorView::F32(&hidden)).map_err(|e| e.to_string())?;
+                    let (_eager_us, graph_us) =
+                        time_region(gpu, iterations, || device_layer.enqueue(&mut ws)).map_err(|e| e.to_string())?;
+                    timed.push((label.clone(), graph_us, cost));
+                    if args.gemm {
+                        let gemms = time_gemms(gpu, device_layer, &mut ws, iterations).map_err(|e| e.to_string())?;
+                        // `cuda-gemm1:REGIME` of the default kernels; `cuda-ws-gemm1:REGIME` of others.
+                        let prefix = label.strip_prefix("cuda").unwrap_or_default();
+                        timed.extend(
+                            gemms
+                                .into_iter()
+                                .map(|(l, us, c)| (l.replacen("cuda", &format!("cuda{prefix}"), 1), us, c)),
+                        );
+                    }
                 }
                 bar.finish_and_clear();
                 for (backend, us, cost) in timed {

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::cuda::arch::Arch;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{KernelArg, KernelDecl, Launch, Launcher};
+use crate::cuda::launch::{KernelArg, KernelDecl, Launch, Launcher, TensorMapSpec};
 use crate::cuda::nvrtc;
 use crate::cuda::source::{self, KernelSource};
 use crate::error::MoeError;
@@ -142,12 +142,23 @@ impl Launcher for GpuContext {
                 *limit = launch.shared;
             }
         }
+        // The tensor maps, encoded before the builder borrows them.
+        let maps = launch
+            .args
+            .iter()
+            .map(|arg| match arg {
+                KernelArg::TensorMap(spec) => encode_tensor_map(spec).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut builder = self.stream().launch_builder(&func);
-        for arg in &launch.args {
-            match arg {
-                KernelArg::Ptr(v) | KernelArg::U64(v) => builder.arg(v),
-                KernelArg::U32(v) => builder.arg(v),
-                KernelArg::F32(v) => builder.arg(v),
+        for (arg, map) in launch.args.iter().zip(&maps) {
+            match (arg, map) {
+                (KernelArg::Ptr(v) | KernelArg::U64(v), _) => builder.arg(v),
+                (KernelArg::U32(v), _) => builder.arg(v),
+                (KernelArg::F32(v), _) => builder.arg(v),
+                (KernelArg::TensorMap(_), Some(map)) => builder.arg(map),
+                (KernelArg::TensorMap(_), None) => unreachable!("encoded above"),
             };
         }
         let cfg = LaunchConfig {
@@ -161,6 +172,47 @@ impl Launcher for GpuContext {
         unsafe { builder.launch(cfg) }?;
         Ok(())
     }
+}
+
+/// A tensor map as the kernels take it (`TmaMap`: 128 bytes, 64-byte aligned), passed by
+/// value.
+#[repr(C, align(64))]
+struct EncodedTensorMap([u64; 16]);
+
+// SAFETY: plain bytes of the size and alignment of the kernels' `TmaMap` parameter.
+unsafe impl cudarc::driver::DeviceRepr for EncodedTensorMap {}
+
+/// The driver's encoding of `spec`: bf16, 2-D, the 128-byte swizzle, zeros outside the
+/// tensor, L2 promotion of 256 bytes.
+fn encode_tensor_map(spec: &TensorMapSpec) -> Result<EncodedTensorMap, CudaError> {
+    use sys::{CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion};
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    let dims = [spec.inner, spec.rows];
+    let strides = [spec.pitch];
+    let boxes = [spec.box_inner, spec.box_rows];
+    let element_strides = [1u32, 1];
+    // SAFETY: every array holds the rank's entries (2, and 1 stride), `map` is writable
+    // storage of the driver's type; the spec was checked by `Launch::new` (is_valid).
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            spec.base as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()?;
+    // SAFETY: the driver wrote the map (the call succeeded).
+    let map = unsafe { map.assume_init() };
+    Ok(EncodedTensorMap(map.opaque))
 }
 
 /// Dynamic shared memory a kernel may use without raising its limit.

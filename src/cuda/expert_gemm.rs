@@ -33,18 +33,18 @@ use crate::cuda::arch::Arch;
 use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
 use crate::cuda::context::GpuContext;
 use crate::cuda::error::CudaError;
-use crate::cuda::launch::{KernelArg as Arg, KernelDecl, Launch, LaunchDims, Launcher};
+use crate::cuda::launch::{KernelArg as Arg, KernelDecl, Launch, LaunchDims, Launcher, TensorMapSpec};
 use crate::cuda::source::{self, KernelSource};
 use crate::error::MoeError;
 use crate::moe::MoeWeights;
 use crate::tensor::{Dtype, TensorView};
 
-pub use crate::cuda::source::{DECODE, MMA, SCHEDULE, WGMMA};
+pub use crate::cuda::source::{DECODE, MMA, SCHEDULE, WGMMA, WS};
 
 /// The expert GEMM kernel files that compile for every architecture from `sm_80` on.
 pub const PORTABLE_SOURCES: &[KernelSource] = &[SCHEDULE, DECODE, MMA];
 /// The expert GEMM kernel files that need `sm_90a`.
-pub const HOPPER_SOURCES: &[KernelSource] = &[WGMMA];
+pub const HOPPER_SOURCES: &[KernelSource] = &[WGMMA, WS];
 
 /// Rows of one decode item at most (`DECODE_ITEM_ROWS`): 8 MMA tiles of 8 rows.
 pub const DECODE_ITEM_ROWS: usize = 64;
@@ -90,6 +90,36 @@ pub const WG_ALIGN: usize = 1024;
 /// Dynamic shared memory of the `wgmma` kernels (`WG_SHARED_BYTES`: 4 stages of 48 KB and
 /// 1 KB to align them).
 pub const WG_SHARED_BYTES: usize = WG_STAGES * (TILE_ROWS + WG_DOWN_COLUMNS) * WG_BK * 2 + WG_ALIGN;
+/// Threads of a warp-specialised CTA (`WS_THREADS`: a producer and two consumer
+/// warpgroups).
+pub const WS_THREADS: u32 = 384;
+/// Stages of the warp-specialised ring (`WS_STAGES`: 4 of 48 KB).
+pub const WS_STAGES: usize = 4;
+/// CTAs of the persistent warp-specialised grid at most (`WS_CTAS`: the SMs of an
+/// H100 / H200 SXM).
+pub const WS_CTAS: usize = 132;
+/// Rows of one A box of the warp-specialised kernels (`WS_HALF_ROWS`): a consumer's rows.
+pub const WS_HALF_ROWS: usize = 64;
+/// Rows of one weight box (`WS_B_BOX_ROWS`).
+pub const WS_B_BOX_ROWS: usize = 128;
+/// Bytes after the stages for the ring's mbarriers (`WS_BARRIER_BYTES`).
+pub const WS_BARRIER_BYTES: usize = 128;
+/// Arrivals that release a stage: every consumer warp (`WS_CONSUMER_WARPS`).
+pub const WS_CONSUMER_WARPS: usize = 8;
+/// Registers per thread the producer warpgroup keeps (`WS_PRODUCER_REGS`).
+pub const WS_PRODUCER_REGS: usize = 40;
+/// Registers per thread the consumer warpgroups take (`WS_CONSUMER_REGS`).
+pub const WS_CONSUMER_REGS: usize = 232;
+/// Dynamic shared memory of the warp-specialised kernels (`WS_SHARED_BYTES`: 4 stages of
+/// 48 KB, 1 KB to align them, the mbarriers).
+pub const WS_SHARED_BYTES: usize = WS_STAGES * (TILE_ROWS + WG_DOWN_COLUMNS) * WG_BK * 2 + WG_ALIGN + WS_BARRIER_BYTES;
+
+/// The persistent grid of the warp-specialised kernels for `tiles` tiles (work items x
+/// column blocks): one CTA per tile up to [`WS_CTAS`].
+pub fn ws_grid(tiles: usize) -> usize {
+    tiles.min(WS_CTAS)
+}
+
 /// `H` must be a multiple of this.
 pub const HIDDEN_MULTIPLE: usize = 256;
 /// `I` must be a multiple of this.
@@ -111,6 +141,36 @@ pub enum TiledKernel {
     Wgmma,
     /// `mma.sync` (any card from `sm_80` on).
     Mma,
+    /// The second generation for Hopper (`sm_90a` only): a TMA producer warp feeding two
+    /// `wgmma` consumer warpgroups through an mbarrier ring, on a persistent grid
+    /// (`cuda/expert_gemm_ws.cu`). Same results, bit for bit, as [`TiledKernel::Wgmma`]; not
+    /// the default until a device run has measured it.
+    WarpSpecialized,
+}
+
+impl TiledKernel {
+    /// The kernel file.
+    pub fn source(self) -> &'static KernelSource {
+        match self {
+            TiledKernel::Wgmma => &WGMMA,
+            TiledKernel::Mma => &MMA,
+            TiledKernel::WarpSpecialized => &WS,
+        }
+    }
+
+    /// `wgmma`, `mma` or `ws`: the names `DOTS_MOE_CUDA_TILED` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            TiledKernel::Wgmma => "wgmma",
+            TiledKernel::Mma => "mma",
+            TiledKernel::WarpSpecialized => "ws",
+        }
+    }
+
+    /// The kernels named `name` ([`TiledKernel::name`]).
+    pub fn from_name(name: &str) -> Option<TiledKernel> {
+        [TiledKernel::Wgmma, TiledKernel::Mma, TiledKernel::WarpSpecialized].into_iter().find(|t| t.name() == name)
+    }
 }
 
 /// How the expert GEMMs split the work.
@@ -142,11 +202,7 @@ impl GemmOptions {
 
     /// The kernel files these options launch.
     pub fn sources(&self) -> [&'static KernelSource; 3] {
-        let tiled = match self.tiled {
-            TiledKernel::Wgmma => &WGMMA,
-            TiledKernel::Mma => &MMA,
-        };
-        [&SCHEDULE, &DECODE, tiled]
+        [&SCHEDULE, &DECODE, self.tiled.source()]
     }
 
     /// The batch-invariant mode (see the module docs).
@@ -251,6 +307,8 @@ pub struct GemmWorkspace {
     pub item_counts: DeviceBuffer<u32>,
     /// The SwiGLU activation `[R, I]` (bf16).
     pub act: DeviceBuffer<bf16>,
+    /// Expert slots of the weights the workspace was sized for.
+    pub n_slots: usize,
     options: GemmOptions,
 }
 
@@ -302,13 +360,47 @@ pub struct GemmPtrs {
     pub decode_capacity: usize,
     /// Items the tiled list holds.
     pub tiled_capacity: usize,
+    /// Permuted rows `R` (the gathered rows' and the activation's; the tensor maps of the
+    /// warp-specialised kernels bound them).
+    pub rows: usize,
+    /// Expert slots of the weights (`E + n_shared`: the weight tensor maps' bound).
+    pub n_slots: usize,
 }
 
 fn tiled_kernels(options: &GemmOptions) -> (&'static KernelDecl, &'static KernelDecl) {
     match options.tiled {
         TiledKernel::Wgmma => (&source::UP_WGMMA, &source::DOWN_WGMMA),
         TiledKernel::Mma => (&source::UP_MMA, &source::DOWN_MMA),
+        TiledKernel::WarpSpecialized => (&source::UP_WS, &source::DOWN_WS),
     }
+}
+
+/// The warp-specialised kernels address rows by signed 32-bit TMA coordinates: `R` and
+/// every slot's weight rows must fit.
+fn check_ws_coordinates(options: &GemmOptions, ws: &GemmPtrs, hidden: usize, inter: usize) -> Result<(), CudaError> {
+    if options.tiled != TiledKernel::WarpSpecialized {
+        return Ok(());
+    }
+    let limit = i32::MAX as usize;
+    let weight_rows = ws.n_slots.saturating_mul((2 * inter).max(hidden));
+    for (what, needed) in [("permuted rows", ws.rows), ("stacked weight rows", weight_rows)] {
+        if needed > limit {
+            return Err(MoeError::Limit { what: format!("warp-specialised expert GEMM: {what}"), needed, limit }.into());
+        }
+    }
+    Ok(())
+}
+
+/// The tensor map of the gathered rows or the activation `[R, width]` at `base`: boxes of
+/// one consumer's 64 rows.
+fn rows_map(base: u64, ws: &GemmPtrs, width: usize) -> Arg {
+    Arg::TensorMap(TensorMapSpec::bf16_rows(base, ws.rows, width, WS_HALF_ROWS as u32))
+}
+
+/// The tensor map of stacked weights, `rows_per_slot` rows of `width` per slot: boxes of
+/// 128 rows.
+fn weights_map(base: u64, ws: &GemmPtrs, rows_per_slot: usize, width: usize) -> Arg {
+    Arg::TensorMap(TensorMapSpec::bf16_rows(base, ws.n_slots * rows_per_slot, width, WS_B_BOX_ROWS as u32))
 }
 
 /// The schedule of `n_slots` slots from `expert_offsets [n_slots + 1]`.
@@ -344,16 +436,22 @@ pub fn up_launches(
     ws: &GemmPtrs,
 ) -> Result<Vec<Launch>, CudaError> {
     check_shape(hidden, inter)?;
-    let args = |items: u64| {
-        vec![
-            Arg::Ptr(x),
-            Arg::Ptr(gate_up),
+    check_ws_coordinates(options, ws, hidden, inter)?;
+    let args = |items: u64, tiled: bool| {
+        let operands = if tiled && options.tiled == TiledKernel::WarpSpecialized {
+            [rows_map(x, ws, hidden), weights_map(gate_up, ws, 2 * inter, hidden)]
+        } else {
+            [Arg::Ptr(x), Arg::Ptr(gate_up)]
+        };
+        let mut args = operands.to_vec();
+        args.extend([
             Arg::Ptr(items),
             Arg::Ptr(ws.item_counts),
             Arg::U32(hidden as u32),
             Arg::U32(inter as u32),
             Arg::Ptr(ws.act),
-        ]
+        ]);
+        args
     };
     regime_launches((&source::UP_DECODE, tiled_kernels(options).0), hidden, inter, ws, args)
 }
@@ -369,38 +467,44 @@ pub fn down_launches(
     ws: &GemmPtrs,
 ) -> Result<Vec<Launch>, CudaError> {
     check_shape(hidden, inter)?;
-    let args = |items: u64| {
-        vec![
-            Arg::Ptr(ws.act),
-            Arg::Ptr(down),
+    check_ws_coordinates(options, ws, hidden, inter)?;
+    let args = |items: u64, tiled: bool| {
+        let operands = if tiled && options.tiled == TiledKernel::WarpSpecialized {
+            [rows_map(ws.act, ws, inter), weights_map(down, ws, hidden, inter)]
+        } else {
+            [Arg::Ptr(ws.act), Arg::Ptr(down)]
+        };
+        let mut args = operands.to_vec();
+        args.extend([
             Arg::Ptr(row_weights),
             Arg::Ptr(items),
             Arg::Ptr(ws.item_counts),
             Arg::U32(hidden as u32),
             Arg::U32(inter as u32),
             Arg::Ptr(y),
-        ]
+        ]);
+        args
     };
     regime_launches((&source::DOWN_DECODE, tiled_kernels(options).1), hidden, inter, ws, args)
 }
 
 /// One GEMM's launches: its decode kernel over the decode items and its tiled kernel over
 /// the tiled items, each only when its list has room; `args` builds the arguments for an
-/// item list.
+/// item list (and whether it is the tiled kernel's).
 fn regime_launches(
     (decode, tiled): (&'static KernelDecl, &'static KernelDecl),
     hidden: usize,
     inter: usize,
     ws: &GemmPtrs,
-    args: impl Fn(u64) -> Vec<Arg>,
+    args: impl Fn(u64, bool) -> Vec<Arg>,
 ) -> Result<Vec<Launch>, CudaError> {
     let dims = |items| LaunchDims { hidden, inter, items, ..LaunchDims::default() };
     let mut launches = Vec::new();
     if ws.decode_capacity > 0 {
-        launches.push(Launch::new(decode, &dims(ws.decode_capacity), args(ws.decode_items))?);
+        launches.push(Launch::new(decode, &dims(ws.decode_capacity), args(ws.decode_items, false))?);
     }
     if ws.tiled_capacity > 0 {
-        launches.push(Launch::new(tiled, &dims(ws.tiled_capacity), args(ws.tiled_items))?);
+        launches.push(Launch::new(tiled, &dims(ws.tiled_capacity), args(ws.tiled_items, true))?);
     }
     Ok(launches)
 }
@@ -415,6 +519,8 @@ impl GemmWorkspace {
             act: self.act.device_ptr(),
             decode_capacity: self.decode_capacity,
             tiled_capacity: self.tiled_capacity,
+            rows: self.rows,
+            n_slots: self.n_slots,
         }
     }
 }
@@ -435,10 +541,12 @@ impl ExpertGemm {
     /// Compiles (NVRTC, cached) and loads the kernels `options` needs on `gpu`. `wgmma`
     /// needs an `sm_90a` device.
     pub fn new(gpu: &Arc<GpuContext>, options: GemmOptions) -> Result<Self, CudaError> {
-        if options.tiled == TiledKernel::Wgmma && !gpu.target().supports(WGMMA.min_arch) {
+        let tiled = options.tiled.source();
+        if !gpu.target().supports(tiled.min_arch) {
             return Err(MoeError::Unsupported(format!(
-                "the wgmma expert kernels need an {} device; {} is {}",
-                WGMMA.min_arch,
+                "the {} expert kernels need an {} device; {} is {}",
+                options.tiled.name(),
+                tiled.min_arch,
                 gpu.info().name,
                 gpu.arch()
             ))
@@ -472,14 +580,17 @@ impl ExpertGemm {
             tiled_items: DeviceBuffer::zeros(gpu, &[tiled_capacity, ITEM_WORDS])?,
             item_counts: DeviceBuffer::zeros(gpu, &[3])?,
             act: DeviceBuffer::zeros(gpu, &[rows, weights.intermediate_size])?,
+            n_slots: weights.n_slots,
             options: self.options,
         })
     }
 
     fn check(&self, weights: &DeviceExpertWeights, ws: &GemmWorkspace) -> Result<(), CudaError> {
         check_shape(weights.hidden_size, weights.intermediate_size)?;
-        if ws.options != self.options {
-            return Err(MoeError::Unsupported("this GEMM workspace was sized for other options".into()).into());
+        if ws.options != self.options || ws.n_slots != weights.n_slots {
+            return Err(
+                MoeError::Unsupported("this GEMM workspace was sized for other options or weights".into()).into()
+            );
         }
         ws.act.expect_shape("activation", &[ws.rows, weights.intermediate_size])?;
         if ws.rows > u32::MAX as usize {

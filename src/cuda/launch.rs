@@ -54,6 +54,9 @@ pub enum ParamType {
     U64,
     /// `float`.
     F32,
+    /// `const __grid_constant__ TmaMap`: a TMA tensor map passed by value (128 bytes),
+    /// built by the launcher from a [`TensorMapSpec`].
+    TensorMap,
 }
 
 impl ParamType {
@@ -65,6 +68,7 @@ impl ParamType {
             ParamType::U32 => "u32".into(),
             ParamType::U64 => "u64".into(),
             ParamType::F32 => "float".into(),
+            ParamType::TensorMap => "const __grid_constant__ TmaMap".into(),
         }
     }
 
@@ -76,6 +80,7 @@ impl ParamType {
                 | (ParamType::U32, KernelArg::U32(_))
                 | (ParamType::U64, KernelArg::U64(_))
                 | (ParamType::F32, KernelArg::F32(_))
+                | (ParamType::TensorMap, KernelArg::TensorMap(_))
         )
     }
 }
@@ -109,6 +114,10 @@ impl Param {
     /// A `float` scalar.
     pub const fn f32(name: &'static str) -> Param {
         Param { name, ty: ParamType::F32 }
+    }
+    /// A TMA tensor map.
+    pub const fn tensor_map(name: &'static str) -> Param {
+        Param { name, ty: ParamType::TensorMap }
     }
 }
 
@@ -159,7 +168,59 @@ pub struct KernelDecl {
     pub max_registers: u32,
 }
 
-/// One kernel argument (every parameter of the crate's kernels is a pointer or a scalar).
+/// A 2-D bf16 tensor in device memory and the box a TMA load of it copies, with the
+/// 128-byte swizzle (what the `wgmma` operands read): the launcher encodes it as a tensor
+/// map (`cuTensorMapEncodeTiled` on a device). Elements outside the tensor load as zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TensorMapSpec {
+    /// Device address of element (0, 0) (16-byte aligned).
+    pub base: u64,
+    /// Elements per row (the contiguous dimension).
+    pub inner: u64,
+    /// Rows.
+    pub rows: u64,
+    /// Bytes from one row to the next (a multiple of 16).
+    pub pitch: u64,
+    /// Elements of a box row (64 bf16: the 128 bytes the swizzle spans).
+    pub box_inner: u32,
+    /// Rows of a box (at most 256).
+    pub box_rows: u32,
+}
+
+impl TensorMapSpec {
+    /// Bytes of one element (bf16).
+    pub const ELEMENT_BYTES: u64 = 2;
+    /// The bytes the 128-byte swizzle spans: a box row must be exactly this long.
+    pub const SWIZZLE_BYTES: u64 = 128;
+
+    /// The row-major bf16 tensor `[rows, inner]` at `base`, read in boxes of `box_rows`
+    /// rows of 64 elements.
+    pub fn bf16_rows(base: u64, rows: usize, inner: usize, box_rows: u32) -> TensorMapSpec {
+        TensorMapSpec {
+            base,
+            inner: inner as u64,
+            rows: rows as u64,
+            pitch: inner as u64 * Self::ELEMENT_BYTES,
+            box_inner: (Self::SWIZZLE_BYTES / Self::ELEMENT_BYTES) as u32,
+            box_rows,
+        }
+    }
+
+    /// Whether the hardware's limits hold: a 16-byte aligned base and pitch, extents in
+    /// `1..=2^32`, box rows in `1..=256`, box rows of exactly the swizzle span.
+    pub fn is_valid(&self) -> bool {
+        self.base.is_multiple_of(16)
+            && self.pitch.is_multiple_of(16)
+            && self.pitch >= self.inner * Self::ELEMENT_BYTES
+            && (1..=1 << 32).contains(&self.inner)
+            && (1..=1 << 32).contains(&self.rows)
+            && (1..=256).contains(&self.box_rows)
+            && u64::from(self.box_inner) * Self::ELEMENT_BYTES == Self::SWIZZLE_BYTES
+    }
+}
+
+/// One kernel argument (every parameter of the crate's kernels is a pointer, a scalar or a
+/// tensor map).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum KernelArg {
     /// A device address (0 for an optional input left out).
@@ -170,6 +231,8 @@ pub enum KernelArg {
     U64(u64),
     /// An f32 scalar.
     F32(f32),
+    /// A TMA tensor map, encoded by the launcher.
+    TensorMap(TensorMapSpec),
 }
 
 /// The largest grid the launches use: `x` below 2^31, `y` below 2^16.
@@ -211,6 +274,15 @@ impl Launch {
                 param.name,
                 param.ty
             );
+            if let KernelArg::TensorMap(spec) = arg
+                && !spec.is_valid()
+            {
+                return Err(MoeError::Unsupported(format!(
+                    "{}: parameter {}: a tensor the TMA cannot read ({spec:?})",
+                    kernel.entry, param.name
+                ))
+                .into());
+            }
         }
         let (x, y) = (kernel.grid)(dims);
         for (axis, needed, limit) in [("x", x, MAX_GRID.0), ("y", y, MAX_GRID.1)] {

@@ -37,8 +37,11 @@ pub const EXPERT_GEMM: Header =
 /// `cuda/include/pipeline.cuh`: the sm_90 mbarrier and bulk-copy wrappers of producer /
 /// consumer pipelines.
 pub const PIPELINE: Header = Header { name: "pipeline.cuh", text: include_str!("../../cuda/include/pipeline.cuh") };
+/// `cuda/include/wgmma.cuh`: the sm_90a warpgroup MMA wrappers (descriptor, m64n256k16,
+/// fences and group waits) of both `wgmma` kernel files.
+pub const WGMMA_OPS: Header = Header { name: "wgmma.cuh", text: include_str!("../../cuda/include/wgmma.cuh") };
 /// Every header of `cuda/include/`.
-pub const HEADERS: &[Header] = &[COMMON, EXPERT_GEMM, PIPELINE];
+pub const HEADERS: &[Header] = &[COMMON, EXPERT_GEMM, PIPELINE, WGMMA_OPS];
 
 /// One kernel file: an NVRTC program.
 #[derive(Clone, Copy, Debug)]
@@ -357,6 +360,51 @@ pub const DOWN_WGMMA: KernelDecl = KernelDecl {
     max_registers: 255,
 };
 
+/// `moe_expert_up_ws` / `moe_expert_down_ws`: the tensor maps of the gathered rows and
+/// the weights come first, then the GEMM's other parameters.
+const UP_WS_PARAMS: &[Param] = &[
+    Param::tensor_map("x_map"),
+    Param::tensor_map("gate_up_map"),
+    Param::input("items", Elem::Item),
+    Param::input("item_counts", Elem::U32),
+    Param::u32("hidden"),
+    Param::u32("inter"),
+    Param::output("act", Elem::Bf16),
+];
+const DOWN_WS_PARAMS: &[Param] = &[
+    Param::tensor_map("act_map"),
+    Param::tensor_map("down_map"),
+    Param::input("row_weights", Elem::F32),
+    Param::input("items", Elem::Item),
+    Param::input("item_counts", Elem::U32),
+    Param::u32("hidden"),
+    Param::u32("inter"),
+    Param::output("y", Elem::F32),
+];
+
+/// `moe_expert_up_ws`: GEMM 1 + SwiGLU, warp-specialised (a TMA producer, two `wgmma`
+/// consumer warpgroups) on a persistent grid of at most [`gemm::WS_CTAS`] CTAs.
+pub const UP_WS: KernelDecl = KernelDecl {
+    entry: "moe_expert_up_ws",
+    file: "expert_gemm_ws.cu",
+    params: UP_WS_PARAMS,
+    block: gemm::WS_THREADS,
+    grid: |d| (gemm::ws_grid(d.items * (d.inter / gemm::WG_UP_COLUMNS)), 1),
+    dynamic_smem: |_| gemm::WS_SHARED_BYTES,
+    max_registers: 168,
+};
+
+/// `moe_expert_down_ws`: GEMM 2, warp-specialised.
+pub const DOWN_WS: KernelDecl = KernelDecl {
+    entry: "moe_expert_down_ws",
+    file: "expert_gemm_ws.cu",
+    params: DOWN_WS_PARAMS,
+    block: gemm::WS_THREADS,
+    grid: |d| (gemm::ws_grid(d.items * (d.hidden / gemm::WG_DOWN_COLUMNS)), 1),
+    dynamic_smem: |_| gemm::WS_SHARED_BYTES,
+    max_registers: 168,
+};
+
 // ---- the files --------------------------------------------------------------------------
 
 /// `cuda/route.cu`: router logits and selection (fused with the permutation's ranks).
@@ -425,8 +473,17 @@ pub const WGMMA: KernelSource = KernelSource {
     kernels: &[&UP_WGMMA, &DOWN_WGMMA],
 };
 
+/// `cuda/expert_gemm_ws.cu`: many rows per slot, the second generation: warp-specialised
+/// TMA + `wgmma` on a persistent grid (`sm_90a` only).
+pub const WS: KernelSource = KernelSource {
+    name: "expert_gemm_ws.cu",
+    text: include_str!("../../cuda/expert_gemm_ws.cu"),
+    min_arch: Arch::SM_90A,
+    kernels: &[&UP_WS, &DOWN_WS],
+};
+
 /// Every kernel file, in pipeline order.
-pub const FILES: &[KernelSource] = &[ROUTE, PERMUTE, COMBINE, SCHEDULE, DECODE, MMA, WGMMA];
+pub const FILES: &[KernelSource] = &[ROUTE, PERMUTE, COMBINE, SCHEDULE, DECODE, MMA, WGMMA, WS];
 
 /// The kernel files that compile for `arch`.
 pub fn files_for(arch: Arch) -> impl Iterator<Item = &'static KernelSource> {
@@ -495,4 +552,23 @@ pub const KERNEL_CONSTANTS: &[(&str, usize)] = &[
     ("WG_SHARED_BYTES", gemm::WG_SHARED_BYTES),
     ("WG_CHUNKS_PER_ROW", gemm::WG_BK * 2 / 16),
     ("WG_ACC", 64 * gemm::WG_DOWN_COLUMNS / 128),
+    ("WS_BM", gemm::TILE_ROWS),
+    ("WS_BN", gemm::WG_DOWN_COLUMNS),
+    ("WS_BK", gemm::WG_BK),
+    ("WS_STAGES", gemm::WS_STAGES),
+    ("WS_THREADS", gemm::WS_THREADS as usize),
+    ("WS_CTAS", gemm::WS_CTAS),
+    ("WS_HALF_ROWS", gemm::WS_HALF_ROWS),
+    ("WS_B_BOX_ROWS", gemm::WS_B_BOX_ROWS),
+    ("WS_HALF_BYTES", gemm::WS_HALF_ROWS * gemm::WG_BK * 2),
+    ("WS_A_BYTES", gemm::TILE_ROWS * gemm::WG_BK * 2),
+    ("WS_B_BYTES", gemm::WG_DOWN_COLUMNS * gemm::WG_BK * 2),
+    ("WS_STAGE_BYTES", (gemm::TILE_ROWS + gemm::WG_DOWN_COLUMNS) * gemm::WG_BK * 2),
+    ("WS_ALIGN", gemm::WG_ALIGN),
+    ("WS_BARRIER_BYTES", gemm::WS_BARRIER_BYTES),
+    ("WS_SHARED_BYTES", gemm::WS_SHARED_BYTES),
+    ("WS_CONSUMER_WARPS", gemm::WS_CONSUMER_WARPS),
+    ("WS_PRODUCER_REGS", gemm::WS_PRODUCER_REGS),
+    ("WS_CONSUMER_REGS", gemm::WS_CONSUMER_REGS),
+    ("WS_ACC", 64 * gemm::WG_DOWN_COLUMNS / 128),
 ];

@@ -57,6 +57,7 @@ inline float2 make_float2(float x, float y) { return float2{x, y}; }
 #define __restrict__ __restrict
 #define __align__(n) alignas(n)
 #define __shared__ static
+#define __grid_constant__
 // The kernels' dynamic shared memory is the running CTA's buffer (common.cuh).
 #define DECLARE_DYNAMIC_SMEM(name, align) unsigned char* name = emu::dynamic_smem
 
@@ -244,8 +245,9 @@ struct Group {
 // the bulk copies that complete on it (ptx_models.h).
 struct BulkCopy {
     unsigned dst;
-    const void* src;
+    const void* src;  // the bytes, or null when `staged` holds them (a tensor copy's box)
     unsigned bytes;
+    std::vector<unsigned char> staged;
 };
 struct MBarrier {
     unsigned count = 0;    // arrivals per phase

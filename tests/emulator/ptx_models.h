@@ -1,9 +1,11 @@
 // ptx_models.h: C++ models of the PTX wrappers of cuda/include/common.cuh,
-// cuda/include/expert_gemm.cuh and cuda/expert_gemm_wgmma.cu (compiled out there when
+// cuda/include/expert_gemm.cuh, cuda/include/wgmma.cuh, cuda/include/pipeline.cuh and
+// cuda/expert_gemm_ws.cu (compiled out there when
 // DOTS_MOE_EMULATE is defined), written from the PTX ISA's definitions of the
 // instructions, not from the kernels' index math.
 // Included after common.cuh (for u32 / u64 / u16).
 #pragma once
+#include "pipeline.cuh"  // TmaMap
 
 inline float bf16_bits_to_f32(u32 bits) { return __uint_as_float((bits & 0xffffu) << 16); }
 
@@ -329,7 +331,7 @@ inline MBarrier& mbarrier_at(unsigned addr) {
 inline void mbarrier_progress(MBarrier& m) {
     if (m.pending != 0) return;
     for (const BulkCopy& c : m.in_flight) {
-        std::memcpy(smem_at(c.dst), c.src, c.bytes);
+        std::memcpy(smem_at(c.dst), c.src ? c.src : c.staged.data(), c.bytes);
         m.tx -= c.bytes;
     }
     m.in_flight.clear();
@@ -372,10 +374,71 @@ inline void bulk_copy_g2s(u32 dst, const void* src, u32 bytes, u32 bar, u64) {
     std::memset(emu::smem_at(dst), 0xff, bytes);
     emu::block->turns->locked([&] {
         emu::MBarrier& m = emu::mbarrier_at(bar);
-        m.in_flight.push_back(emu::BulkCopy{dst, src, bytes});
+        m.in_flight.push_back(emu::BulkCopy{dst, src, bytes, {}});
         emu::mbarrier_progress(m);
     });
 }
 
 // createpolicy: a cache hint has no effect on what the kernels compute.
 inline u64 l2_evict_first() { return 0; }
+
+// ---- TMA tensor copies (pipeline.cuh) and register reallocation, asynchronously ---------
+//
+// The emulator's encoding of a TmaMap (written by tests/kernel_support from a
+// `TensorMapSpec`; a device gets the driver's): opaque[0] EMU_TMA_MAGIC, [1] the tensor's
+// device address, [2] its inner extent (elements), [3] its rows, [4] the row pitch (bytes),
+// [5] the box's inner extent (elements), [6] its rows, [7] the element size (bytes), [8] the
+// swizzle span (bytes: 128).
+//
+// cp.async.bulk.tensor.2d (PTX ISA "cp.async.bulk.tensor", CUDA "Tensor Memory Access"):
+// the box at (c0, c1) is read from the tensor, every element outside it (coordinates below
+// 0 or past an extent) as zero, and written to shared memory at `dst` in rows of
+// (box inner extent x element size) bytes, each 16-byte chunk then moved by the 128-byte
+// swizzle, a function of the shared address: bits 4..6 ^= bits 7..9 (the same rule as the
+// wgmma descriptor model above). The destination is poisoned at issue, and the box lands,
+// and counts its full size against the mbarrier's transaction bytes, like a bulk copy.
+constexpr unsigned long long EMU_TMA_MAGIC = 0x414d54756d45ull;  // "EmuTMA"
+
+namespace emu {
+static void* ptr(unsigned long long addr);
+}
+
+inline void tma_load_2d(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
+    const u64* w = map->opaque;
+    if (w[0] != EMU_TMA_MAGIC) emu::fail("cp.async.bulk.tensor: the operand is not a tensor map");
+    const u64 base = w[1], inner = w[2], rows = w[3], pitch = w[4], box_inner = w[5], box_rows = w[6], elem = w[7];
+    const u64 row_bytes = box_inner * elem;
+    if (w[8] != 128 || row_bytes != 128) {
+        emu::fail("cp.async.bulk.tensor: the emulator models the 128-byte swizzle over 128-byte box rows only");
+    }
+    if ((dst & 1023u) != 0) emu::fail("cp.async.bulk.tensor: a 128-byte-swizzle destination not 1024-byte aligned");
+    if (pitch % 16 != 0 || base % 16 != 0) emu::fail("cp.async.bulk.tensor: a tensor map with a misaligned address or pitch");
+    // The whole tensor lies inside its buffer.
+    emu::ptr(base + (rows - 1) * pitch + inner * elem);
+    const unsigned bytes = (unsigned)(row_bytes * box_rows);
+    std::vector<unsigned char> staged(bytes, 0);
+    for (u64 r = 0; r < box_rows; ++r) {
+        const long long gr = (long long)c1 + (long long)r;
+        for (u64 e = 0; e < box_inner; ++e) {
+            const long long ge = (long long)c0 + (long long)e;
+            const unsigned addr = dst + (unsigned)(r * row_bytes + e * elem);
+            const unsigned swizzled = addr ^ (((addr >> 7) & 7u) << 4);
+            unsigned char* out = staged.data() + (swizzled - dst);
+            if (gr >= 0 && (u64)gr < rows && ge >= 0 && (u64)ge < inner) {
+                std::memcpy(out, emu::ptr(base + (u64)gr * pitch + (u64)ge * elem), elem);
+            }
+        }
+    }
+    std::memset(emu::smem_at(dst), 0xff, bytes);
+    emu::block->turns->locked([&] {
+        emu::MBarrier& m = emu::mbarrier_at(bar);
+        m.in_flight.push_back(emu::BulkCopy{dst, nullptr, bytes, std::move(staged)});
+        emu::mbarrier_progress(m);
+    });
+}
+
+// setmaxnreg: a register budget has no effect on what the kernels compute.
+template <int N>
+inline void setmaxnreg_dec() {}
+template <int N>
+inline void setmaxnreg_inc() {}

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use dots_moe::backend::testing::Requirement;
-use dots_moe::cuda::launch::{KernelArg, KernelDecl, Launch, Launcher, ParamType};
+use dots_moe::cuda::launch::{KernelArg, KernelDecl, Launch, Launcher, ParamType, TensorMapSpec};
 use dots_moe::cuda::source::{self, FILES, HEADERS};
 use dots_moe::cuda::{DeviceBuffer, GpuContext};
 
@@ -61,6 +61,11 @@ pub fn dispatch_inc(files: &[(&str, &str)], extra: &[&'static KernelDecl]) -> St
                 ParamType::U32 => format!("(u32)a[{i}]"),
                 ParamType::U64 => format!("(u64)a[{i}]"),
                 ParamType::F32 => format!("emu::f32(a[{i}])"),
+                // A tensor map by value, from the buffer holding the emulator's encoding
+                // (copied: the buffer is not 64-byte aligned).
+                ParamType::TensorMap => {
+                    format!("[&] {{ TmaMap m; std::memcpy(&m, emu::ptr(a[{i}]), sizeof m); return m; }}()")
+                }
             })
             .collect();
         text += &format!(
@@ -186,7 +191,28 @@ pub fn emulator(test: &str) -> Option<&'static Path> {
 pub struct Emu {
     binary: PathBuf,
     buffers: RefCell<Vec<Vec<u8>>>,
-    pending: RefCell<Vec<Launch>>,
+    /// Queued launches with their arguments as the program passes them.
+    pending: RefCell<Vec<(Launch, Vec<u64>)>>,
+}
+
+/// `EMU_TMA_MAGIC` of `tests/emulator/ptx_models.h`.
+const EMU_TMA_MAGIC: u64 = 0x414d_5475_6d45;
+
+/// The emulator's encoding of a tensor map (documented in `tests/emulator/ptx_models.h`).
+fn emulator_tensor_map(spec: &TensorMapSpec) -> [u64; 16] {
+    let mut words = [0u64; 16];
+    words[..9].copy_from_slice(&[
+        EMU_TMA_MAGIC,
+        spec.base,
+        spec.inner,
+        spec.rows,
+        spec.pitch,
+        u64::from(spec.box_inner),
+        u64::from(spec.box_rows),
+        TensorMapSpec::ELEMENT_BYTES,
+        TensorMapSpec::SWIZZLE_BYTES,
+    ]);
+    words
 }
 
 impl Emu {
@@ -231,20 +257,15 @@ impl Emu {
             }
         }
         bytes.extend((launches.len() as u32).to_le_bytes());
-        for l in &launches {
+        for (l, args) in &launches {
             bytes.extend((l.kernel.entry.len() as u32).to_le_bytes());
             bytes.extend(l.kernel.entry.as_bytes());
             for v in [l.grid.0, l.grid.1, l.block] {
                 bytes.extend(v.to_le_bytes());
             }
             bytes.extend((l.shared as u64).to_le_bytes());
-            bytes.extend((l.args.len() as u32).to_le_bytes());
-            for a in &l.args {
-                let v = match *a {
-                    KernelArg::Ptr(v) | KernelArg::U64(v) => v,
-                    KernelArg::U32(v) => u64::from(v),
-                    KernelArg::F32(v) => u64::from(v.to_bits()),
-                };
+            bytes.extend((args.len() as u32).to_le_bytes());
+            for v in args {
                 bytes.extend(v.to_le_bytes());
             }
         }
@@ -276,7 +297,19 @@ impl Emu {
 impl Launcher for Emu {
     unsafe fn launch(&self, launch: &Launch) -> Result<(), dots_moe::cuda::CudaError> {
         if !launch.is_empty() {
-            self.pending.borrow_mut().push(launch.clone());
+            // Scalars zero-extended, f32 as its bits, a tensor map as the address of a
+            // buffer holding its encoding.
+            let args = launch
+                .args
+                .iter()
+                .map(|a| match *a {
+                    KernelArg::Ptr(v) | KernelArg::U64(v) => v,
+                    KernelArg::U32(v) => u64::from(v),
+                    KernelArg::F32(v) => u64::from(v.to_bits()),
+                    KernelArg::TensorMap(spec) => self.push(bytemuck::cast_slice(&emulator_tensor_map(&spec)).to_vec()),
+                })
+                .collect();
+            self.pending.borrow_mut().push((launch.clone(), args));
         }
         Ok(())
     }

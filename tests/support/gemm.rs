@@ -72,6 +72,8 @@ pub fn all_options_for(arch: Arch) -> Vec<(&'static str, GemmOptions)> {
     if arch.supports(Arch::SM_90A) {
         all.push(("all-tiled-wgmma", GemmOptions { decode_max_rows: 0, tiled: TiledKernel::Wgmma, ..default }));
         all.push(("default-mma", GemmOptions { tiled: TiledKernel::Mma, ..default }));
+        all.push(("all-tiled-ws", GemmOptions { decode_max_rows: 0, tiled: TiledKernel::WarpSpecialized, ..default }));
+        all.push(("default-ws", GemmOptions { tiled: TiledKernel::WarpSpecialized, ..default }));
     }
     all.push(("batch-invariant", default.batch_invariant()));
     all
