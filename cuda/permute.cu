@@ -4,23 +4,26 @@
 // T * slots < 2^32); element offsets (row * H) are u64.
 //
 // moe_permute_rank      slot_ids [T * slots] -> pair_ranks [T * slots], tile_counts [n_tiles, n_slots],
-//                       tile_status [n_tiles]
+//                       tile_status [n_tiles], tile_offsets [n_tiles, n_slots], expert_offsets [n_slots + 1]
 //   grid n_tiles, block TILE_THREADS. One CTA owns one tile of TILE_TOKENS tokens (the same
 //   tiles as moe_router_select, which does this step itself when it produced the ids): it
 //   copies the tile's ids to shared memory and ranks them (rank_tile). An id >= n_slots is
-//   left out and tile_status gets (its pair + 1) for the tile's first one.
-//   Bytes: 4 T slots read, 4 T slots + 4 n_tiles n_slots written. Shared: 4 (TILE_TOKENS slots +
-//   (TILE_WARPS + 1) n_slots).
+//   left out and tile_status gets (its pair + 1) for the tile's first one. The CTA that
+//   finishes last (the arrival counter tiles_done, 0 before and after the launch) scans the
+//   whole tile_counts table into tile_offsets and expert_offsets (scan_tile_counts in
+//   common.cuh). Bytes: 4 T slots read, 4 T slots + 4 n_tiles n_slots + 8 n_tiles written;
+//   the last CTA: 8 n_tiles n_slots read (L2; none for one tile), 4 (n_tiles + 1) n_slots + 4
+//   written. Shared: 4 (TILE_TOKENS slots + (TILE_WARPS + 1) n_slots + 1).
 //
-// moe_permute_scatter   -> expert_offsets [n_slots + 1], row_pairs [T slots], pair_rows [T slots],
+// moe_permute_scatter   -> row_pairs [T slots], pair_rows [T slots],
 //                          row_weights [T slots] (optional: slot_weights in row order)
-//   grid max(n_tiles, 1), block TILE_THREADS, shared 4 (2 n_slots + 1) bytes. Every CTA reads the
-//   whole tile_counts table (L2-resident: 4 n_tiles n_slots bytes) to get, for each slot,
-//   the pairs of earlier tiles and the slot totals; warp 0 scans the totals into
-//   expert_offsets (CTA 0 writes them). Each thread then places pairs of its tile:
-//   row = expert_offsets[e] + (earlier tiles' pairs of e) + rank. Ascending pair order inside
-//   every slot, exactly the CPU's stable sort; integer sums only, so no order question.
-//   Bytes: 4 n_tiles^2 n_slots (L2) + 8 T slots read, 12 T slots (16 with weights) written.
+//   grid max(n_tiles, 1), block TILE_THREADS, no shared memory. Each thread places pairs of
+//   its CTA's tile: row = tile_offsets[tile][e] + rank, reading only the tile's own row of
+//   tile_offsets (4 n_slots bytes, L1/L2). Ascending pair order inside every slot, exactly
+//   the CPU's stable sort; integer sums only, so no order question. With T = 0 (no rank or
+//   selection launch before it) CTA 0 writes expert_offsets, all 0, and nothing else.
+//   Bytes: 4 n_tiles n_slots (L2) + 8 T slots read (12 with weights), 8 T slots (12 with
+//   weights) written.
 //
 // moe_gather_<x>_to_<out>   x_perm [T slots, H] = hidden [row_pairs[r] / slots]
 //   grid (T slots, ceil(H / (8 * GATHER_THREADS))), block GATHER_THREADS. One CTA owns one
@@ -36,15 +39,17 @@
 extern "C" __global__ void __launch_bounds__(TILE_THREADS)
     moe_permute_rank(const u32* __restrict__ slot_ids, u32 tokens, u32 slots_per_token,
                      u32 n_slots, u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts,
-                     u64* __restrict__ tile_status) {
+                     u64* __restrict__ tile_status, u32* __restrict__ tile_offsets,
+                     u32* __restrict__ expert_offsets, u32* __restrict__ tiles_done) {
     DECLARE_DYNAMIC_SMEM(smem, 16);
     const u32 slots = slots_per_token;
     u32* ids = reinterpret_cast<u32*>(smem);
     u32* warp_counts = ids + TILE_TOKENS * slots;
-    u32* running = warp_counts + TILE_WARPS * n_slots;
+    u32* running = warp_counts + TILE_WARPS * n_slots;  // [n_slots + 1]: counts, then offsets
     __shared__ u32 first_bad;
 
     const u32 tile = blockIdx.x;
+    const u32 n_tiles = gridDim.x;
     const u64 t_begin = (u64)tile * TILE_TOKENS;
     const u32 tile_tokens = (u32)min((u64)TILE_TOKENS, (u64)tokens - t_begin);
     const u32 n_pairs = tile_tokens * slots;
@@ -60,44 +65,27 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
     if (threadIdx.x == 0) tile_status[tile] = first_bad == NO_INDEX ? 0 : pair_base + first_bad + 1;
     rank_tile(ids, n_pairs, n_slots, warp_counts, running, pair_ranks + pair_base,
               tile_counts + (u64)tile * n_slots);
+    if (last_tile_to_arrive(tiles_done, n_tiles)) {
+        scan_tile_counts(tile_counts, n_tiles, n_slots, warp_counts, running, tile_offsets, expert_offsets);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(TILE_THREADS)
     moe_permute_scatter(const u32* __restrict__ slot_ids, const float* __restrict__ slot_weights,
-                        const u32* __restrict__ pair_ranks, const u32* __restrict__ tile_counts,
-                        u32 tokens, u32 slots_per_token, u32 n_slots, u32 n_tiles,
+                        const u32* __restrict__ pair_ranks, const u32* __restrict__ tile_offsets,
+                        u32 tokens, u32 slots_per_token, u32 n_slots,
                         u32* __restrict__ expert_offsets, u32* __restrict__ row_pairs,
                         u32* __restrict__ pair_rows, float* __restrict__ row_weights) {
-    DECLARE_DYNAMIC_SMEM(smem, 16);
-    u32* base = reinterpret_cast<u32*>(smem);  // [n_slots]: earlier tiles' pairs, then row base
-    u32* total = base + n_slots;               // [n_slots + 1]: slot totals, then offsets
-
     const u32 tile = blockIdx.x;
-    for (u32 e = threadIdx.x; e < n_slots; e += TILE_THREADS) {
-        u32 before = 0, all = 0;
-#pragma unroll 8
-        for (u32 other = 0; other < n_tiles; ++other) {
-            const u32 c = tile_counts[(u64)other * n_slots + e];
-            before += other < tile ? c : 0;
-            all += c;
-        }
-        base[e] = before;
-        total[e] = all;
+    if (tokens == 0) {
+        for (u32 e = threadIdx.x; e <= n_slots; e += TILE_THREADS) expert_offsets[e] = 0;
+        return;
     }
-    __syncthreads();
-
-    scan_slot_counts(total, n_slots);
-    if (tile == 0) {
-        for (u32 e = threadIdx.x; e <= n_slots; e += TILE_THREADS) expert_offsets[e] = total[e];
-    }
-    for (u32 e = threadIdx.x; e < n_slots; e += TILE_THREADS) base[e] += total[e];
-    __syncthreads();
-
     const u32 slots = slots_per_token;
     const u64 t_begin = (u64)tile * TILE_TOKENS;
-    if (t_begin >= tokens) return;
     const u32 n_pairs = (u32)min((u64)TILE_TOKENS, (u64)tokens - t_begin) * slots;
     const u32 pair_base = (u32)(t_begin * slots);
+    const u32* base = tile_offsets + (u64)tile * n_slots;
     for (u32 i = threadIdx.x; i < n_pairs; i += TILE_THREADS) {
         const u32 p = pair_base + i;
         const u32 e = slot_ids[p];

@@ -16,7 +16,8 @@
 //   from L2 by each expert block) + 4 T E written. FLOPs: 2 T E H.
 //
 // moe_router_select          logits [T, E] -> slot_ids, slot_weights [T, slots], pair_ranks [T slots],
-//                            tile_counts [n_tiles, n_slots], tile_status [n_tiles]
+//                            tile_counts [n_tiles, n_slots], tile_status [n_tiles],
+//                            tile_offsets [n_tiles, n_slots], expert_offsets [n_slots + 1]
 //   slots = k + n_shared slots per token; n_slots = E + n_shared; a tile is TILE_TOKENS tokens.
 //   grid n_tiles, block TILE_THREADS (8 warps), dynamic shared memory (see the layout
 //   below; src/cuda/moe.rs computes the same size). Warp w routes tokens w, w + 8, ... of
@@ -25,14 +26,19 @@
 //   rounds of warp arg-max with ties to the lower index, weights from the unbiased scores,
 //   normalised with sum + 1e-20 (sum in slot order) and scaled. Shared slots E..E+n_shared-1 follow
 //   with weight 1.0. Then the whole block ranks the tile's pairs (rank_tile): these per-tile
-//   counts are the router's per-expert counts; no separate counting pass is needed. With a
-//   single tile (T <= TILE_TOKENS, decode) and fuse_scatter set, the CTA also writes
-//   expert_offsets, row_pairs, pair_rows and row_weights (moe_permute_scatter's job), so
-//   routing plus permutation is two launches at decode.
+//   counts are the router's per-expert counts; no separate counting pass is needed. The CTA
+//   that finishes last (the arrival counter tiles_done, 0 before and after the launch) scans
+//   the table into tile_offsets and expert_offsets (scan_tile_counts in common.cuh), so
+//   each moe_permute_scatter CTA reads one row of it. With a single tile (T <= TILE_TOKENS,
+//   decode; no counter, no table read) and fuse_scatter set, the CTA also writes row_pairs,
+//   pair_rows and row_weights (moe_permute_scatter's job), so routing plus permutation is
+//   two launches at decode.
 //   A token with a non-finite logit is still routed (its bad logits read as 0.0) so every
 //   id stays in range; tile_status records (token << 32 | expert) + 1 of the tile's first
 //   such token, 0 when the tile is clean. Bytes: 4 T E read, 12 T slots + 4 n_tiles n_slots
-//   written. FLOPs: about 10 T E.
+//   + 8 n_tiles written; the last CTA: 8 n_tiles n_slots read (L2; none for one tile),
+//   4 (n_tiles + 1) n_slots + 4 written; the fused scatter: 12 T slots written.
+//   FLOPs: about 10 T E.
 
 #include "common.cuh"
 
@@ -145,7 +151,7 @@ ROUTER_LOGITS(moe_router_logits_bf16_bf16_e4, u16, u16, 4)
 //   score       [TILE_WARPS * E]   f32, per warp
 //   ids         [TILE_TOKENS * slots]  the tile's slot ids
 //   weights     [TILE_TOKENS * slots]  f32
-//   warp_counts [TILE_WARPS * n_slots], running [n_slots]   (rank_tile)
+//   warp_counts [TILE_WARPS * n_slots], running [n_slots + 1]   (rank_tile, scan_tile_counts)
 //   bad         [TILE_WARPS]       u64, 8-byte aligned
 extern "C" __global__ void __launch_bounds__(TILE_THREADS)
     moe_router_select(const float* __restrict__ logits, const float* __restrict__ bias,
@@ -153,8 +159,9 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
                       u32 topk_group, u32 softmax, u32 norm_topk_prob, float scale,
                       u32* __restrict__ slot_ids, float* __restrict__ slot_weights,
                       u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts,
-                      u64* __restrict__ tile_status, u32 fuse_scatter,
-                      u32* __restrict__ expert_offsets, u32* __restrict__ row_pairs,
+                      u64* __restrict__ tile_status, u32* __restrict__ tile_offsets,
+                      u32* __restrict__ expert_offsets, u32* __restrict__ tiles_done,
+                      u32 fuse_scatter, u32* __restrict__ row_pairs,
                       u32* __restrict__ pair_rows, float* __restrict__ row_weights) {
     DECLARE_DYNAMIC_SMEM(smem, 16);
     const u32 slots = top_k + n_shared;
@@ -167,10 +174,11 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
     float* weights = reinterpret_cast<float*>(ids + TILE_TOKENS * slots);
     u32* warp_counts = reinterpret_cast<u32*>(weights + TILE_TOKENS * slots);
     u32* running = warp_counts + TILE_WARPS * n_slots;
-    const size_t words = 2 * TILE_WARPS * experts + 2 * TILE_TOKENS * slots + (TILE_WARPS + 1) * n_slots;
+    const size_t words = 2 * TILE_WARPS * experts + 2 * TILE_TOKENS * slots + (TILE_WARPS + 1) * n_slots + 1;
     u64* bad = reinterpret_cast<u64*>(smem + ((words * 4 + 7) & ~(size_t)7));
 
     const u32 tile = blockIdx.x;
+    const u32 n_tiles = gridDim.x;
     const u64 t_begin = (u64)tile * TILE_TOKENS;
     const u32 tile_tokens = (u32)min((u64)TILE_TOKENS, (u64)tokens - t_begin);
     const u32 per_group = experts / n_group;
@@ -297,15 +305,13 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
     }
     rank_tile(ids, n_pairs, n_slots, warp_counts, running, pair_ranks + pair_base,
               tile_counts + (u64)tile * n_slots);
+    if (!last_tile_to_arrive(tiles_done, n_tiles)) return;
+    u32* offsets = running;  // [n_slots + 1]: this tile's counts, then expert_offsets
+    scan_tile_counts(tile_counts, n_tiles, n_slots, warp_counts, offsets, tile_offsets, expert_offsets);
 
     // One tile (T <= TILE_TOKENS, decode): this CTA has every count, so it finishes the
     // permutation itself (what moe_permute_scatter does for many tiles): one launch less.
     if (fuse_scatter) {
-        u32* offsets = warp_counts;  // free after rank_tile; TILE_WARPS * n_slots >= n_slots + 1
-        for (u32 e = threadIdx.x; e < n_slots; e += TILE_THREADS) offsets[e] = running[e];
-        __syncthreads();
-        scan_slot_counts(offsets, n_slots);
-        for (u32 e = threadIdx.x; e <= n_slots; e += TILE_THREADS) expert_offsets[e] = offsets[e];
         for (u32 i = threadIdx.x; i < n_pairs; i += TILE_THREADS) {
             const u32 p = (u32)pair_base + i;
             const u32 row = offsets[ids[i]] + pair_ranks[p];

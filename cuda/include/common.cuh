@@ -203,3 +203,92 @@ __device__ __forceinline__ void scan_slot_counts(u32* offsets, u32 n_slots) {
     }
     __syncthreads();
 }
+
+// ---- the tile scan: each scatter CTA reads one row -------------------------------------
+//
+// Every tile CTA (moe_router_select, moe_permute_rank) writes its row of
+// `tile_counts [n_tiles, n_slots]`. The CTA that finishes last (last_tile_to_arrive) turns
+// the whole table into `tile_offsets [n_tiles, n_slots]`, the permuted row of each tile's
+// first pair of each slot (expert_offsets[e] + the pairs of slot e in earlier tiles), and
+// `expert_offsets [n_slots + 1]` (scan_tile_counts). A moe_permute_scatter CTA then reads
+// its own row only: O(n_tiles n_slots) in all, where every CTA summing the earlier tiles
+// itself would be O(n_tiles^2 n_slots).
+
+// Whether the calling CTA is the last of the launch's `n_tiles` CTAs to get here: the same
+// answer in every thread of a CTA, true in exactly one CTA. Every thread calls it after its
+// last store to `tile_counts`. `tiles_done` (one u32 in device memory) counts the arrivals;
+// it must be 0 when the launch starts, and the last CTA sets it back to 0 once all have
+// added, so the next launch (a CUDA graph's replay too) finds it 0. Release: each thread
+// fences its stores before the barrier that precedes the arrival; acquire: the last CTA's
+// thread 0 fences after seeing the count, before the barrier after which its threads read
+// the table (with L2 loads, __ldcg). One tile: that CTA is the last; no counter. It ends
+// with a barrier in every case (so the caller may then overwrite rank_tile's scratch).
+__device__ __forceinline__ bool last_tile_to_arrive(u32* tiles_done, u32 n_tiles) {
+    if (n_tiles == 1) {
+        __syncthreads();
+        return true;
+    }
+    __shared__ u32 last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const u32 arrived = atomicAdd(tiles_done, 1u);
+        last = arrived == n_tiles - 1;
+        if (last) {
+            __threadfence();
+            atomicExch(tiles_done, 0u);  // every CTA has added: nothing else touches it now
+        }
+    }
+    __syncthreads();
+    return last != 0;
+}
+
+// The last CTA's work (all TILE_THREADS threads of it): `tile_counts` -> `tile_offsets`
+// and `expert_offsets`. Warp w owns the tiles [w c, (w + 1) c), c = ceil(n_tiles /
+// TILE_WARPS), and lane l the slots l, l + 32, ...: each warp sums its tiles' counts per
+// slot, the per-warp sums are scanned over the warps per slot and the slot totals over the
+// slots (scan_slot_counts), then each warp walks its tiles again writing the running row.
+// Integer sums only: exact whatever the order. The table is read twice (8 n_tiles n_slots
+// bytes from L2), tile_offsets written once (4 n_tiles n_slots).
+//
+// Shared scratch: `partial [TILE_WARPS * n_slots]`, `offsets [n_slots + 1]`, which holds
+// the calling tile's own counts on entry (rank_tile's `running`) and expert_offsets on
+// exit. With one tile those counts are the table, which is then not read at all.
+__device__ void scan_tile_counts(const u32* tile_counts, u32 n_tiles, u32 n_slots, u32* partial,
+                                 u32* offsets, u32* tile_offsets, u32* expert_offsets) {
+    const u32 warp = threadIdx.x >> 5;
+    const u32 lane = threadIdx.x & 31u;
+    const u32 per_warp = (n_tiles + TILE_WARPS - 1) / TILE_WARPS;
+    const u32 t_begin = min(warp * per_warp, n_tiles);
+    const u32 t_end = min(t_begin + per_warp, n_tiles);
+    if (n_tiles > 1) {
+        for (u32 e = lane; e < n_slots; e += 32) {
+            u32 sum = 0;
+#pragma unroll 4
+            for (u32 t = t_begin; t < t_end; ++t) sum += __ldcg(tile_counts + (u64)t * n_slots + e);
+            partial[warp * n_slots + e] = sum;
+        }
+        __syncthreads();
+        for (u32 e = threadIdx.x; e < n_slots; e += TILE_THREADS) {
+            u32 running = 0;
+            for (u32 w = 0; w < TILE_WARPS; ++w) {
+                const u32 c = partial[w * n_slots + e];
+                partial[w * n_slots + e] = running;
+                running += c;
+            }
+            offsets[e] = running;
+        }
+        __syncthreads();
+    }
+    scan_slot_counts(offsets, n_slots);
+    for (u32 e = threadIdx.x; e <= n_slots; e += TILE_THREADS) expert_offsets[e] = offsets[e];
+    if (t_begin == t_end) return;
+    for (u32 e = lane; e < n_slots; e += 32) {
+        u32 row = offsets[e] + (n_tiles > 1 ? partial[warp * n_slots + e] : 0u);
+#pragma unroll 4
+        for (u32 t = t_begin; t < t_end; ++t) {
+            tile_offsets[(u64)t * n_slots + e] = row;
+            if (t + 1 < t_end) row += __ldcg(tile_counts + (u64)t * n_slots + e);
+        }
+    }
+}

@@ -38,7 +38,7 @@ pub fn kernel_files(arch: &str) -> Vec<&'static dots_moe::cuda::source::KernelSo
 #[cfg(feature = "cuda")]
 pub fn run(args: KernelsArgs) -> CliResult {
     use dots_moe::cuda::launch::LaunchDims;
-    use dots_moe::cuda::moe::{rank_shared_bytes, scatter_shared_bytes, select_shared_bytes};
+    use dots_moe::cuda::moe::{rank_shared_bytes, select_shared_bytes};
     use dots_moe::cuda::{Arch, GpuContext, context, nvrtc, source, timing};
 
     let arch = match &args.arch {
@@ -88,10 +88,9 @@ pub fn run(args: KernelsArgs) -> CliResult {
             );
         }
         println!(
-            "dynamic shared memory at dots.llm1 shapes (E 128, 8 slots, 130 slot ids): select {} B, rank {} B, scatter {} B",
+            "dynamic shared memory at dots.llm1 shapes (E 128, 8 slots, 130 slot ids): select {} B, rank {} B, scatter 0 B",
             select_shared_bytes(128, 8, 130),
-            rank_shared_bytes(8, 130),
-            scatter_shared_bytes(130)
+            rank_shared_bytes(8, 130)
         );
     }
     if args.time {

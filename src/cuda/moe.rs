@@ -11,9 +11,9 @@
 //! ```text
 //! moe_router_logits_*   hidden [T,H], gate [E,H]          -> logits [T,E]
 //! moe_router_select     logits, bias                      -> slot_ids, slot_weights [T,slots],
-//!                                                            pair_ranks [T*slots_per_token], tile_counts
-//! moe_permute_scatter   ids, ranks, tile_counts           -> expert_offsets [n_slots+1],
-//!                                                            row_pairs, pair_rows, row_weights
+//!                                                            pair_ranks [T*slots_per_token], tile_counts,
+//!                                                            tile_offsets, expert_offsets [n_slots+1]
+//! moe_permute_scatter   ids, ranks, tile_offsets          -> row_pairs, pair_rows, row_weights
 //! moe_gather_*          hidden, row_pairs                 -> x_perm [T*slots_per_token, H]
 //!   (expert GEMMs)                                        -> expert_rows [T*slots_per_token, H], weighted
 //! moe_combine           expert_rows, pair_rows            -> out [T, H]
@@ -21,6 +21,11 @@
 //!
 //! `moe_permute_rank` replaces the selection's ranking step when slot ids come from
 //! elsewhere ([`RouteCombineKernels::permute`]).
+//!
+//! The selection's (or the ranking's) CTA that finishes last scans the per-tile counts
+//! into `tile_offsets` and `expert_offsets` (it counts arrivals in `tiles_done`, which is 0
+//! between launches), so each scatter CTA reads one row of `n_slots` offsets: the
+//! permutation's work is `O(n_tiles * n_slots)` beyond the pairs themselves.
 
 use crate::config::{RouterConfig, Scoring};
 use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
@@ -63,18 +68,13 @@ pub fn tiles(tokens: usize) -> usize {
 
 /// Dynamic shared memory of `moe_router_select` (its layout is in `cuda/route.cu`).
 pub fn select_shared_bytes(experts: usize, slots_per_token: usize, n_slots: usize) -> usize {
-    let words = 2 * TILE_WARPS * experts + 2 * TILE_TOKENS * slots_per_token + (TILE_WARPS + 1) * n_slots;
+    let words = 2 * TILE_WARPS * experts + 2 * TILE_TOKENS * slots_per_token + (TILE_WARPS + 1) * n_slots + 1;
     (words * 4).div_ceil(8) * 8 + 8 * TILE_WARPS
 }
 
 /// Dynamic shared memory of `moe_permute_rank`.
 pub fn rank_shared_bytes(slots_per_token: usize, n_slots: usize) -> usize {
-    4 * (TILE_TOKENS * slots_per_token + (TILE_WARPS + 1) * n_slots)
-}
-
-/// Dynamic shared memory of `moe_permute_scatter`.
-pub fn scatter_shared_bytes(n_slots: usize) -> usize {
-    4 * (2 * n_slots + 1)
+    4 * (TILE_TOKENS * slots_per_token + (TILE_WARPS + 1) * n_slots + 1)
 }
 
 /// A [`MoeError::Limit`]: `what` needs `needed`, past `limit`.
@@ -97,6 +97,8 @@ pub struct WorkspacePtrs {
     pub pair_ranks: u64,
     pub tile_counts: u64,
     pub tile_status: u64,
+    pub tile_offsets: u64,
+    pub tiles_done: u64,
     pub expert_offsets: u64,
     pub row_pairs: u64,
     pub pair_rows: u64,
@@ -227,8 +229,10 @@ pub fn select_launch(
         Arg::Ptr(ws.pair_ranks),
         Arg::Ptr(ws.tile_counts),
         Arg::Ptr(ws.tile_status),
-        Arg::U32(u32::from(tiles(dims.tokens) == 1)),
+        Arg::Ptr(ws.tile_offsets),
         Arg::Ptr(ws.expert_offsets),
+        Arg::Ptr(ws.tiles_done),
+        Arg::U32(u32::from(tiles(dims.tokens) == 1)),
         Arg::Ptr(ws.row_pairs),
         Arg::Ptr(ws.pair_rows),
         Arg::Ptr(ws.row_weights),
@@ -237,7 +241,8 @@ pub fn select_launch(
     Launch::new(&source::SELECT, &launch_dims, args).map(Some)
 }
 
-/// The ranks and per-tile counts of the slot ids in `ws.slot_ids`.
+/// The ranks and per-tile counts of the slot ids in `ws.slot_ids`, and (from the CTA that
+/// finishes last) the tile offsets and expert offsets.
 pub fn rank_launch(ws: &WorkspacePtrs, dims: &WorkspaceDims) -> Result<Option<Launch>, CudaError> {
     if dims.tokens == 0 {
         return Ok(None);
@@ -254,25 +259,23 @@ pub fn rank_launch(ws: &WorkspacePtrs, dims: &WorkspaceDims) -> Result<Option<La
         Arg::Ptr(ws.pair_ranks),
         Arg::Ptr(ws.tile_counts),
         Arg::Ptr(ws.tile_status),
+        Arg::Ptr(ws.tile_offsets),
+        Arg::Ptr(ws.expert_offsets),
+        Arg::Ptr(ws.tiles_done),
     ];
     Launch::new(&source::RANK, &dims.launch_dims(), args).map(Some)
 }
 
-/// The scatter from ranks and counts (valid for `T = 0`: all offsets 0).
+/// The scatter from ranks and tile offsets (valid for `T = 0`: it writes all offsets 0).
 pub fn scatter_launch(ws: &WorkspacePtrs, dims: &WorkspaceDims) -> Result<Option<Launch>, CudaError> {
-    let shared = scatter_shared_bytes(dims.n_slots);
-    if shared > MAX_SHARED_BYTES {
-        return Err(limit("shared memory bytes of the permutation's scatter".into(), shared, MAX_SHARED_BYTES));
-    }
     let args = vec![
         Arg::Ptr(ws.slot_ids),
         Arg::Ptr(ws.slot_weights),
         Arg::Ptr(ws.pair_ranks),
-        Arg::Ptr(ws.tile_counts),
+        Arg::Ptr(ws.tile_offsets),
         Arg::U32(dims.tokens as u32),
         Arg::U32(dims.slots_per_token as u32),
         Arg::U32(dims.n_slots as u32),
-        Arg::U32(tiles(dims.tokens) as u32),
         Arg::Ptr(ws.expert_offsets),
         Arg::Ptr(ws.row_pairs),
         Arg::Ptr(ws.pair_rows),
@@ -363,6 +366,8 @@ impl RoutingWorkspace {
             pair_ranks: self.pair_ranks.device_ptr(),
             tile_counts: self.tile_counts.device_ptr(),
             tile_status: self.tile_status.device_ptr(),
+            tile_offsets: self.tile_offsets.device_ptr(),
+            tiles_done: self.tiles_done.device_ptr(),
             expert_offsets: self.expert_offsets.device_ptr(),
             row_pairs: self.row_pairs.device_ptr(),
             pair_rows: self.pair_rows.device_ptr(),
@@ -439,8 +444,8 @@ impl RouteCombineKernels {
         Ok(())
     }
 
-    /// Queues the selection from `ws.logits`: slot ids and weights, the pairs' ranks and the
-    /// per-tile counts, and the status. With one tile (`T <= TILE_TOKENS`) it also writes the
+    /// Queues the selection from `ws.logits`: slot ids and weights, the pairs' ranks, the
+    /// per-tile counts, the tile and expert offsets, and the status. With one tile (`T <= TILE_TOKENS`) it also writes the
     /// permutation; otherwise [`RouteCombineKernels::permute_scatter`] finishes it (calling it after a
     /// one-tile selection rewrites the same values).
     pub fn router_select(&self, router: &DeviceRouter, ws: &mut RoutingWorkspace) -> Result<(), CudaError> {
@@ -448,24 +453,26 @@ impl RouteCombineKernels {
         Self::check_router(router, ws)?;
         let bias = router.bias.as_ref().map_or(0, |b| b.device_ptr());
         // The workspace was sized for this router and T (checked): ids, weights, ranks,
-        // row_pairs, pair_rows and row_weights hold T*slots_per_token, tile_counts n_tiles*n_slots,
-        // expert_offsets n_slots+1; the bias is [E] or null.
+        // row_pairs, pair_rows and row_weights hold T*slots_per_token, tile_counts and
+        // tile_offsets n_tiles*n_slots, expert_offsets n_slots+1, tiles_done 1 (0 between
+        // launches); the bias is [E] or null.
         let launch = select_launch(&router.config, router.n_shared, bias, &ws.ptrs(), &ws.dims())?;
         ws.status_source = StatusSource::Router;
         self.run(launch)
     }
 
-    /// Queues the ranks and per-tile counts of the slot ids already in `ws.slot_ids`
-    /// (ids from elsewhere than the router).
+    /// Queues the ranks, per-tile counts, tile and expert offsets of the slot ids already in
+    /// `ws.slot_ids` (ids from elsewhere than the router).
     pub fn permute_rank(&self, ws: &mut RoutingWorkspace) -> Result<(), CudaError> {
         ws.status_source = StatusSource::Permute;
         // The workspace buffers have the sizes its constructor gave for (T, slots_per_token, n_slots).
         self.run(rank_launch(&ws.ptrs(), &ws.dims())?)
     }
 
-    /// Queues the scatter: `expert_offsets`, `row_pairs`, `pair_rows` and `row_weights`
-    /// from the ranks and counts (of [`RouteCombineKernels::router_select`] or
-    /// [`RouteCombineKernels::permute_rank`]). Valid for `T = 0` (all offsets 0).
+    /// Queues the scatter: `row_pairs`, `pair_rows` and `row_weights` from the ranks and
+    /// tile offsets (of [`RouteCombineKernels::router_select`] or
+    /// [`RouteCombineKernels::permute_rank`], which also wrote `expert_offsets`). Valid for
+    /// `T = 0`, where it writes `expert_offsets` (all 0).
     pub fn permute_scatter(&self, ws: &mut RoutingWorkspace) -> Result<(), CudaError> {
         self.run(scatter_launch(&ws.ptrs(), &ws.dims())?)
     }

@@ -130,7 +130,8 @@ router_logits!(LOGITS_F32_BF16_E4, "moe_router_logits_f32_bf16_e4", F32, Bf16, 4
 router_logits!(LOGITS_BF16_F32_E4, "moe_router_logits_bf16_f32_e4", Bf16, F32, 4, 128);
 router_logits!(LOGITS_BF16_BF16_E4, "moe_router_logits_bf16_bf16_e4", Bf16, Bf16, 4, 128);
 
-/// `moe_router_select`: selection, ranks and tile counts (and the scatter for one tile).
+/// `moe_router_select`: selection, ranks, tile counts, tile and expert offsets (and the
+/// scatter for one tile).
 pub const SELECT: KernelDecl = KernelDecl {
     entry: "moe_router_select",
     file: "route.cu",
@@ -151,8 +152,10 @@ pub const SELECT: KernelDecl = KernelDecl {
         Param::output("pair_ranks", Elem::U32),
         Param::output("tile_counts", Elem::U32),
         Param::output("tile_status", Elem::U64),
-        Param::u32("fuse_scatter"),
+        Param::output("tile_offsets", Elem::U32),
         Param::output("expert_offsets", Elem::U32),
+        Param::output("tiles_done", Elem::U32),
+        Param::u32("fuse_scatter"),
         Param::output("row_pairs", Elem::U32),
         Param::output("pair_rows", Elem::U32),
         Param::output("row_weights", Elem::F32),
@@ -163,7 +166,7 @@ pub const SELECT: KernelDecl = KernelDecl {
     max_registers: 64,
 };
 
-/// `moe_permute_rank`: ranks and tile counts of given slot ids.
+/// `moe_permute_rank`: ranks, tile counts, tile and expert offsets of given slot ids.
 pub const RANK: KernelDecl = KernelDecl {
     entry: "moe_permute_rank",
     file: "permute.cu",
@@ -175,6 +178,9 @@ pub const RANK: KernelDecl = KernelDecl {
         Param::output("pair_ranks", Elem::U32),
         Param::output("tile_counts", Elem::U32),
         Param::output("tile_status", Elem::U64),
+        Param::output("tile_offsets", Elem::U32),
+        Param::output("expert_offsets", Elem::U32),
+        Param::output("tiles_done", Elem::U32),
     ],
     block: moe::TILE_THREADS,
     grid: |d| (moe::tiles(d.tokens), 1),
@@ -182,7 +188,7 @@ pub const RANK: KernelDecl = KernelDecl {
     max_registers: 64,
 };
 
-/// `moe_permute_scatter`: offsets, row order and row weights from ranks and counts.
+/// `moe_permute_scatter`: row order and row weights from ranks and tile offsets.
 pub const SCATTER: KernelDecl = KernelDecl {
     entry: "moe_permute_scatter",
     file: "permute.cu",
@@ -190,11 +196,10 @@ pub const SCATTER: KernelDecl = KernelDecl {
         Param::input("slot_ids", Elem::U32),
         Param::input("slot_weights", Elem::F32),
         Param::input("pair_ranks", Elem::U32),
-        Param::input("tile_counts", Elem::U32),
+        Param::input("tile_offsets", Elem::U32),
         Param::u32("tokens"),
         Param::u32("slots_per_token"),
         Param::u32("n_slots"),
-        Param::u32("n_tiles"),
         Param::output("expert_offsets", Elem::U32),
         Param::output("row_pairs", Elem::U32),
         Param::output("pair_rows", Elem::U32),
@@ -202,7 +207,7 @@ pub const SCATTER: KernelDecl = KernelDecl {
     ],
     block: moe::TILE_THREADS,
     grid: |d| (moe::tiles(d.tokens).max(1), 1),
-    dynamic_smem: |d| moe::scatter_shared_bytes(d.n_slots),
+    dynamic_smem: no_smem,
     max_registers: 64,
 };
 

@@ -135,6 +135,13 @@ pub struct RoutingWorkspace {
     pub tile_counts: DeviceBuffer<u32>,
     /// Per tile: 0, or the first bad input of the tile, encoded (see the kernels).
     pub tile_status: DeviceBuffer<u64>,
+    /// `[n_tiles, n_slots]`: the permuted row of each tile's first pair of each slot
+    /// (`expert_offsets[e]` + the pairs of slot `e` in earlier tiles).
+    pub tile_offsets: DeviceBuffer<u32>,
+    /// `[1]`: the tile CTAs that have finished their counts, in the running selection or
+    /// ranking launch; 0 between launches (the last CTA resets it). State, not an output:
+    /// [`RoutingWorkspace::poison`] leaves it alone.
+    pub tiles_done: DeviceBuffer<u32>,
     /// `[n_slots + 1]`.
     pub expert_offsets: DeviceBuffer<u32>,
     /// `[T * slots_per_token]`: the pair of each permuted row.
@@ -179,6 +186,8 @@ impl RoutingWorkspace {
             pair_ranks: DeviceBuffer::zeros(gpu, &[pairs])?,
             tile_counts: DeviceBuffer::zeros(gpu, &[n_tiles, n_slots])?,
             tile_status: DeviceBuffer::zeros(gpu, &[n_tiles])?,
+            tile_offsets: DeviceBuffer::zeros(gpu, &[n_tiles, n_slots])?,
+            tiles_done: DeviceBuffer::zeros(gpu, &[1])?,
             expert_offsets: DeviceBuffer::zeros(gpu, &[n_slots + 1])?,
             row_pairs: DeviceBuffer::zeros(gpu, &[pairs])?,
             pair_rows: DeviceBuffer::zeros(gpu, &[pairs])?,
@@ -193,8 +202,9 @@ impl RoutingWorkspace {
     }
 
     /// Poisons every output buffer (`0xff` bytes), so that elements a kernel fails to
-    /// write read as NaN or `u32::MAX` afterwards. The inputs (`logits` when routing from
-    /// given logits, `slot_ids` when permuting given ids) must be written after this.
+    /// write read as NaN or `u32::MAX` afterwards; not `tiles_done`, which the kernels need
+    /// at 0. The inputs (`logits` when routing from given logits, `slot_ids` when permuting
+    /// given ids) must be written after this.
     pub fn poison(&mut self) -> Result<(), CudaError> {
         self.logits.poison()?;
         self.slot_ids.poison()?;
@@ -202,6 +212,7 @@ impl RoutingWorkspace {
         self.pair_ranks.poison()?;
         self.tile_counts.poison()?;
         self.tile_status.poison()?;
+        self.tile_offsets.poison()?;
         self.expert_offsets.poison()?;
         self.row_pairs.poison()?;
         self.pair_rows.poison()?;

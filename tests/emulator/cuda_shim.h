@@ -1,5 +1,6 @@
 // cuda_shim.h: just enough of CUDA's device language to run every dots-moe kernel file on
-// the CPU, one std::thread per CUDA thread, CTAs one after another (emu.cpp). A logic check
+// the CPU, one std::thread per CUDA thread, CTAs one after another in a seeded order
+// (emu.cpp: CUDA promises no order, so a kernel that assumes one can fail here). A logic check
 // for machines without a GPU, driven from Rust (tests/kernel_support). It proves nothing
 // about speed, memory ordering between CTAs, or the real compiler.
 //
@@ -342,6 +343,22 @@ inline unsigned atomicMin(unsigned* address, unsigned v) {
     while (v < old && !a.compare_exchange_weak(old, v)) {
     }
     return old;
+}
+
+inline unsigned atomicAdd(unsigned* address, unsigned v) {
+    return std::atomic_ref<unsigned>(*address).fetch_add(v);
+}
+inline unsigned atomicExch(unsigned* address, unsigned v) {
+    return std::atomic_ref<unsigned>(*address).exchange(v);
+}
+// A device-wide fence. The CTAs of a launch run one after another here (in a seeded order,
+// emu.cpp), so what it orders between CTAs already holds; it orders this thread's accesses
+// like a sequentially consistent fence.
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+// ld.global.cg: a load cached in L2 only, never a stale L1 line. One memory here.
+template <class T>
+T __ldcg(const T* p) {
+    return *p;
 }
 
 inline unsigned long long __cvta_generic_to_shared(const void* p) {

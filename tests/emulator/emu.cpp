@@ -86,8 +86,10 @@ static unsigned long long mix(unsigned long long x) {
 
 // Runs `kernel` on every CTA of `grid`, one std::thread per CUDA thread; the same threads
 // run the CTAs one after another (per-CTA state and shared memory are made fresh by thread
-// 0 between two CTAs, behind a barrier every thread always reaches). Inside a CTA the warps
-// take turns (cuda_shim.h).
+// 0 between two CTAs, behind a barrier every thread always reaches), in an order shuffled
+// by the run's seed and the launch's index: the hardware promises no order, so a kernel
+// whose result depends on one (a "last CTA" that is not the last to finish, say) shows it.
+// Inside a CTA the warps take turns (cuda_shim.h).
 static void launch(unsigned index, unsigned grid_x, unsigned grid_y, unsigned threads, size_t shared, Kernel kernel,
                    const Args& args) {
     gridDim = dim3{grid_x, grid_y, 1};
@@ -95,45 +97,48 @@ static void launch(unsigned index, unsigned grid_x, unsigned grid_y, unsigned th
     static const unsigned long long seed = schedule_seed();
     static const bool free = schedule_free();
     std::barrier<> between(threads);
+    std::vector<std::pair<unsigned, unsigned>> order;  // (bx, by) in running order
+    for (unsigned by = 0; by < grid_y; ++by) {
+        for (unsigned bx = 0; bx < grid_x; ++bx) order.emplace_back(bx, by);
+    }
+    std::shuffle(order.begin(), order.end(), std::mt19937_64(mix(mix(seed) ^ ~(unsigned long long)index)));
     emu::Block blk;
     std::unique_ptr<unsigned char[]> smem;
     std::vector<std::thread> pool;
     for (unsigned t = 0; t < threads; ++t) {
         pool.emplace_back([&, t] {
-            for (unsigned by = 0; by < grid_y; ++by) {
-                for (unsigned bx = 0; bx < grid_x; ++bx) {
-                    if (t == 0) {
-                        const unsigned long long cta = mix(mix(mix(seed) ^ index) ^ by) ^ bx;
-                        blk.turns = std::make_unique<emu::Turns>(threads, mix(cta), free);
-                        blk.bar = emu::TurnBarrier{threads};
-                        blk.warps = std::make_unique<emu::Warp[]>((threads + 31) / 32);
-                        blk.groups = std::make_unique<emu::Group[]>((threads + 127) / 128);
-                        for (unsigned g = 0; g < (threads + 127) / 128; ++g) {
-                            blk.groups[g].bar = emu::TurnBarrier{std::min(128u, threads - 128 * g)};
-                        }
-                        blk.unfenced.assign(threads, {});
-                        blk.mbarriers.clear();
-                        // Exactly `shared` bytes (AddressSanitizer sees overruns), poisoned:
-                        // reads before writes show.
-                        smem.reset(new unsigned char[shared > 0 ? shared : 1]);
-                        std::memset(smem.get(), 0xab, shared > 0 ? shared : 1);
-                        emu::dynamic_smem = smem.get();
+            for (const auto [bx, by] : order) {
+                if (t == 0) {
+                    const unsigned long long cta = mix(mix(mix(seed) ^ index) ^ by) ^ bx;
+                    blk.turns = std::make_unique<emu::Turns>(threads, mix(cta), free);
+                    blk.bar = emu::TurnBarrier{threads};
+                    blk.warps = std::make_unique<emu::Warp[]>((threads + 31) / 32);
+                    blk.groups = std::make_unique<emu::Group[]>((threads + 127) / 128);
+                    for (unsigned g = 0; g < (threads + 127) / 128; ++g) {
+                        blk.groups[g].bar = emu::TurnBarrier{std::min(128u, threads - 128 * g)};
                     }
-                    between.arrive_and_wait();
-                    threadIdx = dim3{t, 0, 0};
-                    blockIdx = dim3{bx, by, 0};
-                    emu::block = &blk;
-                    emu::warp = &blk.warps[t / 32];
-                    emu::group = &blk.groups[t / 128];
-                    emu::lane = t % 32;
-                    emu::reset_thread_state();
-                    emu::reset_wgmma_thread();
-                    blk.turns->begin(t / 32);
-                    kernel(args);
-                    emu::warp->bar.arrive_and_drop();
-                    blk.turns->exit(t / 32, {&emu::group->bar, &blk.bar});
-                    between.arrive_and_wait();
+                    blk.unfenced.assign(threads, {});
+                    blk.mbarriers.clear();
+                    // Exactly `shared` bytes (AddressSanitizer sees overruns), poisoned:
+                    // reads before writes show.
+                    smem.reset(new unsigned char[shared > 0 ? shared : 1]);
+                    std::memset(smem.get(), 0xab, shared > 0 ? shared : 1);
+                    emu::dynamic_smem = smem.get();
                 }
+                between.arrive_and_wait();
+                threadIdx = dim3{t, 0, 0};
+                blockIdx = dim3{bx, by, 0};
+                emu::block = &blk;
+                emu::warp = &blk.warps[t / 32];
+                emu::group = &blk.groups[t / 128];
+                emu::lane = t % 32;
+                emu::reset_thread_state();
+                emu::reset_wgmma_thread();
+                blk.turns->begin(t / 32);
+                kernel(args);
+                emu::warp->bar.arrive_and_drop();
+                blk.turns->exit(t / 32, {&emu::group->bar, &blk.bar});
+                between.arrive_and_wait();
             }
         });
     }

@@ -391,6 +391,22 @@ impl Device {
         self.alloc(vec![0xff; bytes])
     }
 
+    /// Replaces the first `bytes.len()` bytes of the buffer at `addr`, after the queued
+    /// launches ran (so later launches see the new bytes).
+    pub fn overwrite(&self, addr: u64, bytes: &[u8]) {
+        self.finish().unwrap_or_else(|e| panic!("{e}"));
+        match self {
+            Device::Emulator(e) => e.buffers.borrow_mut()[Emu::index(addr)][..bytes.len()].copy_from_slice(bytes),
+            Device::Gpu { buffers, .. } => {
+                let mut buffers = buffers.borrow_mut();
+                let b = buffers.iter_mut().find(|b| b.device_ptr() == addr).expect("a buffer of this test");
+                let mut data = b.download().unwrap();
+                data[..bytes.len()].copy_from_slice(bytes);
+                b.copy_from_host("test buffer", &data).unwrap();
+            }
+        }
+    }
+
     /// Queues a launch (nothing for `None`).
     pub fn run(&self, launch: Option<Launch>) {
         let Some(launch) = launch else { return };
