@@ -334,34 +334,35 @@ fn gemm_is_bit_identical_run_to_run() {
 fn batch_invariant_rows_do_not_depend_on_the_batch() {
     let weights = weights();
     for dev in Device::all("batch_invariant_rows_do_not_depend_on_the_batch") {
-        let options = options(&dev)[0].1.batch_invariant();
-        let (batch, slots) = if dev.is_gpu() {
-            // Rows of slots with 1, 9, 65, 129 and 300 rows (several chunks), computed alone.
-            (Case::from_counts(&boundary_counts(), 11), vec![1usize, 4, 11, 14, 15])
-        } else {
-            // Slots with 9 and 70 rows (two decode chunks).
-            let mut counts = vec![0usize; N_SLOTS];
-            counts[2] = 9;
-            counts[5] = 70;
-            (Case::from_counts(&counts, 11), vec![2usize, 5])
-        };
-        let full = run(&dev, options, &weights, &batch);
-        let mut r = rng(12);
-        for slot in slots {
-            let begin = batch.perm.expert_offsets[slot] as usize;
-            let row = begin + r.random_range(0..batch.counts[slot]);
-            let mut counts = vec![0usize; N_SLOTS];
-            counts[slot] = 1;
-            let mut alone = Case::from_counts(&counts, 0);
-            alone.x.copy_from_slice(&batch.x[row * H..(row + 1) * H]);
-            alone.row_weights[0] = batch.row_weights[row];
-            let single = run(&dev, options, &weights, &alone);
-            let what = format!("{}: slot {slot}, row {row}", dev.name());
-            assert!(
-                bits(&single.y) == bits(&full.y[row * H..(row + 1) * H]),
-                "{what}: alone and inside the batch differ"
-            );
-            assert!(bits(&single.act) == bits(&full.act[row * I..(row + 1) * I]), "{what}: activation");
+        for (label, options) in options(&dev).into_iter().filter(|(_, o)| o.batch_invariant) {
+            let (batch, slots) = if dev.is_gpu() {
+                // Rows of slots with 1, 9, 65, 129 and 300 rows (several chunks), computed alone.
+                (Case::from_counts(&boundary_counts(), 11), vec![1usize, 4, 11, 14, 15])
+            } else {
+                // Slots with 9 and 70 rows (two decode chunks).
+                let mut counts = vec![0usize; N_SLOTS];
+                counts[2] = 9;
+                counts[5] = 70;
+                (Case::from_counts(&counts, 11), vec![2usize, 5])
+            };
+            let full = run(&dev, options, &weights, &batch);
+            let mut r = rng(12);
+            for slot in slots {
+                let begin = batch.perm.expert_offsets[slot] as usize;
+                let row = begin + r.random_range(0..batch.counts[slot]);
+                let mut counts = vec![0usize; N_SLOTS];
+                counts[slot] = 1;
+                let mut alone = Case::from_counts(&counts, 0);
+                alone.x.copy_from_slice(&batch.x[row * H..(row + 1) * H]);
+                alone.row_weights[0] = batch.row_weights[row];
+                let single = run(&dev, options, &weights, &alone);
+                let what = format!("{}: {label}: slot {slot}, row {row}", dev.name());
+                assert!(
+                    bits(&single.y) == bits(&full.y[row * H..(row + 1) * H]),
+                    "{what}: alone and inside the batch differ"
+                );
+                assert!(bits(&single.act) == bits(&full.act[row * I..(row + 1) * I]), "{what}: activation");
+            }
         }
     }
 }

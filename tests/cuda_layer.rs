@@ -26,9 +26,9 @@ mod support;
 use std::sync::{Arc, OnceLock};
 
 use dots_moe::config::{MoeConfig, RouterConfig};
-use dots_moe::cuda::GpuContext;
 use dots_moe::cuda::expert_gemm::GemmOptions;
 use dots_moe::cuda::layer::CudaMoeLayer;
+use dots_moe::cuda::{Arch, GpuContext};
 use dots_moe::moe::{MoeLayer, MoeLayerBuilder, MoeWeights, Precision};
 use dots_moe::tensor::{Dtype, TensorView};
 use half::bf16;
@@ -269,32 +269,49 @@ fn dots1_shape_large_batches_match_cpu_on_a_sample() {
     let Some(gpu) = setup("dots1_shape_large_batches_match_cpu_on_a_sample") else { return };
     let cpu = dots1_layer();
     let (h, k) = (cpu.config().hidden_size, cpu.config().router.top_k);
-    let gpu_layer = CudaMoeLayer::with_default_options(&gpu, cpu).unwrap();
-    for tokens in [4096, 16384] {
-        let hidden = Hidden::random(tokens, h, Dtype::Bf16, 40 + tokens as u64);
-        let (out, ids) = run_gpu(&gpu_layer, &hidden, tokens);
-        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
-            panic!("T = {tokens}: output element {i} is {} (unwritten?)", out[i]);
+    for (label, options) in kernel_sets(&gpu) {
+        let gpu_layer = CudaMoeLayer::new(&gpu, cpu, options).unwrap();
+        for tokens in [4096, 16384] {
+            let hidden = Hidden::random(tokens, h, Dtype::Bf16, 40 + tokens as u64);
+            let (out, ids) = run_gpu(&gpu_layer, &hidden, tokens);
+            if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+                panic!("T = {tokens}: output element {i} is {} (unwritten?)", out[i]);
+            }
+            let sample = sample_tokens(tokens, 64, tokens as u64);
+            let Hidden::Bf16(all) = &hidden else { unreachable!("bf16 hidden") };
+            let rows: Vec<bf16> = sample.iter().flat_map(|&t| all[t * h..(t + 1) * h].to_vec()).collect();
+            let trace = cpu.forward_trace(TensorView::Bf16(&rows), sample.len()).unwrap();
+            let same: Vec<usize> = (0..sample.len())
+                .filter(|&j| ids[sample[j] * k..(sample[j] + 1) * k] == *trace.routing.ids(j))
+                .collect();
+            let differing = sample.len() - same.len();
+            // A near-tie may flip one sampled token's choice (sums in another order); a wrong
+            // router or permutation changes many.
+            assert!(
+                differing <= 1,
+                "{label}, T = {tokens}: {differing} of {} sampled tokens routed differently",
+                sample.len()
+            );
+            let got: Vec<f32> = same.iter().flat_map(|&j| out[sample[j] * h..(sample[j] + 1) * h].to_vec()).collect();
+            let want: Vec<f32> = same.iter().flat_map(|&j| trace.output[j * h..(j + 1) * h].to_vec()).collect();
+            let err = rel_error(&format!("T = {tokens}"), &got, &want);
+            eprintln!(
+                "dots.llm1 shape, {label}, T = {tokens}, {} sampled tokens: relative error {err:.2e} ({differing} routed differently)",
+                sample.len()
+            );
+            assert!(err <= support::gemm::TOLERANCE, "{label}, T = {tokens}: relative error {err:.3e}");
         }
-        let sample = sample_tokens(tokens, 64, tokens as u64);
-        let Hidden::Bf16(all) = &hidden else { unreachable!("bf16 hidden") };
-        let rows: Vec<bf16> = sample.iter().flat_map(|&t| all[t * h..(t + 1) * h].to_vec()).collect();
-        let trace = cpu.forward_trace(TensorView::Bf16(&rows), sample.len()).unwrap();
-        let same: Vec<usize> =
-            (0..sample.len()).filter(|&j| ids[sample[j] * k..(sample[j] + 1) * k] == *trace.routing.ids(j)).collect();
-        let differing = sample.len() - same.len();
-        // A near-tie may flip one sampled token's choice (sums in another order); a wrong
-        // router or permutation changes many.
-        assert!(differing <= 1, "T = {tokens}: {differing} of {} sampled tokens routed differently", sample.len());
-        let got: Vec<f32> = same.iter().flat_map(|&j| out[sample[j] * h..(sample[j] + 1) * h].to_vec()).collect();
-        let want: Vec<f32> = same.iter().flat_map(|&j| trace.output[j * h..(j + 1) * h].to_vec()).collect();
-        let err = rel_error(&format!("T = {tokens}"), &got, &want);
-        eprintln!(
-            "dots.llm1 shape, T = {tokens}, {} sampled tokens: relative error {err:.2e} ({differing} routed differently)",
-            sample.len()
-        );
-        assert!(err <= support::gemm::TOLERANCE, "T = {tokens}: relative error {err:.3e}");
     }
+}
+
+/// The expert kernel sets the real-shape tests run: the default, and the second generation
+/// where the device takes it (sm_90a).
+fn kernel_sets(gpu: &GpuContext) -> Vec<(&'static str, GemmOptions)> {
+    let mut sets = vec![("default", GemmOptions::for_device(gpu))];
+    if gpu.target().supports(Arch::SM_90A) {
+        sets.push(("gen2", GemmOptions::second_generation()));
+    }
+    sets
 }
 
 #[test]
@@ -302,28 +319,34 @@ fn dots1_shape_graph_replays_are_bit_identical() {
     let Some(gpu) = setup("dots1_shape_graph_replays_are_bit_identical") else { return };
     let cpu = dots1_layer();
     let h = cpu.config().hidden_size;
-    let gpu_layer = CudaMoeLayer::with_default_options(&gpu, cpu).unwrap();
-    let tokens = 4096;
-    let hidden = Hidden::random(tokens, h, Dtype::F32, 77);
-    let mut graph = gpu_layer.capture(gpu_layer.workspace(tokens, Dtype::F32).unwrap()).unwrap();
-    graph.set_input(hidden.view()).unwrap();
-    let mut first: Option<Vec<u32>> = None;
-    for replay in 0..5 {
-        graph.workspace_mut().poison().unwrap();
-        graph.replay().unwrap();
-        let out = graph.workspace().read_output().unwrap();
-        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
-            panic!("replay {replay}: output element {i} is {} (unwritten?)", out[i]);
-        }
-        match &first {
-            None => first = Some(bits(&out)),
-            Some(f) => {
-                let diff = f.iter().zip(bits(&out)).filter(|(a, b)| **a != *b).count();
-                assert!(diff == 0, "replay {replay}: {diff} of {} output elements differ from replay 0", out.len());
+    for (label, options) in kernel_sets(&gpu) {
+        let gpu_layer = CudaMoeLayer::new(&gpu, cpu, options).unwrap();
+        let tokens = 4096;
+        let hidden = Hidden::random(tokens, h, Dtype::F32, 77);
+        let mut graph = gpu_layer.capture(gpu_layer.workspace(tokens, Dtype::F32).unwrap()).unwrap();
+        graph.set_input(hidden.view()).unwrap();
+        let mut first: Option<Vec<u32>> = None;
+        for replay in 0..5 {
+            graph.workspace_mut().poison().unwrap();
+            graph.replay().unwrap();
+            let out = graph.workspace().read_output().unwrap();
+            if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+                panic!("{label}: replay {replay}: output element {i} is {} (unwritten?)", out[i]);
+            }
+            match &first {
+                None => first = Some(bits(&out)),
+                Some(f) => {
+                    let diff = f.iter().zip(bits(&out)).filter(|(a, b)| **a != *b).count();
+                    assert!(
+                        diff == 0,
+                        "{label}: replay {replay}: {diff} of {} output elements differ from replay 0",
+                        out.len()
+                    );
+                }
             }
         }
+        eprintln!("{label}, T = {tokens}: five graph replays bit-identical");
     }
-    eprintln!("T = {tokens}: five graph replays bit-identical");
 }
 
 #[test]
@@ -331,10 +354,11 @@ fn dots1_shape_layer_matches_cpu() {
     let Some(gpu) = setup("dots1_shape_layer_matches_cpu") else { return };
     let cpu = dots1_layer();
     let h = cpu.config().hidden_size;
-    for (label, options) in [
-        ("default", GemmOptions::for_device(&gpu)),
-        ("batch-invariant", GemmOptions::for_device(&gpu).batch_invariant()),
-    ] {
+    let mut sets = kernel_sets(&gpu);
+    sets.extend(kernel_sets(&gpu).into_iter().map(|(label, o)| {
+        (if label == "default" { "batch-invariant" } else { "gen2-batch-invariant" }, o.batch_invariant())
+    }));
+    for (label, options) in sets {
         let gpu_layer = CudaMoeLayer::new(&gpu, cpu, options).unwrap();
         for tokens in [1, 17, 256] {
             let hidden = Hidden::random(tokens, h, Dtype::Bf16, 20 + tokens as u64);

@@ -15,6 +15,7 @@
 
 mod kernel_support;
 
+use dots_moe::cuda::Arch;
 use dots_moe::cuda::expert_gemm::{self, GemmOptions, GemmPtrs, ITEM_WORDS, TiledKernel};
 use dots_moe::cuda::moe;
 use dots_moe::cuda::source::FILES;
@@ -30,6 +31,12 @@ const COUNTS: [usize; 2] = [130, 3];
 /// The tiled GEMMs of one small batch on `emu`: `(act bits, y bits)`, or the emulator's
 /// failure.
 fn run(emu: &Emu, tiled: TiledKernel) -> Result<(Vec<u16>, Vec<u32>), String> {
+    run_with(emu, GemmOptions { decode_max_rows: 0, tiled, ..GemmOptions::for_arch(Arch::SM_90A) })
+}
+
+/// The GEMMs of the batch of [`run`] under `options` (the 3-row slot is a decode item when
+/// the options send slots of up to 64 rows there).
+fn run_with(emu: &Emu, options: GemmOptions) -> Result<(Vec<u16>, Vec<u32>), String> {
     let dev = Device::Emulator(Emu::new(emu.binary()));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
     let n_slots = COUNTS.len();
@@ -42,7 +49,6 @@ fn run(emu: &Emu, tiled: TiledKernel) -> Result<(Vec<u16>, Vec<u32>), String> {
     let x = dev.upload(&random(rows * H, 1.0));
     let row_weights = dev.upload(&vec![0.75f32; rows]);
     let offsets = dev.upload(&[0u32, COUNTS[0] as u32, rows as u32]);
-    let options = GemmOptions { decode_max_rows: 0, tiled, batch_invariant: false };
     let (decode_capacity, tiled_capacity) = options.capacities(rows, n_slots);
     let ws = GemmPtrs {
         decode_items: dev.poisoned(4 * ITEM_WORDS * decode_capacity),
@@ -118,6 +124,19 @@ fn check_mutation(test: &str, tiled: TiledKernel, file: &str, from: &str, to: &s
         (file, from, to),
         message,
         |emu| run(emu, tiled),
+        |(_, y)| y.iter().all(|&b| f32::from_bits(b).is_finite()),
+    );
+}
+
+/// The second generation's streamed decode kernels with `from` -> `to` in
+/// `expert_gemm_stream.cu` must fail (see [`check`]).
+fn check_stream_mutation(test: &str, from: &str, to: &str, message: &str) {
+    check(
+        test,
+        "expert_gemm",
+        ("expert_gemm_stream.cu", from, to),
+        message,
+        |emu| run_with(emu, GemmOptions::second_generation()),
         |(_, y)| y.iter().all(|&b| f32::from_bits(b).is_finite()),
     );
 }
@@ -265,6 +284,52 @@ fn a_producer_that_does_not_wait_for_an_empty_stage_overwrites_it() {
         "expert_gemm_ws.cu",
         "                mbar_wait(empty + 8 * s, parity ^ 1u);\n",
         "",
+        "",
+    );
+}
+
+// The streamed decode kernels (expert_gemm_stream.cu): the 3-row slot is one decode item
+// of one 8-row tile; GEMM 1 runs 8 k-tiles and GEMM 2 2 through the 4-stage ring.
+
+#[test]
+fn a_stream_expect_tx_of_eight_tiles_for_one_hangs_the_ring() {
+    check_stream_mutation(
+        "a_stream_expect_tx_of_eight_tiles_for_one_hangs_the_ring",
+        "STREAM_W_BYTES + nt * STREAM_X_BOX_BYTES",
+        "STREAM_W_BYTES + STREAM_MAX_TILES * STREAM_X_BOX_BYTES",
+        "can never complete",
+    );
+}
+
+#[test]
+fn a_stream_full_barrier_parity_inverted_reads_poison() {
+    check_stream_mutation(
+        "a_stream_full_barrier_parity_inverted_reads_poison",
+        "mbar_wait(full + 8 * s, (kt / STREAM_STAGES) & 1u);",
+        "mbar_wait(full + 8 * s, ((kt / STREAM_STAGES) & 1u) ^ 1u);",
+        "",
+    );
+}
+
+#[test]
+fn a_stream_operand_read_without_the_swizzle_is_wrong() {
+    // ldmatrix addresses without the 128-byte swizzle the TMA boxes were written with.
+    check_stream_mutation(
+        "a_stream_operand_read_without_the_swizzle_is_wrong",
+        "return r * (STREAM_BK * 2) + ((c ^ (r & 7u)) << 4);",
+        "return r * (STREAM_BK * 2) + (c << 4);",
+        "",
+    );
+}
+
+#[test]
+fn a_stream_a_fragment_with_its_k_halves_swapped_is_wrong() {
+    // Matrices 1 and 2 of the weight ldmatrix exchanged: the up rows' k 0..7 read as the
+    // gate rows' k 8..15.
+    check_stream_mutation(
+        "a_stream_a_fragment_with_its_k_halves_swapped_is_wrong",
+        "const u32 a_chunk = m >> 1;",
+        "const u32 a_chunk = m & 1u;",
         "",
     );
 }

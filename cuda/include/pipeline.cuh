@@ -81,6 +81,16 @@ __device__ __forceinline__ void tma_load_2d(u32 dst, const TmaMap* map, int c0, 
         : "memory");
 }
 
+// tma_load_2d with an L2 cache policy (createpolicy, e.g. l2_evict_first() for weights
+// read once).
+__device__ __forceinline__ void tma_load_2d_hint(u32 dst, const TmaMap* map, int c0, int c1, u32 bar, u64 policy) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, "
+        "{%2, %3}], [%4], %5;\n" ::"r"(dst),
+        "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(bar), "l"(policy)
+        : "memory");
+}
+
 // Makes mbarrier initialisation visible to the async proxy (the bulk copies) before any
 // copy completes on it; then a __syncthreads makes it visible to the other threads.
 __device__ __forceinline__ void fence_mbarrier_init() {

@@ -9,8 +9,8 @@
 #      libcuda and libnvrtc are found (/usr/local/cuda first, then python3's nvidia/cu13/lib),
 #      `dots-moe doctor` (kernels from the cubin cache, occupancy per kernel);
 #   2. every GPU test binary, one test thread, --nocapture, the GPU required;
-#   3. timings: `bench --backend cuda --gemm --tiled wgmma,ws` (the layer and GEMM 1/2 apart,
-#      beside the floor, with both generations of the Hopper tiled kernels side by side)
+#   3. timings: `bench --backend cuda --gemm --kernels gen1,gen2` (the layer and GEMM 1/2 apart,
+#      beside the floor, both generations of the Hopper expert kernels side by side)
 #      into layer.json, `kernels --time` into kernels.txt, the PyTorch peer into peer.txt.
 # Files written into $OUT (or ./gpu-results without it), at most 8:
 #   summary.txt  one line per step: status, seconds, result (also printed last)
@@ -162,7 +162,7 @@ done
 
 # ---- 3. the timings
 deadline=$(( started + budget ))
-STEP_OUTPUT="$out/layer.json" RESERVE=40 step bench 120 "$deadline" sh -c "'$bin/dots-moe' bench --backend cuda --gemm --tiled wgmma,ws --json --seconds 1 \
+STEP_OUTPUT="$out/layer.json" RESERVE=40 step bench 120 "$deadline" sh -c "'$bin/dots-moe' bench --backend cuda --gemm --kernels gen1,gen2 --json --seconds 1 \
     --tokens 1,16,64,256,1024,4096,16384 > '$out/layer.json'"
 STEP_OUTPUT="$out/kernels.txt" RESERVE=20 step kernels-time 30 "$deadline" sh -c "'$bin/dots-moe' kernels --time --tokens 1,16,256,4096 --iterations 100 > '$out/kernels.txt'"
 if [ -n "${DOTS_MOE_TORCH_PEER:-}" ] || python3 -c 'import torch; assert torch.cuda.is_available()' 2> /dev/null; then

@@ -25,14 +25,16 @@ pub enum BackendChoice {
     All,
 }
 
-/// The CUDA kernels of the slots with many rows (`--tiled`).
+/// A set of CUDA expert kernels (`--kernels`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TiledChoice {
-    /// `wgmma` tiles, the first generation (sm_90a).
-    Wgmma,
-    /// The warp-specialised TMA + `wgmma` kernels, the second generation (sm_90a).
-    Ws,
-    /// `mma.sync` tiles (any card).
+pub enum KernelSet {
+    /// The first generation: register-streamed decode kernels, `wgmma` tiles on sm_90a
+    /// (`mma.sync` elsewhere); the default.
+    Gen1,
+    /// The second generation (sm_90a): TMA-streamed decode kernels and warp-specialised
+    /// TMA + `wgmma` tiles.
+    Gen2,
+    /// The portable set: register-streamed decode kernels, `mma.sync` tiles.
     Mma,
 }
 
@@ -62,11 +64,11 @@ pub struct BenchArgs {
     /// bytes and FLOPs of that GEMM alone; REGIME is `decode`, `tiled` or `mixed`).
     #[arg(long)]
     pub gemm: bool,
-    /// With the CUDA backend, the tiled expert kernels to time, comma separated, each as
-    /// its own rows (`cuda-wgmma`, `cuda-ws`, `cuda-mma`), side by side at every batch
-    /// size; default: the device's default kernels, as rows `cuda`.
+    /// With the CUDA backend, the expert kernel sets to time, comma separated, each as its
+    /// own rows (`cuda-gen1`, `cuda-gen2`, `cuda-mma`), side by side at every batch size;
+    /// default: the device's default kernels, as rows `cuda`.
     #[arg(long, value_enum, value_delimiter = ',')]
-    pub tiled: Vec<TiledChoice>,
+    pub kernels: Vec<KernelSet>,
     /// Only measure and print this machine's floor (copy and read bandwidth, bf16 matmul
     /// rate), timing no layer: a quick probe of the machine's state beside other runs.
     #[arg(long)]
@@ -268,7 +270,7 @@ mod cuda {
     use dots_moe::roofline::{self, BenchRow, LayerCost};
     use dots_moe::tensor::{Dtype, TensorView};
 
-    use super::{BenchArgs, TiledChoice, print_row, progress};
+    use super::{BenchArgs, KernelSet, print_row, progress};
     use dots_moe::cuda::expert_gemm::{GemmOptions, TiledKernel};
 
     /// GPU 0, opened for timing.
@@ -287,19 +289,18 @@ mod cuda {
             let gpu = &self.gpu;
             let bar = progress("cuda: uploading the layer and compiling the kernels");
             let default = GemmOptions::for_device(gpu);
-            let layers = if args.tiled.is_empty() {
+            let layers = if args.kernels.is_empty() {
                 vec![("cuda".to_string(), CudaMoeLayer::new(gpu, layer, default).map_err(|e| e.to_string())?)]
             } else {
                 let mut layers = Vec::new();
-                for choice in &args.tiled {
-                    let tiled = match choice {
-                        TiledChoice::Wgmma => TiledKernel::Wgmma,
-                        TiledChoice::Ws => TiledKernel::WarpSpecialized,
-                        TiledChoice::Mma => TiledKernel::Mma,
+                for set in &args.kernels {
+                    let (label, options) = match set {
+                        KernelSet::Gen1 => ("cuda-gen1", default),
+                        KernelSet::Gen2 => ("cuda-gen2", GemmOptions::second_generation()),
+                        KernelSet::Mma => ("cuda-mma", GemmOptions { tiled: TiledKernel::Mma, ..default }),
                     };
-                    let options = GemmOptions { tiled, ..default };
                     let device_layer = CudaMoeLayer::new(gpu, layer, options).map_err(|e| e.to_string())?;
-                    layers.push((format!("cuda-{}", tiled.name()), device_layer));
+                    layers.push((label.to_string(), device_layer));
                 }
                 layers
             };
@@ -324,7 +325,7 @@ mod cuda {
                     timed.push((label.clone(), graph_us, cost));
                     if args.gemm {
                         let gemms = time_gemms(gpu, device_layer, &mut ws, iterations).map_err(|e| e.to_string())?;
-                        // `cuda-gemm1:REGIME` of the default kernels; `cuda-ws-gemm1:REGIME` of others.
+                        // `cuda-gemm1:REGIME` of the default kernels; `cuda-gen2-gemm1:REGIME` of a set.
                         let prefix = label.strip_prefix("cuda").unwrap_or_default();
                         timed.extend(
                             gemms

@@ -39,12 +39,12 @@ use crate::error::MoeError;
 use crate::moe::MoeWeights;
 use crate::tensor::{Dtype, TensorView};
 
-pub use crate::cuda::source::{DECODE, MMA, SCHEDULE, WGMMA, WS};
+pub use crate::cuda::source::{DECODE, MMA, SCHEDULE, STREAM, WGMMA, WS};
 
 /// The expert GEMM kernel files that compile for every architecture from `sm_80` on.
 pub const PORTABLE_SOURCES: &[KernelSource] = &[SCHEDULE, DECODE, MMA];
 /// The expert GEMM kernel files that need `sm_90a`.
-pub const HOPPER_SOURCES: &[KernelSource] = &[WGMMA, WS];
+pub const HOPPER_SOURCES: &[KernelSource] = &[WGMMA, WS, STREAM];
 
 /// Rows of one decode item at most (`DECODE_ITEM_ROWS`): 8 MMA tiles of 8 rows.
 pub const DECODE_ITEM_ROWS: usize = 64;
@@ -114,6 +114,28 @@ pub const WS_CONSUMER_REGS: usize = 232;
 /// 48 KB, 1 KB to align them, the mbarriers).
 pub const WS_SHARED_BYTES: usize = WS_STAGES * (TILE_ROWS + WG_DOWN_COLUMNS) * WG_BK * 2 + WG_ALIGN + WS_BARRIER_BYTES;
 
+/// Threads of a streamed decode CTA (`STREAM_THREADS`: 4 compute warps and a producer).
+pub const STREAM_THREADS: u32 = 160;
+/// Stages of the streamed decode ring (`STREAM_STAGES`).
+pub const STREAM_STAGES: usize = 4;
+/// k per streamed decode stage (`STREAM_BK`: 128 bytes of bf16, the swizzle's span).
+pub const STREAM_BK: usize = 64;
+/// Weight rows per streamed decode CTA (`STREAM_W_ROWS`: GEMM 1's 32 gate + 32 up rows,
+/// GEMM 2's 64 down rows), loaded as two boxes of `STREAM_W_BOX_ROWS`.
+pub const STREAM_W_ROWS: usize = 64;
+/// Rows of one weight box of the streamed decode kernels (`STREAM_W_BOX_ROWS`).
+pub const STREAM_W_BOX_ROWS: usize = 32;
+/// Rows of one item box of the streamed decode kernels (`STREAM_X_BOX_ROWS`: one MMA tile).
+pub const STREAM_X_BOX_ROWS: usize = 8;
+/// Bytes after the streamed decode stages for its mbarriers (`STREAM_BARRIER_BYTES`).
+pub const STREAM_BARRIER_BYTES: usize = 64;
+/// CTAs per SM the streamed decode kernels are built for (`STREAM_MIN_CTAS`).
+pub const STREAM_MIN_CTAS: usize = 3;
+/// Dynamic shared memory of the streamed decode kernels (`STREAM_SHARED_BYTES`: 4 stages of
+/// 8 KB of weights and up to 8 KB of item rows, 1 KB to align them, the mbarriers).
+pub const STREAM_SHARED_BYTES: usize =
+    STREAM_STAGES * (STREAM_W_ROWS + DECODE_ITEM_ROWS) * STREAM_BK * 2 + WG_ALIGN + STREAM_BARRIER_BYTES;
+
 /// The persistent grid of the warp-specialised kernels for `tiles` tiles (work items x
 /// column blocks): one CTA per tile up to [`WS_CTAS`].
 pub fn ws_grid(tiles: usize) -> usize {
@@ -157,19 +179,27 @@ impl TiledKernel {
             TiledKernel::WarpSpecialized => &WS,
         }
     }
+}
 
-    /// `wgmma`, `mma` or `ws`: the names `DOTS_MOE_CUDA_TILED` takes.
-    pub fn name(self) -> &'static str {
+/// Which kernels run the slots with few rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecodeKernel {
+    /// Weights streamed through registers (`cuda/expert_gemm_decode.cu`, any card from
+    /// `sm_80` on).
+    Registers,
+    /// The second generation for Hopper (`sm_90a` only): weights streamed by TMA through a
+    /// ring of shared-memory stages with an L2 evict-first hint (`cuda/expert_gemm_stream.cu`).
+    /// Not the default until a device run has measured it.
+    Stream,
+}
+
+impl DecodeKernel {
+    /// The kernel file.
+    pub fn source(self) -> &'static KernelSource {
         match self {
-            TiledKernel::Wgmma => "wgmma",
-            TiledKernel::Mma => "mma",
-            TiledKernel::WarpSpecialized => "ws",
+            DecodeKernel::Registers => &DECODE,
+            DecodeKernel::Stream => &STREAM,
         }
-    }
-
-    /// The kernels named `name` ([`TiledKernel::name`]).
-    pub fn from_name(name: &str) -> Option<TiledKernel> {
-        [TiledKernel::Wgmma, TiledKernel::Mma, TiledKernel::WarpSpecialized].into_iter().find(|t| t.name() == name)
     }
 }
 
@@ -181,6 +211,8 @@ pub struct GemmOptions {
     pub decode_max_rows: usize,
     /// The tiled kernels.
     pub tiled: TiledKernel,
+    /// The decode kernels.
+    pub decode: DecodeKernel,
     /// Every slot through the decode kernels in chunks of [`DECODE_ITEM_ROWS`] rows: a
     /// token's output does not depend on the other tokens of the batch.
     pub batch_invariant: bool,
@@ -197,12 +229,27 @@ impl GemmOptions {
     /// file compiles ([`WGMMA`]'s minimum architecture), `mma.sync` elsewhere.
     pub fn for_arch(arch: Arch) -> Self {
         let tiled = if arch.supports(WGMMA.min_arch) { TiledKernel::Wgmma } else { TiledKernel::Mma };
-        GemmOptions { decode_max_rows: DECODE_ITEM_ROWS, tiled, batch_invariant: false }
+        GemmOptions {
+            decode_max_rows: DECODE_ITEM_ROWS,
+            tiled,
+            decode: DecodeKernel::Registers,
+            batch_invariant: false,
+        }
+    }
+
+    /// The second-generation Hopper kernels (`sm_90a`): [`DecodeKernel::Stream`] and
+    /// [`TiledKernel::WarpSpecialized`], with the split of [`GemmOptions::for_arch`].
+    pub fn second_generation() -> Self {
+        GemmOptions {
+            tiled: TiledKernel::WarpSpecialized,
+            decode: DecodeKernel::Stream,
+            ..Self::for_arch(Arch::SM_90A)
+        }
     }
 
     /// The kernel files these options launch.
     pub fn sources(&self) -> [&'static KernelSource; 3] {
-        [&SCHEDULE, &DECODE, self.tiled.source()]
+        [&SCHEDULE, self.decode.source(), self.tiled.source()]
     }
 
     /// The batch-invariant mode (see the module docs).
@@ -367,6 +414,19 @@ pub struct GemmPtrs {
     pub n_slots: usize,
 }
 
+fn decode_kernels(options: &GemmOptions) -> (&'static KernelDecl, &'static KernelDecl) {
+    match options.decode {
+        DecodeKernel::Registers => (&source::UP_DECODE, &source::DOWN_DECODE),
+        DecodeKernel::Stream => (&source::UP_STREAM, &source::DOWN_STREAM),
+    }
+}
+
+/// Whether the launch over the decode items (`tiled` false) or the tiled ones takes tensor
+/// maps of its operands.
+fn takes_maps(options: &GemmOptions, tiled: bool) -> bool {
+    if tiled { options.tiled == TiledKernel::WarpSpecialized } else { options.decode == DecodeKernel::Stream }
+}
+
 fn tiled_kernels(options: &GemmOptions) -> (&'static KernelDecl, &'static KernelDecl) {
     match options.tiled {
         TiledKernel::Wgmma => (&source::UP_WGMMA, &source::DOWN_WGMMA),
@@ -375,32 +435,34 @@ fn tiled_kernels(options: &GemmOptions) -> (&'static KernelDecl, &'static Kernel
     }
 }
 
-/// The warp-specialised kernels address rows by signed 32-bit TMA coordinates: `R` and
+/// The TMA-fed kernels address rows by signed 32-bit coordinates: `R` and
 /// every slot's weight rows must fit.
 fn check_ws_coordinates(options: &GemmOptions, ws: &GemmPtrs, hidden: usize, inter: usize) -> Result<(), CudaError> {
-    if options.tiled != TiledKernel::WarpSpecialized {
+    if !takes_maps(options, false) && !takes_maps(options, true) {
         return Ok(());
     }
     let limit = i32::MAX as usize;
     let weight_rows = ws.n_slots.saturating_mul((2 * inter).max(hidden));
     for (what, needed) in [("permuted rows", ws.rows), ("stacked weight rows", weight_rows)] {
         if needed > limit {
-            return Err(MoeError::Limit { what: format!("warp-specialised expert GEMM: {what}"), needed, limit }.into());
+            return Err(MoeError::Limit { what: format!("TMA expert GEMM coordinates: {what}"), needed, limit }.into());
         }
     }
     Ok(())
 }
 
 /// The tensor map of the gathered rows or the activation `[R, width]` at `base`: boxes of
-/// one consumer's 64 rows.
-fn rows_map(base: u64, ws: &GemmPtrs, width: usize) -> Arg {
-    Arg::TensorMap(TensorMapSpec::bf16_rows(base, ws.rows, width, WS_HALF_ROWS as u32))
+/// one consumer's 64 rows (tiled) or one MMA tile's 8 rows (decode).
+fn rows_map(base: u64, ws: &GemmPtrs, width: usize, tiled: bool) -> Arg {
+    let box_rows = if tiled { WS_HALF_ROWS } else { STREAM_X_BOX_ROWS };
+    Arg::TensorMap(TensorMapSpec::bf16_rows(base, ws.rows, width, box_rows as u32))
 }
 
 /// The tensor map of stacked weights, `rows_per_slot` rows of `width` per slot: boxes of
-/// 128 rows.
-fn weights_map(base: u64, ws: &GemmPtrs, rows_per_slot: usize, width: usize) -> Arg {
-    Arg::TensorMap(TensorMapSpec::bf16_rows(base, ws.n_slots * rows_per_slot, width, WS_B_BOX_ROWS as u32))
+/// 128 rows (tiled) or 32 (decode).
+fn weights_map(base: u64, ws: &GemmPtrs, rows_per_slot: usize, width: usize, tiled: bool) -> Arg {
+    let box_rows = if tiled { WS_B_BOX_ROWS } else { STREAM_W_BOX_ROWS };
+    Arg::TensorMap(TensorMapSpec::bf16_rows(base, ws.n_slots * rows_per_slot, width, box_rows as u32))
 }
 
 /// The schedule of `n_slots` slots from `expert_offsets [n_slots + 1]`.
@@ -438,8 +500,8 @@ pub fn up_launches(
     check_shape(hidden, inter)?;
     check_ws_coordinates(options, ws, hidden, inter)?;
     let args = |items: u64, tiled: bool| {
-        let operands = if tiled && options.tiled == TiledKernel::WarpSpecialized {
-            [rows_map(x, ws, hidden), weights_map(gate_up, ws, 2 * inter, hidden)]
+        let operands = if takes_maps(options, tiled) {
+            [rows_map(x, ws, hidden, tiled), weights_map(gate_up, ws, 2 * inter, hidden, tiled)]
         } else {
             [Arg::Ptr(x), Arg::Ptr(gate_up)]
         };
@@ -453,7 +515,7 @@ pub fn up_launches(
         ]);
         args
     };
-    regime_launches((&source::UP_DECODE, tiled_kernels(options).0), hidden, inter, ws, args)
+    regime_launches((decode_kernels(options).0, tiled_kernels(options).0), hidden, inter, ws, args)
 }
 
 /// GEMM 2 with the routing weight, `y [R, H] = row_weights[r] * (act down^T)`.
@@ -469,8 +531,8 @@ pub fn down_launches(
     check_shape(hidden, inter)?;
     check_ws_coordinates(options, ws, hidden, inter)?;
     let args = |items: u64, tiled: bool| {
-        let operands = if tiled && options.tiled == TiledKernel::WarpSpecialized {
-            [rows_map(ws.act, ws, inter), weights_map(down, ws, hidden, inter)]
+        let operands = if takes_maps(options, tiled) {
+            [rows_map(ws.act, ws, inter, tiled), weights_map(down, ws, hidden, inter, tiled)]
         } else {
             [Arg::Ptr(ws.act), Arg::Ptr(down)]
         };
@@ -485,7 +547,7 @@ pub fn down_launches(
         ]);
         args
     };
-    regime_launches((&source::DOWN_DECODE, tiled_kernels(options).1), hidden, inter, ws, args)
+    regime_launches((decode_kernels(options).1, tiled_kernels(options).1), hidden, inter, ws, args)
 }
 
 /// One GEMM's launches: its decode kernel over the decode items and its tiled kernel over
@@ -541,12 +603,11 @@ impl ExpertGemm {
     /// Compiles (NVRTC, cached) and loads the kernels `options` needs on `gpu`. `wgmma`
     /// needs an `sm_90a` device.
     pub fn new(gpu: &Arc<GpuContext>, options: GemmOptions) -> Result<Self, CudaError> {
-        let tiled = options.tiled.source();
-        if !gpu.target().supports(tiled.min_arch) {
+        if let Some(file) = options.sources().into_iter().find(|f| !gpu.target().supports(f.min_arch)) {
             return Err(MoeError::Unsupported(format!(
-                "the {} expert kernels need an {} device; {} is {}",
-                options.tiled.name(),
-                tiled.min_arch,
+                "the expert kernels of {} need an {} device; {} is {}",
+                file.name,
+                file.min_arch,
                 gpu.info().name,
                 gpu.arch()
             ))
@@ -679,7 +740,7 @@ mod tests {
     use super::*;
 
     fn options(batch_invariant: bool, decode_max_rows: usize) -> GemmOptions {
-        GemmOptions { decode_max_rows, tiled: TiledKernel::Mma, batch_invariant }
+        GemmOptions { decode_max_rows, tiled: TiledKernel::Mma, decode: DecodeKernel::Registers, batch_invariant }
     }
 
     /// The items the schedule kernel writes, computed on the host (its documented rule).

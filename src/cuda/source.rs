@@ -365,8 +365,8 @@ pub const DOWN_WGMMA: KernelDecl = KernelDecl {
     max_registers: 255,
 };
 
-/// `moe_expert_up_ws` / `moe_expert_down_ws`: the tensor maps of the gathered rows and
-/// the weights come first, then the GEMM's other parameters.
+/// The TMA-fed kernels (`moe_expert_{up,down}_{ws,stream}`): the tensor maps of the
+/// gathered rows and the weights come first, then the GEMM's other parameters.
 const UP_WS_PARAMS: &[Param] = &[
     Param::tensor_map("x_map"),
     Param::tensor_map("gate_up_map"),
@@ -408,6 +408,29 @@ pub const DOWN_WS: KernelDecl = KernelDecl {
     grid: |d| (gemm::ws_grid(d.items * (d.hidden / gemm::WG_DOWN_COLUMNS)), 1),
     dynamic_smem: |_| gemm::WS_SHARED_BYTES,
     max_registers: 168,
+};
+
+/// `moe_expert_up_stream`: GEMM 1 + SwiGLU for slots with few rows, the weights streamed
+/// by TMA through a shared-memory ring (3 CTAs per SM).
+pub const UP_STREAM: KernelDecl = KernelDecl {
+    entry: "moe_expert_up_stream",
+    file: "expert_gemm_stream.cu",
+    params: UP_WS_PARAMS,
+    block: gemm::STREAM_THREADS,
+    grid: |d| (d.inter / (gemm::STREAM_W_ROWS / 2), d.items),
+    dynamic_smem: |_| gemm::STREAM_SHARED_BYTES,
+    max_registers: 136,
+};
+
+/// `moe_expert_down_stream`: GEMM 2 with the routing weight for slots with few rows.
+pub const DOWN_STREAM: KernelDecl = KernelDecl {
+    entry: "moe_expert_down_stream",
+    file: "expert_gemm_stream.cu",
+    params: DOWN_WS_PARAMS,
+    block: gemm::STREAM_THREADS,
+    grid: |d| (d.hidden / gemm::STREAM_W_ROWS, d.items),
+    dynamic_smem: |_| gemm::STREAM_SHARED_BYTES,
+    max_registers: 136,
 };
 
 // ---- the files --------------------------------------------------------------------------
@@ -487,8 +510,17 @@ pub const WS: KernelSource = KernelSource {
     kernels: &[&UP_WS, &DOWN_WS],
 };
 
+/// `cuda/expert_gemm_stream.cu`: few rows per slot, the second generation: weights streamed
+/// by TMA through a shared-memory ring (`sm_90a` only).
+pub const STREAM: KernelSource = KernelSource {
+    name: "expert_gemm_stream.cu",
+    text: include_str!("../../cuda/expert_gemm_stream.cu"),
+    min_arch: Arch::SM_90A,
+    kernels: &[&UP_STREAM, &DOWN_STREAM],
+};
+
 /// Every kernel file, in pipeline order.
-pub const FILES: &[KernelSource] = &[ROUTE, PERMUTE, COMBINE, SCHEDULE, DECODE, MMA, WGMMA, WS];
+pub const FILES: &[KernelSource] = &[ROUTE, PERMUTE, COMBINE, SCHEDULE, DECODE, STREAM, MMA, WGMMA, WS];
 
 /// The kernel files that compile for `arch`.
 pub fn files_for(arch: Arch) -> impl Iterator<Item = &'static KernelSource> {
@@ -576,4 +608,19 @@ pub const KERNEL_CONSTANTS: &[(&str, usize)] = &[
     ("WS_PRODUCER_REGS", gemm::WS_PRODUCER_REGS),
     ("WS_CONSUMER_REGS", gemm::WS_CONSUMER_REGS),
     ("WS_ACC", 64 * gemm::WG_DOWN_COLUMNS / 128),
+    ("STREAM_WARPS", (gemm::STREAM_THREADS as usize - 32) / 32),
+    ("STREAM_THREADS", gemm::STREAM_THREADS as usize),
+    ("STREAM_STAGES", gemm::STREAM_STAGES),
+    ("STREAM_BK", gemm::STREAM_BK),
+    ("STREAM_W_ROWS", gemm::STREAM_W_ROWS),
+    ("STREAM_W_BOX_ROWS", gemm::STREAM_W_BOX_ROWS),
+    ("STREAM_X_BOX_ROWS", gemm::STREAM_X_BOX_ROWS),
+    ("STREAM_MAX_TILES", gemm::DECODE_ITEM_ROWS / gemm::STREAM_X_BOX_ROWS),
+    ("STREAM_W_BYTES", gemm::STREAM_W_ROWS * gemm::STREAM_BK * 2),
+    ("STREAM_X_BOX_BYTES", gemm::STREAM_X_BOX_ROWS * gemm::STREAM_BK * 2),
+    ("STREAM_STAGE_BYTES", (gemm::STREAM_W_ROWS + gemm::DECODE_ITEM_ROWS) * gemm::STREAM_BK * 2),
+    ("STREAM_ALIGN", gemm::WG_ALIGN),
+    ("STREAM_BARRIER_BYTES", gemm::STREAM_BARRIER_BYTES),
+    ("STREAM_SHARED_BYTES", gemm::STREAM_SHARED_BYTES),
+    ("STREAM_MIN_CTAS", gemm::STREAM_MIN_CTAS),
 ];

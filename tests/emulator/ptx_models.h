@@ -437,6 +437,11 @@ inline void tma_load_2d(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
     });
 }
 
+// The cache hint has no effect on what lands.
+inline void tma_load_2d_hint(u32 dst, const TmaMap* map, int c0, int c1, u32 bar, u64) {
+    tma_load_2d(dst, map, c0, c1, bar);
+}
+
 // setmaxnreg: a register budget has no effect on what the kernels compute.
 template <int N>
 inline void setmaxnreg_dec() {}

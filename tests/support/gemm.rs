@@ -59,7 +59,8 @@ pub fn rng(seed: u64) -> ChaCha8Rng {
 }
 
 /// Every way the expert GEMMs can split the work on `gpu`, named: the default (decode and
-/// tiled by count), all tiled with each tiled kernel the device runs, and batch-invariant.
+/// tiled by count), all tiled with each tiled kernel the device runs, the second
+/// generation (sm_90a), and batch-invariant with each decode kernel.
 pub fn all_options(gpu: &GpuContext) -> Vec<(&'static str, GemmOptions)> {
     all_options_for(gpu.target())
 }
@@ -74,7 +75,12 @@ pub fn all_options_for(arch: Arch) -> Vec<(&'static str, GemmOptions)> {
         all.push(("default-mma", GemmOptions { tiled: TiledKernel::Mma, ..default }));
         all.push(("all-tiled-ws", GemmOptions { decode_max_rows: 0, tiled: TiledKernel::WarpSpecialized, ..default }));
         all.push(("default-ws", GemmOptions { tiled: TiledKernel::WarpSpecialized, ..default }));
+        // The second generation: streamed decode kernels and warp-specialised tiles.
+        all.push(("gen2", GemmOptions::second_generation()));
     }
     all.push(("batch-invariant", default.batch_invariant()));
+    if arch.supports(Arch::SM_90A) {
+        all.push(("batch-invariant-stream", GemmOptions::second_generation().batch_invariant()));
+    }
     all
 }
