@@ -305,10 +305,14 @@ fn dots1_shape_large_batches_match_cpu_on_a_sample() {
 }
 
 /// The expert kernel sets the real-shape tests run: the default, and the second generation
-/// where the device takes it (sm_90a).
+/// where the device takes it (sm_90a); each only when `generations` asks for it.
 fn kernel_sets(gpu: &GpuContext) -> Vec<(&'static str, GemmOptions)> {
-    let mut sets = vec![("default", GemmOptions::for_device(gpu))];
-    if gpu.target().supports(Arch::SM_90A) {
+    let (gen1, gen2) = support::gemm::generations();
+    let mut sets = Vec::new();
+    if gen1 {
+        sets.push(("default", GemmOptions::for_device(gpu)));
+    }
+    if gen2 && gpu.target().supports(Arch::SM_90A) {
         sets.push(("gen2", GemmOptions::second_generation()));
     }
     sets

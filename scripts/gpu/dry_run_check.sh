@@ -4,9 +4,10 @@
 #    within 90 s, exit non-zero, leave a summary.txt that says plainly that no GPU was found,
 #    and at most 8 files, at most 2 folders deep (what the GPU host returns);
 # 2. on stand-in binaries that claim a GPU (a passing, a failing and a hanging test binary,
-#    a bench that prints JSON), with a 90 s budget: every step gets a summary line, the
-#    hanging one is cut by its timeout, the whole run stays within the budget, the
-#    failure's message reaches the output, and still at most 8 files come back.
+#    a suite run once per kernel generation, a bench that prints JSON), with a 120 s
+#    budget: every step gets a summary line, the hanging one is cut by its timeout, the
+#    suite runs twice and each run is told its generation, the whole run stays within the
+#    budget, the failure's message reaches the output, and still at most 8 files come back.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=$(mktemp -d)
@@ -56,19 +57,27 @@ exit 101
 printf '#!/usr/bin/env bash
 exec sleep 1000
 ' > "$fake/tests/c_hang"
+# A suite of both kernel generations: run once per generation, told which by the script.
+printf '#!/usr/bin/env bash
+echo "test layer ... ok"
+echo "test result: ok. 2 passed; 0 failed; 0 ignored; generation $DOTS_MOE_TEST_KERNELS"
+' > "$fake/tests/cuda_layer"
 chmod +x "$fake/dots-moe" "$fake"/tests/*
 t0=$(date +%s)
 set +e
-OUT="$out" DOTS_MOE_GPU_BIN="$fake" DEVICE_BUDGET_S=90 DOTS_MOE_TORCH_PEER="echo peer" \
-    timeout 120 bash scripts/gpu/device.sh > "$out.log" 2>&1
+OUT="$out" DOTS_MOE_GPU_BIN="$fake" DEVICE_BUDGET_S=120 DOTS_MOE_TORCH_PEER="echo peer" \
+    timeout 150 bash scripts/gpu/device.sh > "$out.log" 2>&1
 rc=$?
 set -e
 secs=$(( $(date +%s) - t0 ))
 [ "$rc" -eq 1 ] || fail "stand-ins: exit $rc, expected 1 (one test fails)"
-[ "$secs" -le 100 ] || fail "stand-ins: took ${secs} s with a 90 s budget"
-for name in doctor test:a_pass test:b_fail test:c_hang bench kernels-time torch-peer; do
+[ "$secs" -le 130 ] || fail "stand-ins: took ${secs} s with a 120 s budget"
+for name in doctor test:a_pass test:b_fail test:c_hang 'test:cuda_layer\[gen1\]' 'test:cuda_layer\[gen2\]' \
+    bench kernels-time torch-peer; do
     grep -q "^$name " "$out/summary.txt" || fail "stand-ins: no summary line for $name"
 done
+grep -q '^test:cuda_layer\[gen1\] .*generation gen1' "$out/summary.txt" || fail "stand-ins: gen1 run not told its generation"
+grep -q '^test:cuda_layer\[gen2\] .*generation gen2' "$out/summary.txt" || fail "stand-ins: gen2 run not told its generation"
 grep -q '^test:a_pass .* ok .*3 passed' "$out/summary.txt" || fail "stand-ins: the passing binary's result is missing"
 grep -q '^test:c_hang .*timed out' "$out/summary.txt" || fail "stand-ins: the hanging binary was not timed out"
 grep -q 'planted failure' "$out.log" || fail "stand-ins: the failing test's message is not in the output"
@@ -78,5 +87,5 @@ grep -q 'floor/time 0.93' "$out.log" || fail "stand-ins: the layer table is not 
     fail "stand-ins: the summary is not printed last"
 files=$(find "$out" -type f | wc -l)
 [ "$files" -le 8 ] || fail "stand-ins: $files files in \$OUT"
-echo "device.sh on stand-ins: exit $rc after ${secs} s (budget 90 s), $files files, every step summarised"
+echo "device.sh on stand-ins: exit $rc after ${secs} s (budget 120 s), $files files, every step summarised"
 rm -rf "$fake" "$out" "$out.log"

@@ -65,21 +65,39 @@ pub fn all_options(gpu: &GpuContext) -> Vec<(&'static str, GemmOptions)> {
     all_options_for(gpu.target())
 }
 
-/// [`all_options`] for a device of target `arch`.
+/// Which generations of the expert kernels the tests run: `DOTS_MOE_TEST_KERNELS` = `gen1`
+/// or `gen2` for one (the device script runs the GPU suites once per generation, so that a
+/// fault of one cannot take the other's results with the CUDA context), anything else or
+/// unset for both. `(gen1, gen2)`.
+pub fn generations() -> (bool, bool) {
+    match std::env::var("DOTS_MOE_TEST_KERNELS").as_deref() {
+        Ok("gen1") => (true, false),
+        Ok("gen2") => (false, true),
+        _ => (true, true),
+    }
+}
+
+/// [`all_options`] for a device of target `arch`: of the generations [`generations`] asks
+/// for, the second only on `sm_90a`.
 pub fn all_options_for(arch: Arch) -> Vec<(&'static str, GemmOptions)> {
     let default = GemmOptions::for_arch(arch);
-    let mut all = vec![("default", default)];
-    all.push(("all-tiled-mma", GemmOptions { decode_max_rows: 0, tiled: TiledKernel::Mma, ..default }));
-    if arch.supports(Arch::SM_90A) {
-        all.push(("all-tiled-wgmma", GemmOptions { decode_max_rows: 0, tiled: TiledKernel::Wgmma, ..default }));
-        all.push(("default-mma", GemmOptions { tiled: TiledKernel::Mma, ..default }));
+    let (gen1, gen2) = generations();
+    let hopper = arch.supports(Arch::SM_90A);
+    let mut all = Vec::new();
+    if gen1 {
+        all.push(("default", default));
+        all.push(("all-tiled-mma", GemmOptions { decode_max_rows: 0, tiled: TiledKernel::Mma, ..default }));
+        if hopper {
+            all.push(("all-tiled-wgmma", GemmOptions { decode_max_rows: 0, tiled: TiledKernel::Wgmma, ..default }));
+            all.push(("default-mma", GemmOptions { tiled: TiledKernel::Mma, ..default }));
+        }
+        all.push(("batch-invariant", default.batch_invariant()));
+    }
+    if gen2 && hopper {
+        // The second generation: warp-specialised tiles, then with the streamed decode kernels.
         all.push(("all-tiled-ws", GemmOptions { decode_max_rows: 0, tiled: TiledKernel::WarpSpecialized, ..default }));
         all.push(("default-ws", GemmOptions { tiled: TiledKernel::WarpSpecialized, ..default }));
-        // The second generation: streamed decode kernels and warp-specialised tiles.
         all.push(("gen2", GemmOptions::second_generation()));
-    }
-    all.push(("batch-invariant", default.batch_invariant()));
-    if arch.supports(Arch::SM_90A) {
         all.push(("batch-invariant-stream", GemmOptions::second_generation().batch_invariant()));
     }
     all
