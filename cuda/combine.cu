@@ -20,6 +20,7 @@
 extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
     moe_combine(const float* __restrict__ expert_rows, const u32* __restrict__ pair_rows,
                 u32 slots_per_token, u64 hidden_size, u32 vectorized, float* __restrict__ out) {
+    grid_dependency_sync();
     __shared__ u32 rows[COMBINE_MAX_SLOTS];
     const u64 token = blockIdx.x;
     const u32 slots = slots_per_token;

@@ -121,19 +121,13 @@ template <int NT>
 __device__ __forceinline__ void up_decode_warp(const u16* gate_up_slot, const u16* x, u16* act, u32 hidden, u32 inter,
                                                GemmItem item, u32 n0) {
     const u32 lane = threadIdx.x & 31u;
-    const u32 g = lane >> 2, q = lane & 3u;
+    const u32 g = lane >> 2;
     const u16* gate_row = gate_up_slot + (u64)(n0 + g) * hidden;
     const u16* up_row = gate_up_slot + (u64)(inter + n0 + g) * hidden;
     const u16* rows_b = x + ((u64)item.row_begin + g) * hidden;
     float acc[NT][4];
     decode_dot<NT>(acc, gate_row, up_row, rows_b, hidden, hidden, item.rows);
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-        const u32 r = 8 * t + 2 * q;
-        u16* dst = act + ((u64)item.row_begin + r) * inter + n0 + g;
-        if (r < item.rows) dst[0] = f32_to_bf16(silu_mul(acc[t][0], acc[t][2]));
-        if (r + 1 < item.rows) dst[inter] = f32_to_bf16(silu_mul(acc[t][1], acc[t][3]));
-    }
+    decode_store_act<NT>(acc, act, inter, item, n0 + g);
 }
 
 // GEMM 2 for one warp: output columns n0..n0+16 of the item, NT tiles of 8 rows.
@@ -141,32 +135,20 @@ template <int NT>
 __device__ __forceinline__ void down_decode_warp(const u16* down_slot, const u16* act, const float* row_weights,
                                                  float* y, u32 hidden, u32 inter, GemmItem item, u32 n0) {
     const u32 lane = threadIdx.x & 31u;
-    const u32 g = lane >> 2, q = lane & 3u;
+    const u32 g = lane >> 2;
     const u16* row_lo = down_slot + (u64)(n0 + g) * inter;
     const u16* row_hi = down_slot + (u64)(n0 + g + 8) * inter;
     const u16* rows_b = act + ((u64)item.row_begin + g) * inter;
     float acc[NT][4];
     decode_dot<NT>(acc, row_lo, row_hi, rows_b, inter, inter, item.rows);
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-#pragma unroll
-        for (u32 j = 0; j < 2; ++j) {
-            const u32 r = 8 * t + 2 * q + j;
-            if (r < item.rows) {
-                const u64 row = (u64)item.row_begin + r;
-                const float w = row_weights[row];
-                float* dst = y + row * hidden + n0 + g;
-                dst[0] = __fmul_rn(w, acc[t][j]);
-                dst[8] = __fmul_rn(w, acc[t][2 + j]);
-            }
-        }
-    }
+    decode_store_rows<NT>(acc, row_weights, y, hidden, item, n0 + g);
 }
 
 extern "C" __global__ void __launch_bounds__(DECODE_THREADS, DECODE_MIN_CTAS)
     moe_expert_up_decode(const u16* __restrict__ x, const u16* __restrict__ gate_up,
                          const GemmItem* __restrict__ items, const u32* __restrict__ item_counts, u32 hidden,
                          u32 inter, u16* __restrict__ act) {
+    grid_dependency_sync();
     if (blockIdx.y >= item_counts[COUNT_DECODE]) return;
     const GemmItem item = items[blockIdx.y];
     const u32 n0 = blockIdx.x * DECODE_UP_COLUMNS + (threadIdx.x >> 5) * 8;
@@ -186,6 +168,7 @@ extern "C" __global__ void __launch_bounds__(DECODE_THREADS, DECODE_MIN_CTAS)
     moe_expert_down_decode(const u16* __restrict__ act, const u16* __restrict__ down,
                            const float* __restrict__ row_weights, const GemmItem* __restrict__ items,
                            const u32* __restrict__ item_counts, u32 hidden, u32 inter, float* __restrict__ y) {
+    grid_dependency_sync();
     if (blockIdx.y >= item_counts[COUNT_DECODE]) return;
     const GemmItem item = items[blockIdx.y];
     const u32 n0 = blockIdx.x * DECODE_DOWN_COLUMNS + (threadIdx.x >> 5) * 16;

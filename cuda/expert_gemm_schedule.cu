@@ -61,6 +61,7 @@ extern "C" __global__ void __launch_bounds__(32)
                         u32 tile_rows, u32 decode_capacity, u32 tiled_capacity,
                         GemmItem* __restrict__ decode_items, GemmItem* __restrict__ tiled_items,
                         u32* __restrict__ item_counts) {
+    grid_dependency_sync();
     const u32 lane = threadIdx.x & 31u;
     decode_max_rows = min(decode_max_rows, (u32)DECODE_ITEM_ROWS);
     u32 decode_total = 0, tiled_total = 0, overflow = 0;

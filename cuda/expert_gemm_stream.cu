@@ -149,49 +149,27 @@ __device__ __forceinline__ u32 stream_smem_base(const unsigned char* smem_buffer
 template <int NT>
 __device__ __forceinline__ void up_stream_warp(u32 smem, u32 full, u32 k_tiles, u16* act, u32 inter, GemmItem item,
                                                u32 n0) {
-    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
-    const u32 g = lane >> 2, q = lane & 3u;
+    const u32 warp = threadIdx.x >> 5, g = (threadIdx.x & 31u) >> 2;
     float acc[NT][4];
     // Rows 0..7: gate rows 8w.. of the tile (box 0); rows 8..15: the matching up rows (box 1).
     stream_dot<NT>(acc, smem, full, full + 8 * STREAM_STAGES, k_tiles, 8 * warp, STREAM_W_BOX_ROWS + 8 * warp);
-    const u32 col = n0 + 8 * warp + g;
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-        const u32 r = 8 * t + 2 * q;
-        u16* dst = act + ((u64)item.row_begin + r) * inter + col;
-        if (r < item.rows) dst[0] = f32_to_bf16(silu_mul(acc[t][0], acc[t][2]));
-        if (r + 1 < item.rows) dst[inter] = f32_to_bf16(silu_mul(acc[t][1], acc[t][3]));
-    }
+    decode_store_act<NT>(acc, act, inter, item, n0 + 8 * warp + g);
 }
 
 template <int NT>
 __device__ __forceinline__ void down_stream_warp(u32 smem, u32 full, u32 k_tiles, const float* row_weights, float* y,
                                                  u32 hidden, GemmItem item, u32 n0) {
-    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
-    const u32 g = lane >> 2, q = lane & 3u;
+    const u32 warp = threadIdx.x >> 5, g = (threadIdx.x & 31u) >> 2;
     float acc[NT][4];
     stream_dot<NT>(acc, smem, full, full + 8 * STREAM_STAGES, k_tiles, 16 * warp, 16 * warp + 8);
-    const u32 col = n0 + 16 * warp + g;
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-#pragma unroll
-        for (u32 j = 0; j < 2; ++j) {
-            const u32 r = 8 * t + 2 * q + j;
-            if (r < item.rows) {
-                const u64 row = (u64)item.row_begin + r;
-                const float w = row_weights[row];
-                float* dst = y + row * hidden + col;
-                dst[0] = __fmul_rn(w, acc[t][j]);
-                dst[8] = __fmul_rn(w, acc[t][2 + j]);
-            }
-        }
-    }
+    decode_store_rows<NT>(acc, row_weights, y, hidden, item, n0 + 16 * warp + g);
 }
 
 extern "C" __global__ void __launch_bounds__(STREAM_THREADS, STREAM_MIN_CTAS)
     moe_expert_up_stream(const __grid_constant__ TmaMap x_map, const __grid_constant__ TmaMap gate_up_map,
                          const GemmItem* __restrict__ items, const u32* __restrict__ item_counts, u32 hidden,
                          u32 inter, u16* __restrict__ act) {
+    grid_dependency_sync();
     DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
     if (blockIdx.y >= item_counts[COUNT_DECODE]) return;
     const GemmItem item = items[blockIdx.y];
@@ -223,6 +201,7 @@ extern "C" __global__ void __launch_bounds__(STREAM_THREADS, STREAM_MIN_CTAS)
     moe_expert_down_stream(const __grid_constant__ TmaMap act_map, const __grid_constant__ TmaMap down_map,
                            const float* __restrict__ row_weights, const GemmItem* __restrict__ items,
                            const u32* __restrict__ item_counts, u32 hidden, u32 inter, float* __restrict__ y) {
+    grid_dependency_sync();
     DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
     if (blockIdx.y >= item_counts[COUNT_DECODE]) return;
     const GemmItem item = items[blockIdx.y];

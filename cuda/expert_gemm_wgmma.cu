@@ -147,6 +147,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     moe_expert_up_wgmma(const u16* __restrict__ x, const u16* __restrict__ gate_up,
                         const GemmItem* __restrict__ items, const u32* __restrict__ item_counts, u32 hidden,
                         u32 inter, u16* __restrict__ act) {
+    grid_dependency_sync();
     DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
     if (blockIdx.y >= item_counts[COUNT_TILED]) return;
     const GemmItem item = items[blockIdx.y];
@@ -178,6 +179,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     moe_expert_down_wgmma(const u16* __restrict__ act, const u16* __restrict__ down,
                           const float* __restrict__ row_weights, const GemmItem* __restrict__ items,
                           const u32* __restrict__ item_counts, u32 hidden, u32 inter, float* __restrict__ y) {
+    grid_dependency_sync();
     DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
     if (blockIdx.y >= item_counts[COUNT_TILED]) return;
     const GemmItem item = items[blockIdx.y];

@@ -222,6 +222,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     moe_expert_up_ws(const __grid_constant__ TmaMap x_map, const __grid_constant__ TmaMap gate_up_map,
                      const GemmItem* __restrict__ items, const u32* __restrict__ item_counts, u32 hidden, u32 inter,
                      u16* __restrict__ act) {
+    grid_dependency_sync();
     ws_gemm<true>(&x_map, &gate_up_map, items, item_counts, hidden, inter, nullptr, act, nullptr);
 }
 
@@ -229,5 +230,6 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     moe_expert_down_ws(const __grid_constant__ TmaMap act_map, const __grid_constant__ TmaMap down_map,
                        const float* __restrict__ row_weights, const GemmItem* __restrict__ items,
                        const u32* __restrict__ item_counts, u32 hidden, u32 inter, float* __restrict__ y) {
+    grid_dependency_sync();
     ws_gemm<false>(&act_map, &down_map, items, item_counts, hidden, inter, row_weights, nullptr, y);
 }

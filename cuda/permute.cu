@@ -41,6 +41,7 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
                      u32 n_slots, u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts,
                      u64* __restrict__ tile_status, u32* __restrict__ tile_offsets,
                      u32* __restrict__ expert_offsets, u32* __restrict__ tiles_done) {
+    grid_dependency_sync();
     DECLARE_DYNAMIC_SMEM(smem, 16);
     const u32 slots = slots_per_token;
     u32* ids = reinterpret_cast<u32*>(smem);
@@ -76,6 +77,7 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
                         u32 tokens, u32 slots_per_token, u32 n_slots,
                         u32* __restrict__ expert_offsets, u32* __restrict__ row_pairs,
                         u32* __restrict__ pair_rows, float* __restrict__ row_weights) {
+    grid_dependency_sync();
     const u32 tile = blockIdx.x;
     if (tokens == 0) {
         for (u32 e = threadIdx.x; e <= n_slots; e += TILE_THREADS) expert_offsets[e] = 0;
@@ -161,6 +163,7 @@ __device__ __forceinline__ void gather<u16, u16>(const u16* __restrict__ hidden,
     extern "C" __global__ void __launch_bounds__(GATHER_THREADS)                               \
         NAME(const TX* __restrict__ hidden, const u32* __restrict__ row_pairs,                 \
              TO* __restrict__ out, u32 slots_per_token, u64 hidden_size, u32 vectorized) {     \
+        grid_dependency_sync();                                                                \
         gather<TX, TO>(hidden, row_pairs, out, slots_per_token, hidden_size, vectorized);      \
     }
 

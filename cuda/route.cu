@@ -134,6 +134,7 @@ __device__ __forceinline__ void router_logits(const TX* __restrict__ x, const TW
     extern "C" __global__ void __launch_bounds__(LOGIT_THREADS)                                \
         NAME(const TX* __restrict__ x, const TW* __restrict__ w, float* __restrict__ logits,   \
              u32 tokens, u32 experts, u64 hidden, u32 vectorized) {                            \
+        grid_dependency_sync();                                                                \
         router_logits<TX, TW, EB>(x, w, logits, tokens, experts, hidden, vectorized);           \
     }
 
@@ -163,6 +164,7 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
                       u32* __restrict__ expert_offsets, u32* __restrict__ tiles_done,
                       u32 fuse_scatter, u32* __restrict__ row_pairs,
                       u32* __restrict__ pair_rows, float* __restrict__ row_weights) {
+    grid_dependency_sync();
     DECLARE_DYNAMIC_SMEM(smem, 16);
     const u32 slots = top_k + n_shared;
     const u32 n_slots = experts + n_shared;

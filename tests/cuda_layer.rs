@@ -228,6 +228,38 @@ fn graph_replay_equals_direct_launches() {
 }
 
 #[test]
+fn programmatic_dependent_launch_changes_no_bit() {
+    // The same layers launched plainly and with programmatic stream serialisation (each
+    // kernel scheduled while the one before it runs, waiting in its first statement),
+    // directly and from a captured graph: the same bits.
+    let Some(gpu) = setup("programmatic_dependent_launch_changes_no_bit") else { return };
+    if gpu.info().major < 9 {
+        eprintln!("programmatic dependent launch needs sm_90: skipped on {}", gpu.info().name);
+        return;
+    }
+    let cfg = small_config();
+    let cpu = synthetic_layer(&cfg, 31);
+    for (label, options) in all_options(&gpu) {
+        let gpu_layer = CudaMoeLayer::new(&gpu, &cpu, options).unwrap();
+        for tokens in [1, 17, 300] {
+            let hidden = Hidden::random(tokens, cfg.hidden_size, Dtype::Bf16, 50 + tokens as u64);
+            gpu.set_programmatic_launch(false);
+            let (plain, _) = run_gpu(&gpu_layer, &hidden, tokens);
+            assert!(gpu.set_programmatic_launch(true), "sm_90 takes programmatic launches");
+            let (programmatic, _) = run_gpu(&gpu_layer, &hidden, tokens);
+            let mut graph = gpu_layer.capture(gpu_layer.workspace(tokens, Dtype::Bf16).unwrap()).unwrap();
+            graph.set_input(hidden.view()).unwrap();
+            graph.workspace_mut().poison().unwrap();
+            graph.replay().unwrap();
+            let replayed = graph.workspace().read_output().unwrap();
+            gpu.set_programmatic_launch(false);
+            assert!(bits(&plain) == bits(&programmatic), "{label}, T = {tokens}: programmatic launches differ");
+            assert!(bits(&plain) == bits(&replayed), "{label}, T = {tokens}: the programmatic graph differs");
+        }
+    }
+}
+
+#[test]
 fn the_gpu_layer_refuses_other_contracts() {
     let Some(gpu) = setup("the_gpu_layer_refuses_other_contracts") else { return };
     let mut cpu = synthetic_layer(&small_config(), 6);

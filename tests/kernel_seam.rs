@@ -146,6 +146,49 @@ fn every_kernel_signature_matches_its_declaration() {
     assert_eq!(checked, 27);
 }
 
+/// The kernels of `text` whose body does not begin with `grid_dependency_sync();` (the
+/// programmatic-dependent-launch wait, `cuda/include/common.cuh`): under programmatic
+/// stream serialisation such a kernel could read or write global memory while the kernel
+/// before it still runs.
+fn kernels_without_dependency_sync(text: &str) -> Vec<String> {
+    let text = expand_kernel_macros(&strip_comments(text));
+    let mut missing = Vec::new();
+    for (at, _) in text.match_indices("extern \"C\" __global__") {
+        let rest = &text[at..];
+        let open = rest.find('{').expect("a kernel body");
+        let head = &rest[..open];
+        let name = head[..head.find('(').unwrap_or(head.len())].split_whitespace().last().unwrap_or("?");
+        // `__launch_bounds__(...)` comes first: the name is the word before the parameters.
+        let name = match head.find("__launch_bounds__(") {
+            Some(i) => {
+                let after = &head[i + head[i..].find(')').unwrap() + 1..];
+                after[..after.find('(').unwrap_or(after.len())].split_whitespace().last().unwrap_or(name)
+            }
+            None => name,
+        };
+        if !rest[open + 1..].trim_start().starts_with("grid_dependency_sync();") {
+            missing.push(name.to_string());
+        }
+    }
+    missing
+}
+
+#[test]
+fn every_kernel_waits_for_the_previous_grid_before_touching_memory() {
+    let mut checked = 0;
+    for file in FILES {
+        assert_eq!(kernels_without_dependency_sync(file.text), Vec::<String>::new(), "{}", file.name);
+        checked += file.kernels.len();
+    }
+    assert_eq!(checked, source::kernels().count());
+    // The check on a kernel that reads first.
+    let text = "extern \"C\" __global__ void __launch_bounds__(128) k(const u32* a) {\n    u32 v = a[0];\n}\n";
+    assert_eq!(kernels_without_dependency_sync(text), vec!["k".to_string()]);
+    let macro_text =
+        "#define K(NAME) \\\n    extern \"C\" __global__ void NAME(u32* a) { \\\n        a[0] = 1; \\\n    }\nK(k2)\n";
+    assert_eq!(kernels_without_dependency_sync(macro_text), vec!["k2".to_string()]);
+}
+
 #[test]
 fn the_signature_check_sees_a_drift() {
     // A parameter type, an order and a name, each changed in a copy of combine.cu: the

@@ -29,6 +29,23 @@ typedef unsigned short u16;
 #define DECLARE_DYNAMIC_SMEM(name, align) extern __shared__ __align__(align) unsigned char name[]
 #endif
 
+// ---- programmatic dependent launch ----------------------------------------------------
+//
+// Every kernel of the crate begins with this call, before any read or write of global
+// memory (tests/kernel_seam.rs checks it). On sm_90 and later a kernel launched with
+// programmatic stream serialisation (GpuContext::set_programmatic_launch) may be scheduled
+// while the kernel before it in the stream still runs: `launch_dependents` lets the next
+// kernel's CTAs be scheduled once every CTA of this one has started, and `wait` blocks until
+// the previous kernel has completed and its memory is visible. So a layer's kernels overlap
+// only their launch and prologue, never their memory traffic. Launched plainly, both return
+// at once. Compiled out for sm_80 and on the CPU emulator (launches run one after another).
+__device__ __forceinline__ void grid_dependency_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // ---- 128-bit global stores ---------------------------------------------------------
 //
 // NVRTC lowers a store of a float4 / uint4 whose lanes were computed one by one into four

@@ -43,6 +43,49 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
 }
 
+// ---- the decode epilogues (expert_gemm_decode.cu, expert_gemm_stream.cu) ---------------
+//
+// One warp's NT accumulator tiles of mma m16n8k16 with the weight rows as A and 8 item rows
+// per tile as B (lane l, g = l >> 2, q = l & 3): acc[t][0] / acc[t][2] are weight rows g /
+// g + 8 of item row 8t + 2q, acc[t][1] / acc[t][3] of item row 8t + 2q + 1. Rows past the
+// item are dropped.
+
+// GEMM 1: weight rows g = gate, g + 8 = up of act column `col`.
+template <int NT>
+__device__ __forceinline__ void decode_store_act(const float (&acc)[NT][4], u16* act, u32 inter, GemmItem item,
+                                                 u32 col) {
+    const u32 q = threadIdx.x & 3u;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        const u32 r = 8 * t + 2 * q;
+        u16* dst = act + ((u64)item.row_begin + r) * inter + col;
+        if (r < item.rows) dst[0] = f32_to_bf16(silu_mul(acc[t][0], acc[t][2]));
+        if (r + 1 < item.rows) dst[inter] = f32_to_bf16(silu_mul(acc[t][1], acc[t][3]));
+    }
+}
+
+// GEMM 2: weight rows g and g + 8 = output columns `col` and `col + 8`, times the routing
+// weight of the row.
+template <int NT>
+__device__ __forceinline__ void decode_store_rows(const float (&acc)[NT][4], const float* row_weights, float* y,
+                                                  u32 hidden, GemmItem item, u32 col) {
+    const u32 q = threadIdx.x & 3u;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (u32 j = 0; j < 2; ++j) {
+            const u32 r = 8 * t + 2 * q + j;
+            if (r < item.rows) {
+                const u64 row = (u64)item.row_begin + r;
+                const float w = row_weights[row];
+                float* dst = y + row * hidden + col;
+                dst[0] = __fmul_rn(w, acc[t][j]);
+                dst[8] = __fmul_rn(w, acc[t][2 + j]);
+            }
+        }
+    }
+}
+
 // The PTX wrappers below are replaced by C++ models when the kernel files run on the CPU
 // (tests/emulator: DOTS_MOE_EMULATE defined); NVRTC compiles them as written.
 #ifndef DOTS_MOE_EMULATE

@@ -12,10 +12,11 @@
 #      both expert kernel generations once per generation, the second last);
 #   3. timings: `bench --backend cuda --gemm --kernels gen1,gen2` (the layer and GEMM 1/2 apart,
 #      beside the floor, both generations of the Hopper expert kernels side by side)
-#      into layer.json, `kernels --time` into kernels.txt, the PyTorch peer into peer.txt.
+#      into layer.json, the same with programmatic dependent launch at T = 1, 16, 256 into
+#      layer-pdl.json, `kernels --time` into kernels.txt, the PyTorch peer into peer.txt.
 # Files written into $OUT (or ./gpu-results without it), at most 8:
 #   summary.txt  one line per step: status, seconds, result (also printed last)
-#   env.txt  layer.json  kernels.txt  peer.txt  logs.tar.gz (every step's full log)
+#   env.txt  layer.json  layer-pdl.json  kernels.txt  peer.txt  logs.tar.gz (every step's full log)
 # Exits 0 only if every step passed. Without a GPU it stops after the probe, says so in
 # summary.txt, and exits 1. DOTS_MOE_GPU_BIN names another binaries folder (the dry-run
 # check uses it to run the script's logic on stand-in binaries).
@@ -42,15 +43,16 @@ finish() {
     echo
     echo "==================== dots-moe device run: $(date -u +%Y-%m-%dT%H:%MZ), $(elapsed) s ===================="
     [ -f "$out/env.txt" ] && grep -E '^(gpu|driver|glibc|libcuda|libnvrtc|cubin)' "$out/env.txt"
-    if [ -s "$out/layer.json" ]; then
-        echo "--- layer and GEMMs (bench --backend cuda; floor: 4.3 TB/s, 790 TFLOP/s)"
-        python3 - "$out/layer.json" <<'PY' 2>/dev/null || true
+    for json in layer layer-pdl; do
+        [ -s "$out/$json.json" ] || continue
+        echo "--- $json.json (bench --backend cuda; floor: 4.3 TB/s, 790 TFLOP/s)"
+        python3 - "$out/$json.json" <<'PY' 2>/dev/null || true
 import json, sys
 for r in json.load(open(sys.argv[1])):
     print(f"{r['backend']:<20} T {r['tokens']:>6}  {r['median_us']:>10.1f} us  {r['gb_per_s']:>8.1f} GB/s  "
           f"{r['tflop_per_s']:>7.1f} TFLOP/s  floor {r['floor_us']:>9.1f} us  floor/time {r['floor_ratio']:.2f}")
 PY
-    fi
+    done
     echo "--- summary ($out: $(ls "$out" | wc -l) files)"
     cat "$summary"
     exit "$1"
@@ -96,12 +98,7 @@ step() {
 }
 
 # ---- 1. the binaries and the environment
-bin="${DOTS_MOE_GPU_BIN:-$root/gpu-bin}"
-if [ -f "$bin/bundle.tar.xz" ]; then
-    unpacked="$(mktemp -d)"
-    tar -C "$unpacked" -xJf "$bin/bundle.tar.xz" && cp -r "$bin/kernel-cache" "$unpacked/" 2>/dev/null
-    bin="$unpacked"
-fi
+. "$root/scripts/gpu/host_env.sh"
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "host: $(uname -srm)"
@@ -116,26 +113,13 @@ fi
     fi
 } > "$out/env.txt"
 
-# libcuda from the driver's folders; libnvrtc from a CUDA toolkit, else python3's wheels.
-libcuda=$(ldconfig -p 2>/dev/null | grep -m1 'libcuda.so.1 ' | sed 's/.*=> //')
+# Where host_env.sh found libcuda and libnvrtc.
 echo "libcuda: ${libcuda:-not found by ldconfig}" >> "$out/env.txt"
-nvrtc_dir=""
-for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [ -e "$dir/libnvrtc.so.13" ] && { nvrtc_dir="$dir"; break; }
-done
-if [ -z "$nvrtc_dir" ] && command -v python3 > /dev/null; then
-    for site in $(python3 -c 'import site, sysconfig; print(" ".join(site.getsitepackages() + [sysconfig.get_paths()["purelib"]]))' 2>/dev/null); do
-        [ -e "$site/nvidia/cu13/lib/libnvrtc.so.13" ] && { nvrtc_dir="$site/nvidia/cu13/lib"; break; }
-    done
-fi
 if [ -n "$nvrtc_dir" ]; then
-    export LD_LIBRARY_PATH="$nvrtc_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "libnvrtc: $nvrtc_dir/libnvrtc.so.13" >> "$out/env.txt"
 else
     echo "libnvrtc: not found (the cubin cache must serve every kernel)" >> "$out/env.txt"
 fi
-# The kernel suites run on the GPU here, not on the CPU emulator (DOTS_MOE_CXX=none).
-export DOTS_MOE_KERNEL_CACHE="$bin/kernel-cache" DOTS_MOE_REQUIRE_GPU=1 DOTS_MOE_CXX=none RUST_BACKTRACE=1
 echo "cubin cache: $(ls "$DOTS_MOE_KERNEL_CACHE"/*.cubin 2>/dev/null | wc -l) files in $DOTS_MOE_KERNEL_CACHE" >> "$out/env.txt"
 
 if [ ! -x "$bin/dots-moe" ]; then
@@ -177,6 +161,10 @@ done
 deadline=$(( started + budget ))
 STEP_OUTPUT="$out/layer.json" RESERVE=40 step bench 120 "$deadline" sh -c "'$bin/dots-moe' bench --backend cuda --gemm --kernels gen1,gen2 --json --seconds 1 \
     --tokens 1,16,64,256,1024,4096,16384 > '$out/layer.json'"
+# The same layers with programmatic dependent launch (DOTS_MOE_PDL=1), at the batch sizes
+# where launch latency counts.
+STEP_OUTPUT="$out/layer-pdl.json" RESERVE=30 DOTS_MOE_PDL=1 step bench-pdl 45 "$deadline" sh -c "'$bin/dots-moe' bench --backend cuda \
+    --kernels gen1,gen2 --json --seconds 1 --tokens 1,16,256 > '$out/layer-pdl.json'"
 STEP_OUTPUT="$out/kernels.txt" RESERVE=20 step kernels-time 30 "$deadline" sh -c "'$bin/dots-moe' kernels --time --tokens 1,16,256,4096 --iterations 100 > '$out/kernels.txt'"
 if [ -n "${DOTS_MOE_TORCH_PEER:-}" ] || python3 -c 'import torch; assert torch.cuda.is_available()' 2> /dev/null; then
     STEP_OUTPUT="$out/peer.txt" step torch-peer 50 "$deadline" sh -c "PYTHONUNBUFFERED=1 ${DOTS_MOE_TORCH_PEER:-python3 scripts/peer/torch_moe_gpu.py} \

@@ -73,7 +73,7 @@ secs=$(( $(date +%s) - t0 ))
 [ "$rc" -eq 1 ] || fail "stand-ins: exit $rc, expected 1 (one test fails)"
 [ "$secs" -le 130 ] || fail "stand-ins: took ${secs} s with a 120 s budget"
 for name in doctor test:a_pass test:b_fail test:c_hang 'test:cuda_layer\[gen1\]' 'test:cuda_layer\[gen2\]' \
-    bench kernels-time torch-peer; do
+    bench bench-pdl kernels-time torch-peer; do
     grep -q "^$name " "$out/summary.txt" || fail "stand-ins: no summary line for $name"
 done
 grep -q '^test:cuda_layer\[gen1\] .*generation gen1' "$out/summary.txt" || fail "stand-ins: gen1 run not told its generation"

@@ -6,6 +6,7 @@
 //! [`CudaError`] before cudarc is asked anything.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUfunction_attribute;
@@ -114,6 +115,7 @@ pub struct GpuContext {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     shared_limits: Mutex<HashMap<&'static str, usize>>,
+    programmatic: AtomicBool,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -151,6 +153,11 @@ impl Launcher for GpuContext {
                 _ => Ok(None),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if self.programmatic_launch() {
+            // SAFETY: as for the builder below; the arguments live until the call returns,
+            // which copies them.
+            return unsafe { self.launch_programmatic(&func, launch, &maps) };
+        }
         let mut builder = self.stream().launch_builder(&func);
         for (arg, map) in launch.args.iter().zip(&maps) {
             match (arg, map) {
@@ -170,6 +177,57 @@ impl Launcher for GpuContext {
         // (whose agreement with the `.cu` signature tests/kernel_seam.rs proves); the
         // caller guarantees the pointers (see the trait).
         unsafe { builder.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+impl GpuContext {
+    /// `launch` by `cuLaunchKernelEx` with programmatic stream serialisation allowed.
+    ///
+    /// # Safety
+    /// As [`Launcher::launch`]; `maps` holds the encoded tensor map of every
+    /// `KernelArg::TensorMap` argument.
+    unsafe fn launch_programmatic(
+        &self,
+        func: &CudaFunction,
+        launch: &Launch,
+        maps: &[Option<EncodedTensorMap>],
+    ) -> Result<(), CudaError> {
+        // One pointer per parameter, to the argument's value (kept in `launch` and `maps`).
+        let mut params: Vec<*mut std::ffi::c_void> = launch
+            .args
+            .iter()
+            .zip(maps)
+            .map(|(arg, map)| match (arg, map) {
+                (KernelArg::Ptr(v) | KernelArg::U64(v), _) => v as *const u64 as *mut std::ffi::c_void,
+                (KernelArg::U32(v), _) => v as *const u32 as *mut std::ffi::c_void,
+                (KernelArg::F32(v), _) => v as *const f32 as *mut std::ffi::c_void,
+                (KernelArg::TensorMap(_), Some(map)) => map as *const EncodedTensorMap as *mut std::ffi::c_void,
+                (KernelArg::TensorMap(_), None) => unreachable!("encoded by the caller"),
+            })
+            .collect();
+        // SAFETY: a plain-old-data attribute, zeroed then set.
+        let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attribute.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: launch.grid.0,
+            gridDimY: launch.grid.1,
+            gridDimZ: 1,
+            blockDimX: launch.block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: launch.shared as u32,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the function belongs to this context, the stream too; `params` holds one
+        // pointer per kernel parameter, each to a live value of the parameter's type (checked
+        // against the declaration by `Launch::new`); the caller vouches for the pointers.
+        unsafe { sys::cuLaunchKernelEx(&config, func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()?;
         Ok(())
     }
 }
@@ -234,7 +292,7 @@ impl GpuContext {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
         let target = Arch::for_device(info.major, info.minor);
-        Ok(Arc::new(GpuContext {
+        let gpu = Arc::new(GpuContext {
             ctx,
             stream,
             info,
@@ -242,7 +300,30 @@ impl GpuContext {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             shared_limits: Mutex::new(HashMap::new()),
-        }))
+            programmatic: AtomicBool::new(false),
+        });
+        if std::env::var("DOTS_MOE_PDL").is_ok_and(|v| v == "1") {
+            gpu.set_programmatic_launch(true);
+        }
+        Ok(gpu)
+    }
+
+    /// Whether kernels are launched with programmatic stream serialisation (programmatic
+    /// dependent launch, sm_90 and later): each kernel may then be scheduled while the one
+    /// before it still runs, and waits for it in its first statement (`grid_dependency_sync`
+    /// in `cuda/include/common.cuh`), which hides a launch's latency behind the previous
+    /// kernel. Off by default until a device run has measured it; `DOTS_MOE_PDL=1` in the
+    /// environment turns it on for every context [`GpuContext::new`] opens. Returns whether
+    /// it is on: never on a device older than sm_90.
+    pub fn set_programmatic_launch(&self, on: bool) -> bool {
+        let on = on && self.info.major >= 9;
+        self.programmatic.store(on, Ordering::Relaxed);
+        on
+    }
+
+    /// Whether kernels are launched with programmatic stream serialisation.
+    pub fn programmatic_launch(&self) -> bool {
+        self.programmatic.load(Ordering::Relaxed)
     }
 
     /// The device.
