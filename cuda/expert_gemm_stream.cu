@@ -165,36 +165,59 @@ __device__ __forceinline__ void down_stream_warp(u32 smem, u32 full, u32 k_tiles
     decode_store_rows<NT>(acc, row_weights, y, hidden, item, n0 + 16 * warp + g);
 }
 
-extern "C" __global__ void __launch_bounds__(STREAM_THREADS, STREAM_MIN_CTAS)
-    moe_expert_up_stream(const __grid_constant__ TmaMap x_map, const __grid_constant__ TmaMap gate_up_map,
-                         const GemmItem* __restrict__ items, const u32* __restrict__ item_counts, u32 hidden,
-                         u32 inter, u16* __restrict__ act) {
-    grid_dependency_sync();
+// One GEMM of the ring: GEMM 1 (UP: gate rows n0.. and up rows I + n0.., SwiGLU into act)
+// or GEMM 2 (down rows n0..n0 + 64, the routing weight into y).
+template <bool UP>
+__device__ __forceinline__ void stream_gemm(const TmaMap* x_map, const TmaMap* w_map,
+                                            const GemmItem* __restrict__ items,
+                                            const u32* __restrict__ item_counts, u32 hidden, u32 inter,
+                                            const float* __restrict__ row_weights, u16* __restrict__ act,
+                                            float* __restrict__ y) {
     DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
     if (blockIdx.y >= item_counts[COUNT_DECODE]) return;
     const GemmItem item = items[blockIdx.y];
     const u32 smem = stream_smem_base(smem_buffer);
     const u32 full = stream_setup(smem);
-    const u32 k_tiles = hidden / STREAM_BK;
-    const u32 n0 = blockIdx.x * (STREAM_W_ROWS / 2);
+    const u32 k_tiles = (UP ? hidden : inter) / STREAM_BK;
+    const u32 n0 = blockIdx.x * (UP ? STREAM_W_ROWS / 2 : STREAM_W_ROWS);
     const u32 nt = stream_tiles(item.rows);
     if ((threadIdx.x >> 5) == STREAM_WARPS) {
         if ((threadIdx.x & 31u) == 0) {
-            const u32 w_lo = item.slot * 2 * inter + n0;
-            stream_produce(&x_map, &gate_up_map, smem, full, full + 8 * STREAM_STAGES, k_tiles, w_lo, w_lo + inter,
-                           item.row_begin, nt);
+            const u32 w_lo = item.slot * (UP ? 2 * inter : hidden) + n0;
+            stream_produce(x_map, w_map, smem, full, full + 8 * STREAM_STAGES, k_tiles, w_lo,
+                           w_lo + (UP ? inter : STREAM_W_BOX_ROWS), item.row_begin, nt);
         }
         return;
     }
-    if (nt == 1) {
-        up_stream_warp<1>(smem, full, k_tiles, act, inter, item, n0);
-    } else if (nt == 2) {
-        up_stream_warp<2>(smem, full, k_tiles, act, inter, item, n0);
-    } else if (nt == 4) {
-        up_stream_warp<4>(smem, full, k_tiles, act, inter, item, n0);
+    if (UP) {
+        if (nt == 1) {
+            up_stream_warp<1>(smem, full, k_tiles, act, inter, item, n0);
+        } else if (nt == 2) {
+            up_stream_warp<2>(smem, full, k_tiles, act, inter, item, n0);
+        } else if (nt == 4) {
+            up_stream_warp<4>(smem, full, k_tiles, act, inter, item, n0);
+        } else {
+            up_stream_warp<8>(smem, full, k_tiles, act, inter, item, n0);
+        }
     } else {
-        up_stream_warp<8>(smem, full, k_tiles, act, inter, item, n0);
+        if (nt == 1) {
+            down_stream_warp<1>(smem, full, k_tiles, row_weights, y, hidden, item, n0);
+        } else if (nt == 2) {
+            down_stream_warp<2>(smem, full, k_tiles, row_weights, y, hidden, item, n0);
+        } else if (nt == 4) {
+            down_stream_warp<4>(smem, full, k_tiles, row_weights, y, hidden, item, n0);
+        } else {
+            down_stream_warp<8>(smem, full, k_tiles, row_weights, y, hidden, item, n0);
+        }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(STREAM_THREADS, STREAM_MIN_CTAS)
+    moe_expert_up_stream(const __grid_constant__ TmaMap x_map, const __grid_constant__ TmaMap gate_up_map,
+                         const GemmItem* __restrict__ items, const u32* __restrict__ item_counts, u32 hidden,
+                         u32 inter, u16* __restrict__ act) {
+    grid_dependency_sync();
+    stream_gemm<true>(&x_map, &gate_up_map, items, item_counts, hidden, inter, nullptr, act, nullptr);
 }
 
 extern "C" __global__ void __launch_bounds__(STREAM_THREADS, STREAM_MIN_CTAS)
@@ -202,29 +225,5 @@ extern "C" __global__ void __launch_bounds__(STREAM_THREADS, STREAM_MIN_CTAS)
                            const float* __restrict__ row_weights, const GemmItem* __restrict__ items,
                            const u32* __restrict__ item_counts, u32 hidden, u32 inter, float* __restrict__ y) {
     grid_dependency_sync();
-    DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
-    if (blockIdx.y >= item_counts[COUNT_DECODE]) return;
-    const GemmItem item = items[blockIdx.y];
-    const u32 smem = stream_smem_base(smem_buffer);
-    const u32 full = stream_setup(smem);
-    const u32 k_tiles = inter / STREAM_BK;
-    const u32 n0 = blockIdx.x * STREAM_W_ROWS;
-    const u32 nt = stream_tiles(item.rows);
-    if ((threadIdx.x >> 5) == STREAM_WARPS) {
-        if ((threadIdx.x & 31u) == 0) {
-            const u32 w_lo = item.slot * hidden + n0;
-            stream_produce(&act_map, &down_map, smem, full, full + 8 * STREAM_STAGES, k_tiles, w_lo,
-                           w_lo + STREAM_W_BOX_ROWS, item.row_begin, nt);
-        }
-        return;
-    }
-    if (nt == 1) {
-        down_stream_warp<1>(smem, full, k_tiles, row_weights, y, hidden, item, n0);
-    } else if (nt == 2) {
-        down_stream_warp<2>(smem, full, k_tiles, row_weights, y, hidden, item, n0);
-    } else if (nt == 4) {
-        down_stream_warp<4>(smem, full, k_tiles, row_weights, y, hidden, item, n0);
-    } else {
-        down_stream_warp<8>(smem, full, k_tiles, row_weights, y, hidden, item, n0);
-    }
+    stream_gemm<false>(&act_map, &down_map, items, item_counts, hidden, inter, row_weights, nullptr, y);
 }
