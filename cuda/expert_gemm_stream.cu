@@ -63,11 +63,19 @@ __device__ __forceinline__ u32 stream_offset(u32 r, u32 c) {
     return r * (STREAM_BK * 2) + ((c ^ (r & 7u)) << 4);
 }
 
+// The ring's mbarriers of stage s, after the stages: full[s], then empty[s].
+__device__ __forceinline__ u32 stream_full(u32 smem, u32 s) {
+    return smem + STREAM_STAGES * STREAM_STAGE_BYTES + 8 * s;
+}
+__device__ __forceinline__ u32 stream_empty(u32 smem, u32 s) {
+    return stream_full(smem, STREAM_STAGES + s);
+}
+
 // The NT-tile dot products of one compute warp over the whole K, from the ring; releases
 // every stage it reads. a_lo / a_hi: the warp's first A row of rows 0..7 / 8..15 in a
 // stage's weight tile.
 template <int NT>
-__device__ __forceinline__ void stream_dot(float acc[NT][4], u32 smem, u32 full, u32 empty, u32 k_tiles, u32 a_lo,
+__device__ __forceinline__ void stream_dot(float acc[NT][4], u32 smem, u32 k_tiles, u32 a_lo,
                                            u32 a_hi) {
     const u32 lane = threadIdx.x & 31u;
     const u32 m = lane >> 3;  // the ldmatrix matrix this lane addresses
@@ -79,7 +87,7 @@ __device__ __forceinline__ void stream_dot(float acc[NT][4], u32 smem, u32 full,
     for (u32 kt = 0; kt < k_tiles; ++kt) {
         const u32 s = kt % STREAM_STAGES;
         const u32 stage = smem + s * STREAM_STAGE_BYTES;
-        mbar_wait(full + 8 * s, (kt / STREAM_STAGES) & 1u);
+        mbar_wait(stream_full(smem, s), (kt / STREAM_STAGES) & 1u);
 #pragma unroll
         for (u32 kk = 0; kk < STREAM_BK / 16; kk += 2) {
             u32 a[2][4];
@@ -96,43 +104,42 @@ __device__ __forceinline__ void stream_dot(float acc[NT][4], u32 smem, u32 full,
         }
         // Every lane's ldmatrix of the stage is done: it goes back to the producer.
         __syncwarp();
-        if (lane == 0) mbar_arrive(empty + 8 * s);
+        if (lane == 0) mbar_arrive(stream_empty(smem, s));
     }
 }
 
 // The producer (lane 0 of the last warp): every k-tile's weight boxes (rows w_lo.. and
 // w_hi.., evict-first) and the item's NT row boxes into the ring.
-__device__ __forceinline__ void stream_produce(const TmaMap* x_map, const TmaMap* w_map, u32 smem, u32 full,
-                                               u32 empty, u32 k_tiles, u32 w_lo, u32 w_hi, u32 row_begin, u32 nt) {
+__device__ __forceinline__ void stream_produce(const TmaMap* x_map, const TmaMap* w_map, u32 smem, u32 k_tiles,
+                                               u32 w_lo, u32 w_hi, u32 row_begin, u32 nt) {
     const u64 policy = l2_evict_first();
     const u32 bytes = STREAM_W_BYTES + nt * STREAM_X_BOX_BYTES;
     for (u32 kt = 0; kt < k_tiles; ++kt) {
         const u32 s = kt % STREAM_STAGES;
         const u32 stage = smem + s * STREAM_STAGE_BYTES;
+        const u32 full = stream_full(smem, s);
         const int k0 = (int)(kt * STREAM_BK);
-        mbar_wait(empty + 8 * s, ((kt / STREAM_STAGES) & 1u) ^ 1u);
-        mbar_arrive_expect_tx(full + 8 * s, bytes);
-        tma_load_2d_hint(stage, w_map, k0, (int)w_lo, full + 8 * s, policy);
-        tma_load_2d_hint(stage + STREAM_W_BYTES / 2, w_map, k0, (int)w_hi, full + 8 * s, policy);
+        mbar_wait(stream_empty(smem, s), ((kt / STREAM_STAGES) & 1u) ^ 1u);
+        mbar_arrive_expect_tx(full, bytes);
+        tma_load_2d_hint(stage, w_map, k0, (int)w_lo, full, policy);
+        tma_load_2d_hint(stage + STREAM_W_BYTES / 2, w_map, k0, (int)w_hi, full, policy);
         for (u32 t = 0; t < nt; ++t) {
             tma_load_2d(stage + STREAM_W_BYTES + t * STREAM_X_BOX_BYTES, x_map, k0,
-                        (int)(row_begin + t * STREAM_X_BOX_ROWS), full + 8 * s);
+                        (int)(row_begin + t * STREAM_X_BOX_ROWS), full);
         }
     }
 }
 
-// The ring's mbarriers, initialised by thread 0; their addresses after the stages.
-__device__ __forceinline__ u32 stream_setup(u32 smem) {
-    const u32 full = smem + STREAM_STAGES * STREAM_STAGE_BYTES;
+// The ring's mbarriers, initialised by thread 0 before any thread uses them.
+__device__ __forceinline__ void stream_setup(u32 smem) {
     if (threadIdx.x == 0) {
         for (u32 s = 0; s < STREAM_STAGES; ++s) {
-            mbar_init(full + 8 * s, 1);
-            mbar_init(full + 8 * (STREAM_STAGES + s), STREAM_WARPS);
+            mbar_init(stream_full(smem, s), 1);
+            mbar_init(stream_empty(smem, s), STREAM_WARPS);
         }
         fence_mbarrier_init();
     }
     __syncthreads();
-    return full;
 }
 
 // Tiles of 8 rows for an item of `rows` rows: 1, 2, 4 or 8.
@@ -147,21 +154,21 @@ __device__ __forceinline__ u32 stream_smem_base(const unsigned char* smem_buffer
 }
 
 template <int NT>
-__device__ __forceinline__ void up_stream_warp(u32 smem, u32 full, u32 k_tiles, u16* act, u32 inter, GemmItem item,
+__device__ __forceinline__ void up_stream_warp(u32 smem, u32 k_tiles, u16* act, u32 inter, GemmItem item,
                                                u32 n0) {
     const u32 warp = threadIdx.x >> 5, g = (threadIdx.x & 31u) >> 2;
     float acc[NT][4];
     // Rows 0..7: gate rows 8w.. of the tile (box 0); rows 8..15: the matching up rows (box 1).
-    stream_dot<NT>(acc, smem, full, full + 8 * STREAM_STAGES, k_tiles, 8 * warp, STREAM_W_BOX_ROWS + 8 * warp);
+    stream_dot<NT>(acc, smem, k_tiles, 8 * warp, STREAM_W_BOX_ROWS + 8 * warp);
     decode_store_act<NT>(acc, act, inter, item, n0 + 8 * warp + g);
 }
 
 template <int NT>
-__device__ __forceinline__ void down_stream_warp(u32 smem, u32 full, u32 k_tiles, const float* row_weights, float* y,
+__device__ __forceinline__ void down_stream_warp(u32 smem, u32 k_tiles, const float* row_weights, float* y,
                                                  u32 hidden, GemmItem item, u32 n0) {
     const u32 warp = threadIdx.x >> 5, g = (threadIdx.x & 31u) >> 2;
     float acc[NT][4];
-    stream_dot<NT>(acc, smem, full, full + 8 * STREAM_STAGES, k_tiles, 16 * warp, 16 * warp + 8);
+    stream_dot<NT>(acc, smem, k_tiles, 16 * warp, 16 * warp + 8);
     decode_store_rows<NT>(acc, row_weights, y, hidden, item, n0 + 16 * warp + g);
 }
 
@@ -177,37 +184,37 @@ __device__ __forceinline__ void stream_gemm(const TmaMap* x_map, const TmaMap* w
     if (blockIdx.y >= item_counts[COUNT_DECODE]) return;
     const GemmItem item = items[blockIdx.y];
     const u32 smem = stream_smem_base(smem_buffer);
-    const u32 full = stream_setup(smem);
+    stream_setup(smem);
     const u32 k_tiles = (UP ? hidden : inter) / STREAM_BK;
     const u32 n0 = blockIdx.x * (UP ? STREAM_W_ROWS / 2 : STREAM_W_ROWS);
     const u32 nt = stream_tiles(item.rows);
     if ((threadIdx.x >> 5) == STREAM_WARPS) {
         if ((threadIdx.x & 31u) == 0) {
             const u32 w_lo = item.slot * (UP ? 2 * inter : hidden) + n0;
-            stream_produce(x_map, w_map, smem, full, full + 8 * STREAM_STAGES, k_tiles, w_lo,
+            stream_produce(x_map, w_map, smem, k_tiles, w_lo,
                            w_lo + (UP ? inter : STREAM_W_BOX_ROWS), item.row_begin, nt);
         }
         return;
     }
     if (UP) {
         if (nt == 1) {
-            up_stream_warp<1>(smem, full, k_tiles, act, inter, item, n0);
+            up_stream_warp<1>(smem, k_tiles, act, inter, item, n0);
         } else if (nt == 2) {
-            up_stream_warp<2>(smem, full, k_tiles, act, inter, item, n0);
+            up_stream_warp<2>(smem, k_tiles, act, inter, item, n0);
         } else if (nt == 4) {
-            up_stream_warp<4>(smem, full, k_tiles, act, inter, item, n0);
+            up_stream_warp<4>(smem, k_tiles, act, inter, item, n0);
         } else {
-            up_stream_warp<8>(smem, full, k_tiles, act, inter, item, n0);
+            up_stream_warp<8>(smem, k_tiles, act, inter, item, n0);
         }
     } else {
         if (nt == 1) {
-            down_stream_warp<1>(smem, full, k_tiles, row_weights, y, hidden, item, n0);
+            down_stream_warp<1>(smem, k_tiles, row_weights, y, hidden, item, n0);
         } else if (nt == 2) {
-            down_stream_warp<2>(smem, full, k_tiles, row_weights, y, hidden, item, n0);
+            down_stream_warp<2>(smem, k_tiles, row_weights, y, hidden, item, n0);
         } else if (nt == 4) {
-            down_stream_warp<4>(smem, full, k_tiles, row_weights, y, hidden, item, n0);
+            down_stream_warp<4>(smem, k_tiles, row_weights, y, hidden, item, n0);
         } else {
-            down_stream_warp<8>(smem, full, k_tiles, row_weights, y, hidden, item, n0);
+            down_stream_warp<8>(smem, k_tiles, row_weights, y, hidden, item, n0);
         }
     }
 }

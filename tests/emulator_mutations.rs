@@ -305,8 +305,8 @@ fn a_stream_expect_tx_of_eight_tiles_for_one_hangs_the_ring() {
 fn a_stream_full_barrier_parity_inverted_reads_poison() {
     check_stream_mutation(
         "a_stream_full_barrier_parity_inverted_reads_poison",
-        "mbar_wait(full + 8 * s, (kt / STREAM_STAGES) & 1u);",
-        "mbar_wait(full + 8 * s, ((kt / STREAM_STAGES) & 1u) ^ 1u);",
+        "mbar_wait(stream_full(smem, s), (kt / STREAM_STAGES) & 1u);",
+        "mbar_wait(stream_full(smem, s), ((kt / STREAM_STAGES) & 1u) ^ 1u);",
         "",
     );
 }

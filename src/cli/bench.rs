@@ -324,13 +324,8 @@ mod cuda {
                         time_region(gpu, iterations, || device_layer.enqueue(&mut ws)).map_err(|e| e.to_string())?;
                     timed.push((label.clone(), graph_us, cost));
                     if args.gemm {
-                        let gemms = time_gemms(gpu, device_layer, &mut ws, iterations).map_err(|e| e.to_string())?;
-                        // `cuda-gemm1:REGIME` of the default kernels; `cuda-gen2-gemm1:REGIME` of a set.
-                        let prefix = label.strip_prefix("cuda").unwrap_or_default();
                         timed.extend(
-                            gemms
-                                .into_iter()
-                                .map(|(l, us, c)| (l.replacen("cuda", &format!("cuda{prefix}"), 1), us, c)),
+                            time_gemms(gpu, label, device_layer, &mut ws, iterations).map_err(|e| e.to_string())?,
                         );
                     }
                 }
@@ -349,9 +344,11 @@ mod cuda {
     }
     /// GEMM 1 (gate/up + SwiGLU) and GEMM 2 (down + routing weight) timed apart on a
     /// workspace the layer has just run on (its schedule, gathered rows and activation are
-    /// in place): `(label, graph-replay median us, cost of that GEMM alone)`.
+    /// in place): `(label, graph-replay median us, cost of that GEMM alone)`, the labels
+    /// `LAYER-gemm1:REGIME` and `LAYER-gemm2:REGIME` after the layer's row label.
     fn time_gemms(
         gpu: &GpuContext,
+        layer_label: &str,
         layer: &CudaMoeLayer,
         ws: &mut LayerWorkspace,
         iterations: usize,
@@ -382,7 +379,10 @@ mod cuda {
         let (_, up_us) = time_region(gpu, iterations, || gemm.up(weights, x, gemm_ws))?;
         let (_, down_us) =
             time_region(gpu, iterations, || gemm.down(weights, &routing.row_weights, gemm_ws, expert_rows))?;
-        Ok(vec![(format!("cuda-gemm1:{regime}"), up_us, up_cost), (format!("cuda-gemm2:{regime}"), down_us, down_cost)])
+        Ok(vec![
+            (format!("{layer_label}-gemm1:{regime}"), up_us, up_cost),
+            (format!("{layer_label}-gemm2:{regime}"), down_us, down_cost),
+        ])
     }
 }
 

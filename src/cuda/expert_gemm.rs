@@ -437,7 +437,7 @@ fn tiled_kernels(options: &GemmOptions) -> (&'static KernelDecl, &'static Kernel
 
 /// The TMA-fed kernels address rows by signed 32-bit coordinates: `R` and
 /// every slot's weight rows must fit.
-fn check_ws_coordinates(options: &GemmOptions, ws: &GemmPtrs, hidden: usize, inter: usize) -> Result<(), CudaError> {
+fn check_tma_coordinates(options: &GemmOptions, ws: &GemmPtrs, hidden: usize, inter: usize) -> Result<(), CudaError> {
     if !takes_maps(options, false) && !takes_maps(options, true) {
         return Ok(());
     }
@@ -498,7 +498,7 @@ pub fn up_launches(
     ws: &GemmPtrs,
 ) -> Result<Vec<Launch>, CudaError> {
     check_shape(hidden, inter)?;
-    check_ws_coordinates(options, ws, hidden, inter)?;
+    check_tma_coordinates(options, ws, hidden, inter)?;
     let args = |items: u64, tiled: bool| {
         let operands = if takes_maps(options, tiled) {
             [rows_map(x, ws, hidden, tiled), weights_map(gate_up, ws, 2 * inter, hidden, tiled)]
@@ -529,7 +529,7 @@ pub fn down_launches(
     ws: &GemmPtrs,
 ) -> Result<Vec<Launch>, CudaError> {
     check_shape(hidden, inter)?;
-    check_ws_coordinates(options, ws, hidden, inter)?;
+    check_tma_coordinates(options, ws, hidden, inter)?;
     let args = |items: u64, tiled: bool| {
         let operands = if takes_maps(options, tiled) {
             [rows_map(ws.act, ws, inter, tiled), weights_map(down, ws, hidden, inter, tiled)]
