@@ -30,15 +30,7 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
     if (vectorized) {
         const u64 k = ((u64)blockIdx.y * COMBINE_THREADS + threadIdx.x) * 4;
         if (k >= hidden_size) return;
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (u32 j = 0; j < slots; ++j) {
-            const float4 v = *reinterpret_cast<const float4*>(expert_rows + (u64)rows[j] * hidden_size + k);
-            acc.x = __fadd_rn(acc.x, v.x);
-            acc.y = __fadd_rn(acc.y, v.y);
-            acc.z = __fadd_rn(acc.z, v.z);
-            acc.w = __fadd_rn(acc.w, v.w);
-        }
-        store_global_16(dst + k, acc);
+        store_global_16(dst + k, sum_slots4<false>(expert_rows, rows, slots, hidden_size, k));
     } else {
         const u64 end = min(hidden_size, ((u64)blockIdx.y + 1) * COMBINE_THREADS * 4);
         for (u64 k = (u64)blockIdx.y * COMBINE_THREADS * 4 + threadIdx.x; k < end; k += COMBINE_THREADS) {

@@ -41,6 +41,7 @@
 //   FLOPs: about 10 T E.
 
 #include "common.cuh"
+#include "expert_gemm.cuh"
 
 #define LOGIT_THREADS 128
 #define LOGIT_WARPS (LOGIT_THREADS / 32)
@@ -65,56 +66,60 @@ __device__ __forceinline__ void router_logits(const TX* __restrict__ x, const TW
 #pragma unroll
         for (int e = 0; e < EB; ++e) acc[i][e] = 0.0f;
     }
-    if (vectorized) {
+    // Threads past LOGIT_THREADS (the decode chain's router runs this in a TILE_THREADS
+    // block) take no part: the order of the sums is the same in both kernels.
+    if (threadIdx.x < LOGIT_THREADS) {
+        if (vectorized) {
 #pragma unroll 4
-        for (u64 k = (u64)threadIdx.x * 8; k < hidden; k += LOGIT_THREADS * 8) {
-            float wv[EB][8];
+            for (u64 k = (u64)threadIdx.x * 8; k < hidden; k += LOGIT_THREADS * 8) {
+                float wv[EB][8];
 #pragma unroll
-            for (int e = 0; e < EB; ++e) {
-                if ((u32)e < ne) {
-                    load8_f32(w_rows + (u64)e * hidden + k, wv[e]);
-                } else {
+                for (int e = 0; e < EB; ++e) {
+                    if ((u32)e < ne) {
+                        load8_f32(w_rows + (u64)e * hidden + k, wv[e]);
+                    } else {
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) wv[e][j] = 0.0f;
+                        for (int j = 0; j < 8; ++j) wv[e][j] = 0.0f;
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < LOGIT_TOKENS; ++i) {
+                    if ((u32)i < nt) {
+                        float xv[8];
+                        load8_f32(x_rows + (u64)i * hidden + k, xv);
+#pragma unroll
+                        for (int e = 0; e < EB; ++e) {
+#pragma unroll
+                            for (int j = 0; j < 8; ++j) acc[i][e] = fmaf(xv[j], wv[e][j], acc[i][e]);
+                        }
+                    }
                 }
             }
+        } else {
+            for (u64 k = threadIdx.x; k < hidden; k += LOGIT_THREADS) {
+                float wv[EB];
 #pragma unroll
-            for (int i = 0; i < LOGIT_TOKENS; ++i) {
-                if ((u32)i < nt) {
-                    float xv[8];
-                    load8_f32(x_rows + (u64)i * hidden + k, xv);
+                for (int e = 0; e < EB; ++e) wv[e] = (u32)e < ne ? load1_f32(w_rows + (u64)e * hidden + k) : 0.0f;
 #pragma unroll
-                    for (int e = 0; e < EB; ++e) {
+                for (int i = 0; i < LOGIT_TOKENS; ++i) {
+                    if ((u32)i < nt) {
+                        const float xv = load1_f32(x_rows + (u64)i * hidden + k);
 #pragma unroll
-                        for (int j = 0; j < 8; ++j) acc[i][e] = fmaf(xv[j], wv[e][j], acc[i][e]);
+                        for (int e = 0; e < EB; ++e) acc[i][e] = fmaf(xv, wv[e], acc[i][e]);
                     }
                 }
             }
         }
-    } else {
-        for (u64 k = threadIdx.x; k < hidden; k += LOGIT_THREADS) {
-            float wv[EB];
 #pragma unroll
-            for (int e = 0; e < EB; ++e) wv[e] = (u32)e < ne ? load1_f32(w_rows + (u64)e * hidden + k) : 0.0f;
+        for (int i = 0; i < LOGIT_TOKENS; ++i) {
 #pragma unroll
-            for (int i = 0; i < LOGIT_TOKENS; ++i) {
-                if ((u32)i < nt) {
-                    const float xv = load1_f32(x_rows + (u64)i * hidden + k);
+            for (int e = 0; e < EB; ++e) {
 #pragma unroll
-                    for (int e = 0; e < EB; ++e) acc[i][e] = fmaf(xv, wv[e], acc[i][e]);
+                for (int offset = 16; offset > 0; offset >>= 1) {
+                    acc[i][e] += __shfl_xor_sync(FULL_MASK, acc[i][e], offset);
                 }
+                if (lane == 0) partial[warp][i * EB + e] = acc[i][e];
             }
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < LOGIT_TOKENS; ++i) {
-#pragma unroll
-        for (int e = 0; e < EB; ++e) {
-#pragma unroll
-            for (int offset = 16; offset > 0; offset >>= 1) {
-                acc[i][e] += __shfl_xor_sync(FULL_MASK, acc[i][e], offset);
-            }
-            if (lane == 0) partial[warp][i * EB + e] = acc[i][e];
         }
     }
     __syncthreads();
@@ -154,18 +159,22 @@ ROUTER_LOGITS(moe_router_logits_bf16_bf16_e4, u16, u16, 4)
 //   weights     [TILE_TOKENS * slots]  f32
 //   warp_counts [TILE_WARPS * n_slots], running [n_slots + 1]   (rank_tile, scan_tile_counts)
 //   bad         [TILE_WARPS]       u64, 8-byte aligned
-extern "C" __global__ void __launch_bounds__(TILE_THREADS)
-    moe_router_select(const float* __restrict__ logits, const float* __restrict__ bias,
-                      u32 tokens, u32 experts, u32 top_k, u32 n_shared, u32 n_group,
-                      u32 topk_group, u32 softmax, u32 norm_topk_prob, float scale,
-                      u32* __restrict__ slot_ids, float* __restrict__ slot_weights,
-                      u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts,
-                      u64* __restrict__ tile_status, u32* __restrict__ tile_offsets,
-                      u32* __restrict__ expert_offsets, u32* __restrict__ tiles_done,
-                      u32 fuse_scatter, u32* __restrict__ row_pairs,
-                      u32* __restrict__ pair_rows, float* __restrict__ row_weights) {
-    grid_dependency_sync();
-    DECLARE_DYNAMIC_SMEM(smem, 16);
+//
+// select_tile is the whole of it for tile `tile` of `n_tiles`, run by all TILE_THREADS
+// threads of a CTA (moe_router_select: tile = blockIdx.x; the decode chain's router,
+// moe_router_decode_*: its last CTA, for the one tile). It reads the logits as volatile
+// (from L2, never a stale L1 line): in the decode chain other CTAs of the same launch wrote
+// them. (__ldcg there made ptxas spill a register in both kernels.) It returns true
+// in the CTA that scanned the offsets (the last to arrive), false in the others.
+__device__ __forceinline__ bool select_tile(const float* logits, const float* __restrict__ bias, u32 tokens, u32 experts,
+                            u32 top_k, u32 n_shared, u32 n_group, u32 topk_group, u32 softmax,
+                            u32 norm_topk_prob, float scale, u32* __restrict__ slot_ids,
+                            float* __restrict__ slot_weights, u32* __restrict__ pair_ranks,
+                            u32* __restrict__ tile_counts, u64* __restrict__ tile_status,
+                            u32* __restrict__ tile_offsets, u32* __restrict__ expert_offsets,
+                            u32* __restrict__ tiles_done, u32 fuse_scatter, u32* __restrict__ row_pairs,
+                            u32* __restrict__ pair_rows, float* __restrict__ row_weights, u32 tile, u32 n_tiles,
+                            unsigned char* smem) {
     const u32 slots = top_k + n_shared;
     const u32 n_slots = experts + n_shared;
     const u32 warp = threadIdx.x >> 5;
@@ -179,8 +188,6 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
     const size_t words = 2 * TILE_WARPS * experts + 2 * TILE_TOKENS * slots + (TILE_WARPS + 1) * n_slots + 1;
     u64* bad = reinterpret_cast<u64*>(smem + ((words * 4 + 7) & ~(size_t)7));
 
-    const u32 tile = blockIdx.x;
-    const u32 n_tiles = gridDim.x;
     const u64 t_begin = (u64)tile * TILE_TOKENS;
     const u32 tile_tokens = (u32)min((u64)TILE_TOKENS, (u64)tokens - t_begin);
     const u32 per_group = experts / n_group;
@@ -194,7 +201,7 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
         u32 bad_expert = NO_INDEX;
         float max_logit = NEG_INF;
         for (u32 e = lane; e < experts; e += 32) {
-            float l = row[e];
+            float l = *reinterpret_cast<const volatile float*>(row + e);
             if (!is_finite_f32(l)) {
                 bad_expert = min(bad_expert, e);
                 l = 0.0f;
@@ -307,7 +314,7 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
     }
     rank_tile(ids, n_pairs, n_slots, warp_counts, running, pair_ranks + pair_base,
               tile_counts + (u64)tile * n_slots);
-    if (!last_tile_to_arrive(tiles_done, n_tiles)) return;
+    if (!last_tile_to_arrive(tiles_done, n_tiles)) return false;
     u32* offsets = running;  // [n_slots + 1]: this tile's counts, then expert_offsets
     scan_tile_counts(tile_counts, n_tiles, n_slots, warp_counts, offsets, tile_offsets, expert_offsets);
 
@@ -322,4 +329,77 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
             row_weights[row] = weights[i];
         }
     }
+    return true;
 }
+
+extern "C" __global__ void __launch_bounds__(TILE_THREADS)
+    moe_router_select(const float* __restrict__ logits, const float* __restrict__ bias,
+                      u32 tokens, u32 experts, u32 top_k, u32 n_shared, u32 n_group,
+                      u32 topk_group, u32 softmax, u32 norm_topk_prob, float scale,
+                      u32* __restrict__ slot_ids, float* __restrict__ slot_weights,
+                      u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts,
+                      u64* __restrict__ tile_status, u32* __restrict__ tile_offsets,
+                      u32* __restrict__ expert_offsets, u32* __restrict__ tiles_done,
+                      u32 fuse_scatter, u32* __restrict__ row_pairs,
+                      u32* __restrict__ pair_rows, float* __restrict__ row_weights) {
+    grid_dependency_sync();
+    DECLARE_DYNAMIC_SMEM(smem, 16);
+    select_tile(logits, bias, tokens, experts, top_k, n_shared, n_group, topk_group, softmax, norm_topk_prob, scale,
+                slot_ids, slot_weights, pair_ranks, tile_counts, tile_status, tile_offsets, expert_offsets, tiles_done,
+                fuse_scatter, row_pairs, pair_rows, row_weights, blockIdx.x, gridDim.x, smem);
+}
+
+// The decode chain's router (T <= TILE_TOKENS: one permutation tile): the logits as
+// moe_router_logits_*_e1 computes them (same CTAs, same sums), then the CTA that finishes
+// last (tiles_done counts the grid's CTAs) selects, scatters and schedules the work items
+// (moe_router_select with fuse_scatter, then moe_expert_schedule), so routing, permutation
+// and the schedule are one launch. Block TILE_THREADS: threads past LOGIT_THREADS wait
+// during the logits. The last CTA reads every logit from L2 (select_tile) and its own
+// expert_offsets through L2 after a barrier (schedule_items).
+template <typename TX, typename TW>
+__device__ __forceinline__ void router_decode(
+    const TX* __restrict__ x, const TW* __restrict__ w, float* logits, u32 tokens, u32 experts, u64 hidden,
+    u32 vectorized, const float* __restrict__ bias, u32 top_k, u32 n_shared, u32 n_group, u32 topk_group,
+    u32 softmax, u32 norm_topk_prob, float scale, u32* __restrict__ slot_ids, float* __restrict__ slot_weights,
+    u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts, u64* __restrict__ tile_status,
+    u32* __restrict__ tile_offsets, u32* expert_offsets, u32* __restrict__ tiles_done, u32* __restrict__ row_pairs,
+    u32* __restrict__ pair_rows, float* __restrict__ row_weights, u32 decode_max_rows, u32 tile_rows,
+    u32 decode_capacity, u32 tiled_capacity, GemmItem* __restrict__ decode_items, GemmItem* __restrict__ tiled_items,
+    u32* __restrict__ item_counts) {
+    DECLARE_DYNAMIC_SMEM(decode_smem, 16);
+    router_logits<TX, TW, 1>(x, w, logits, tokens, experts, hidden, vectorized);
+    if (!last_tile_to_arrive(tiles_done, gridDim.x * gridDim.y)) return;
+    select_tile(logits, bias, tokens, experts, top_k, n_shared, n_group, topk_group, softmax, norm_topk_prob, scale,
+                slot_ids, slot_weights, pair_ranks, tile_counts, tile_status, tile_offsets, expert_offsets, tiles_done,
+                1u, row_pairs, pair_rows, row_weights, 0u, 1u, decode_smem);
+    __syncthreads();  // expert_offsets, written by this CTA's threads
+    if (threadIdx.x < 32) {
+        schedule_items(expert_offsets, experts + n_shared, decode_max_rows, tile_rows, decode_capacity, tiled_capacity,
+                       decode_items, tiled_items, item_counts);
+    }
+}
+
+#define ROUTER_DECODE(NAME, TX, TW)                                                                                \
+    extern "C" __global__ void __launch_bounds__(TILE_THREADS, 2)                                                  \
+        NAME(const TX* __restrict__ x, const TW* __restrict__ w, float* __restrict__ logits, u32 tokens,           \
+             u32 experts, u64 hidden, u32 vectorized, const float* __restrict__ bias, u32 top_k, u32 n_shared,      \
+             u32 n_group,                                                                                           \
+             u32 topk_group, u32 softmax, u32 norm_topk_prob, float scale, u32* __restrict__ slot_ids,            \
+             float* __restrict__ slot_weights, u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts,       \
+             u64* __restrict__ tile_status, u32* __restrict__ tile_offsets, u32* __restrict__ expert_offsets,     \
+             u32* __restrict__ tiles_done, u32* __restrict__ row_pairs, u32* __restrict__ pair_rows,              \
+             float* __restrict__ row_weights, u32 decode_max_rows, u32 tile_rows, u32 decode_capacity,            \
+             u32 tiled_capacity, GemmItem* __restrict__ decode_items, GemmItem* __restrict__ tiled_items,         \
+             u32* __restrict__ item_counts) {                                                                     \
+        grid_dependency_sync();                                                                                    \
+        router_decode<TX, TW>(x, w, logits, tokens, experts, hidden, vectorized, bias, top_k, n_shared, n_group,   \
+                              topk_group, softmax, norm_topk_prob, scale, slot_ids, slot_weights, pair_ranks,      \
+                              tile_counts, tile_status, tile_offsets, expert_offsets, tiles_done, row_pairs,       \
+                              pair_rows, row_weights, decode_max_rows, tile_rows, decode_capacity, tiled_capacity, \
+                              decode_items, tiled_items, item_counts);                                             \
+    }
+
+ROUTER_DECODE(moe_router_decode_f32_f32, float, float)
+ROUTER_DECODE(moe_router_decode_f32_bf16, float, u16)
+ROUTER_DECODE(moe_router_decode_bf16_f32, u16, float)
+ROUTER_DECODE(moe_router_decode_bf16_bf16, u16, u16)

@@ -63,6 +63,24 @@ __device__ __forceinline__ void store_global_16(void* p, uint4 v) {
 }
 #endif  // DOTS_MOE_EMULATE
 
+// The combine's sum (moe_combine, moe_expert_down_decode_combine, src/moe/combine.rs): the
+// float4 at column `col` of the rows rows[0..slots) of y [_, ld], added in slot order from
+// 0.0, one f32 add per slot and lane. L2: read through L2 (__ldcg), for rows that other CTAs
+// of the same launch wrote.
+template <bool L2>
+__device__ __forceinline__ float4 sum_slots4(const float* y, const u32* rows, u32 slots, u64 ld, u64 col) {
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (u32 j = 0; j < slots; ++j) {
+        const float4* p = reinterpret_cast<const float4*>(y + (u64)rows[j] * ld + col);
+        const float4 v = L2 ? __ldcg(p) : *p;
+        acc.x = __fadd_rn(acc.x, v.x);
+        acc.y = __fadd_rn(acc.y, v.y);
+        acc.z = __fadd_rn(acc.z, v.z);
+        acc.w = __fadd_rn(acc.w, v.w);
+    }
+    return acc;
+}
+
 // ---- bf16 ----------------------------------------------------------------------------
 
 __device__ __forceinline__ float bf16_to_f32(u32 bits) {

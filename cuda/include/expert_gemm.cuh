@@ -31,6 +31,85 @@ struct GemmItem {
 #define COUNT_TILED 1    // items in tiled_items
 #define COUNT_OVERFLOW 2 // 1 if an item list was too small (a bug in the host's bound)
 
+// ---- the schedule (expert_gemm_schedule.cu; the decode chain's router in route.cu) -----
+//
+// One warp turns expert_offsets [n_slots + 1] into the work item lists and item_counts
+// (the rules are in expert_gemm_schedule.cu). It reads the offsets through L2 (__ldcg): in
+// the decode chain the same CTA wrote them just before.
+
+// Rows of one decode item at most (8 tiles of 8 tokens; expert_gemm_decode.cu).
+#define DECODE_ITEM_ROWS 64
+
+__device__ __forceinline__ void write_items(GemmItem* items, u32 capacity, u32 first, u32 n, u32 slot,
+                                            u32 row_begin, u32 rows, u32 chunk, u32& overflow) {
+    for (u32 i = 0; i < n; ++i) {
+        const u32 at = first + i;
+        if (at >= capacity) {
+            overflow = 1;
+            return;
+        }
+        GemmItem item;
+        item.slot = slot;
+        item.row_begin = row_begin + i * chunk;
+        item.rows = min(chunk, rows - i * chunk);
+        item.unused = 0;
+        items[at] = item;
+    }
+}
+
+// Inclusive prefix sum over the warp.
+__device__ __forceinline__ u32 warp_inclusive_sum(u32 v) {
+    const u32 lane = threadIdx.x & 31u;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const u32 other = __shfl_up_sync(FULL_MASK, v, offset);
+        if (lane >= (u32)offset) v += other;
+    }
+    return v;
+}
+
+__device__ __forceinline__ void schedule_items(const u32* expert_offsets, u32 n_slots, u32 decode_max_rows,
+                                               u32 tile_rows, u32 decode_capacity, u32 tiled_capacity,
+                                               GemmItem* __restrict__ decode_items,
+                                               GemmItem* __restrict__ tiled_items, u32* __restrict__ item_counts) {
+    const u32 lane = threadIdx.x & 31u;
+    decode_max_rows = min(decode_max_rows, (u32)DECODE_ITEM_ROWS);
+    u32 decode_total = 0, tiled_total = 0, overflow = 0;
+    for (u32 base = 0; base < n_slots; base += 32) {
+        const u32 slot = base + lane;
+        u32 begin = 0, rows = 0;
+        if (slot < n_slots) {
+            begin = __ldcg(expert_offsets + slot);
+            rows = __ldcg(expert_offsets + slot + 1) - begin;
+        }
+        u32 n_decode = 0, n_tiled = 0, chunk = rows;
+        if (rows == 0) {
+        } else if (rows <= decode_max_rows) {
+            n_decode = 1;
+        } else if (tile_rows > 0) {
+            n_tiled = (rows + tile_rows - 1) / tile_rows;
+            chunk = tile_rows;
+        } else {
+            n_decode = (rows + DECODE_ITEM_ROWS - 1) / DECODE_ITEM_ROWS;
+            chunk = DECODE_ITEM_ROWS;
+        }
+        const u32 decode_end = warp_inclusive_sum(n_decode);
+        const u32 tiled_end = warp_inclusive_sum(n_tiled);
+        write_items(decode_items, decode_capacity, decode_total + decode_end - n_decode, n_decode, slot, begin,
+                    rows, chunk, overflow);
+        write_items(tiled_items, tiled_capacity, tiled_total + tiled_end - n_tiled, n_tiled, slot, begin, rows,
+                    chunk, overflow);
+        decode_total += __shfl_sync(FULL_MASK, decode_end, 31);
+        tiled_total += __shfl_sync(FULL_MASK, tiled_end, 31);
+    }
+    overflow = __any_sync(FULL_MASK, overflow) ? 1u : 0u;
+    if (lane == 0) {
+        item_counts[COUNT_DECODE] = min(decode_total, decode_capacity);
+        item_counts[COUNT_TILED] = min(tiled_total, tiled_capacity);
+        item_counts[COUNT_OVERFLOW] = overflow;
+    }
+}
+
 // ---- numerics -------------------------------------------------------------------------
 
 // silu(g) * u, the order and roundings of cpu::swiglu: g / (1 + exp(-g)) * u.

@@ -345,7 +345,10 @@ mod cuda {
     /// GEMM 1 (gate/up + SwiGLU) and GEMM 2 (down + routing weight) timed apart on a
     /// workspace the layer has just run on (its schedule, gathered rows and activation are
     /// in place): `(label, graph-replay median us, cost of that GEMM alone)`, the labels
-    /// `LAYER-gemm1:REGIME` and `LAYER-gemm2:REGIME` after the layer's row label.
+    /// `LAYER-gemm1:REGIME` and `LAYER-gemm2:REGIME` after the layer's row label. These are
+    /// the separate pipeline's GEMM kernels also where the layer ran as the decode chain
+    /// (which gathers no rows: `x` then holds what it held, and a GEMM's time does not
+    /// depend on the values).
     fn time_gemms(
         gpu: &GpuContext,
         layer_label: &str,

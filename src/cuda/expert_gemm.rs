@@ -58,6 +58,10 @@ pub const DECODE_K_STEP: usize = 32;
 pub const DECODE_UNROLL: usize = 4;
 /// CTAs per SM the decode kernels' register budget must allow (`DECODE_MIN_CTAS`).
 pub const DECODE_MIN_CTAS: usize = 4;
+/// CTAs per SM the decode chain's GEMM 1 is built for (`DECODE_CHAIN_MIN_CTAS`: 168
+/// registers; its row indices and conversions do not fit the 128 of
+/// [`DECODE_MIN_CTAS`] without spills).
+pub const DECODE_CHAIN_MIN_CTAS: usize = 3;
 /// Act columns of a decode GEMM 1 CTA (`DECODE_UP_COLUMNS`).
 pub const DECODE_UP_COLUMNS: usize = 32;
 /// Output columns of a decode GEMM 2 CTA (`DECODE_DOWN_COLUMNS`).
@@ -216,6 +220,11 @@ pub struct GemmOptions {
     /// Every slot through the decode kernels in chunks of [`DECODE_ITEM_ROWS`] rows: a
     /// token's output does not depend on the other tokens of the batch.
     pub batch_invariant: bool,
+    /// A whole layer ([`crate::cuda::layer::CudaMoeLayer`]) of at most
+    /// [`crate::cuda::chain::CHAIN_MAX_TOKENS`] tokens runs as the three-launch decode chain
+    /// ([`crate::cuda::chain`]; the register decode kernels, whatever [`GemmOptions::decode`]
+    /// says), where the decode regime takes every slot. Same bits as the separate launches.
+    pub decode_chain: bool,
 }
 
 impl GemmOptions {
@@ -234,15 +243,18 @@ impl GemmOptions {
             tiled,
             decode: DecodeKernel::Registers,
             batch_invariant: false,
+            decode_chain: false,
         }
     }
 
     /// The second-generation Hopper kernels (`sm_90a`): [`DecodeKernel::Stream`] and
-    /// [`TiledKernel::WarpSpecialized`], with the split of [`GemmOptions::for_arch`].
+    /// [`TiledKernel::WarpSpecialized`], with the split of [`GemmOptions::for_arch`], and the
+    /// decode chain for small batches ([`GemmOptions::decode_chain`]).
     pub fn second_generation() -> Self {
         GemmOptions {
             tiled: TiledKernel::WarpSpecialized,
             decode: DecodeKernel::Stream,
+            decode_chain: true,
             ..Self::for_arch(Arch::SM_90A)
         }
     }
@@ -379,7 +391,7 @@ impl GemmWorkspace {
     }
 }
 
-fn grid_y(what: &str, n: usize) -> Result<u32, CudaError> {
+pub(crate) fn grid_y(what: &str, n: usize) -> Result<u32, CudaError> {
     if n > MAX_GRID_Y {
         return Err(
             MoeError::Limit { what: format!("{what}: work items (grid y)"), needed: n, limit: MAX_GRID_Y }.into()
@@ -740,7 +752,13 @@ mod tests {
     use super::*;
 
     fn options(batch_invariant: bool, decode_max_rows: usize) -> GemmOptions {
-        GemmOptions { decode_max_rows, tiled: TiledKernel::Mma, decode: DecodeKernel::Registers, batch_invariant }
+        GemmOptions {
+            decode_max_rows,
+            tiled: TiledKernel::Mma,
+            decode: DecodeKernel::Registers,
+            batch_invariant,
+            decode_chain: false,
+        }
     }
 
     /// The items the schedule kernel writes, computed on the host (its documented rule).

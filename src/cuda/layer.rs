@@ -9,6 +9,10 @@
 //! moe_combine                                                  out [T, H] f32
 //! ```
 //!
+//! With [`GemmOptions::decode_chain`], a batch of at most
+//! [`crate::cuda::chain::CHAIN_MAX_TOKENS`] tokens runs as the three-launch decode chain
+//! instead ([`crate::cuda::chain`]), with the same result, bit for bit.
+//!
 //! It implements the contract of [`crate::moe::MoeLayer`] under [`Precision::Bf16`] (the
 //! gathered rows and the activation rounded to bf16, f32 accumulation) with bf16 expert
 //! weights; [`CudaMoeLayer::new`] refuses anything else with a typed error. Weights are
@@ -20,11 +24,14 @@ use cudarc::driver::CudaGraph;
 
 use crate::config::MoeConfig;
 use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
+use crate::cuda::chain;
 use crate::cuda::context::GpuContext;
 use crate::cuda::error::CudaError;
 use crate::cuda::expert_gemm::{DeviceExpertWeights, ExpertGemm, GemmOptions, GemmWorkspace};
+use crate::cuda::launch::Launcher;
 use crate::cuda::moe::RouteCombineKernels;
-use crate::cuda::workspace::{DeviceRouter, RoutingWorkspace};
+use crate::cuda::source;
+use crate::cuda::workspace::{DeviceRouter, RoutingWorkspace, StatusSource};
 use crate::error::{MoeError, check_len};
 use crate::moe::{MoeLayer, Precision};
 use crate::tensor::{Dtype, TensorView};
@@ -56,6 +63,9 @@ pub struct LayerWorkspace {
     pub expert_rows: DeviceBuffer<f32>,
     /// The layer output `[T, H]` (f32).
     pub output: DeviceBuffer<f32>,
+    /// The decode chain's arrival counters, one per column block of GEMM 2
+    /// ([`crate::cuda::chain::column_blocks`]); 0 between launches.
+    pub column_done: DeviceBuffer<u32>,
 }
 
 impl LayerWorkspace {
@@ -110,6 +120,9 @@ impl CudaMoeLayer {
             .into());
         }
         let weights = DeviceExpertWeights::upload(gpu, layer.weights())?;
+        if options.decode_chain {
+            gpu.load(&[&source::DECODE])?;
+        }
         Ok(CudaMoeLayer {
             config: layer.config().clone(),
             kernels: RouteCombineKernels::new(gpu)?,
@@ -166,15 +179,20 @@ impl CudaMoeLayer {
             gemm: self.gemm.workspace(&self.weights, rows)?,
             expert_rows: DeviceBuffer::zeros(gpu, &[rows, h])?,
             output: DeviceBuffer::zeros(gpu, &[tokens, h])?,
+            column_done: DeviceBuffer::zeros(gpu, &[chain::column_blocks(h)])?,
         })
     }
 
     /// Queues the whole layer on `ws.hidden`: nine launches (ten with both GEMM regimes),
-    /// no host sync, nothing allocated: capturable in a CUDA graph.
+    /// or the three of the decode chain ([`CudaMoeLayer::runs_chain`]); no host sync,
+    /// nothing allocated: capturable in a CUDA graph.
     pub fn enqueue(&self, ws: &mut LayerWorkspace) -> Result<(), CudaError> {
         let h = self.config.hidden_size;
         if ws.tokens == 0 {
             return Ok(());
+        }
+        if self.runs_chain(ws.tokens) {
+            return self.enqueue_chain(ws);
         }
         self.kernels.route(&self.router, &ws.hidden, &mut ws.routing)?;
         self.kernels.gather(&ws.hidden, h, &ws.routing, &mut ws.x)?;
@@ -187,6 +205,81 @@ impl CudaMoeLayer {
             &mut ws.expert_rows,
         )?;
         self.kernels.combine(&ws.expert_rows, h, &ws.routing, &mut ws.output)
+    }
+
+    /// Whether a batch of `tokens` tokens runs as the decode chain ([`chain::runs_chain`]).
+    pub fn runs_chain(&self, tokens: usize) -> bool {
+        chain::runs_chain(&self.gemm.options(), tokens)
+    }
+
+    /// The decode chain on `ws` (three launches).
+    fn enqueue_chain(&self, ws: &mut LayerWorkspace) -> Result<(), CudaError> {
+        let (h, i) = (self.config.hidden_size, self.config.moe_intermediate_size);
+        let router = &self.router;
+        let gate = router
+            .gate
+            .as_ref()
+            .ok_or_else(|| MoeError::MissingWeights("this device router has no gate weight (selection only)".into()))?;
+        let bias = router.bias.as_ref().map_or(0, |b| b.device_ptr());
+        let (tokens, slots) = (ws.tokens, self.config.slots_per_token());
+        // The workspace was made by `self.workspace(tokens, _)`: every buffer has the size
+        // its launch is built for (routing [T, E] and [T * slots], the item lists of these
+        // options, act [R, I], y [R, H], out [T, H], H / 64 counters); check the ones a
+        // caller could have swapped.
+        ws.hidden.expect_shape("hidden", &[tokens, h])?;
+        ws.expert_rows.expect_shape("expert output rows", &[tokens * slots, h])?;
+        ws.output.expect_shape("output", &[tokens, h])?;
+        ws.column_done.expect_shape("column counters", &[chain::column_blocks(h)])?;
+        if ws.routing.tokens != tokens || ws.routing.n_slots != router.n_slots() || ws.gemm.rows != tokens * slots {
+            return Err(MoeError::Unsupported("this workspace was made for another batch or layer".into()).into());
+        }
+        let items = ws.gemm.ptrs();
+        let launches = [
+            chain::route_launch(
+                &router.config,
+                router.n_shared,
+                (ws.hidden.device_ptr(), ws.hidden.dtype()),
+                (gate.device_ptr(), gate.dtype()),
+                bias,
+                h,
+                &ws.routing.ptrs(),
+                &ws.routing.dims(),
+                &self.gemm.options(),
+                &items,
+            )?,
+            chain::up_launch(
+                (ws.hidden.device_ptr(), ws.hidden.dtype()),
+                ws.routing.row_pairs.device_ptr(),
+                slots,
+                self.weights.gate_up.device_ptr(),
+                h,
+                i,
+                &items,
+            )?,
+            chain::down_launch(
+                self.weights.down.device_ptr(),
+                ws.routing.row_weights.device_ptr(),
+                ws.routing.pair_rows.device_ptr(),
+                &chain::CombineTargets {
+                    expert_rows: ws.expert_rows.device_ptr(),
+                    column_done: ws.column_done.device_ptr(),
+                    out: ws.output.device_ptr(),
+                },
+                tokens,
+                slots,
+                h,
+                i,
+                &items,
+            )?,
+        ];
+        ws.routing.status_source = StatusSource::Router;
+        for launch in launches.into_iter().flatten() {
+            // SAFETY: the buffers have the sizes the launches were built for (checked above
+            // and by the workspace's constructor); the router writes items inside the lists'
+            // capacities, with slot < n_slots and rows inside 0..R.
+            unsafe { self.gpu().launch(&launch) }?;
+        }
+        Ok(())
     }
 
     /// The layer's output `[T, H]` for host `hidden [T, H]`: a fresh workspace, upload,

@@ -15,6 +15,8 @@
 //! - [`buffer`]: typed device buffers with shapes; host/device copies.
 //! - [`moe`]: the router, permutation, gather and combine kernels behind safe wrappers;
 //!   the pipeline never waits for the host.
+//! - [`chain`]: the decode chain: a layer of at most one permutation tile of tokens in
+//!   three launches.
 //! - [`workspace`]: a batch's device buffers and the readers that download them.
 //! - [`occupancy`]: each kernel's registers, shared memory and CTAs per SM on the device.
 //! - [`graph`]: capture into a CUDA graph, and device time between CUDA events.
@@ -24,6 +26,7 @@
 pub mod arch;
 pub mod backend;
 pub mod buffer;
+pub mod chain;
 pub mod context;
 mod error;
 pub mod expert_gemm;

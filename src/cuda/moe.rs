@@ -127,7 +127,7 @@ impl WorkspaceDims {
     }
 }
 
-fn index2(a: Dtype, b: Dtype) -> usize {
+pub(crate) fn index2(a: Dtype, b: Dtype) -> usize {
     let bit = |d: Dtype| usize::from(d == Dtype::Bf16);
     2 * bit(a) + bit(b)
 }

@@ -166,6 +166,62 @@ pub const SELECT: KernelDecl = KernelDecl {
     max_registers: 64,
 };
 
+macro_rules! router_decode {
+    ($name:ident, $entry:literal, $x:ident, $w:ident) => {
+        /// The decode chain's router (one tile): logits, then from its last CTA the selection, the
+        /// scatter and the expert GEMMs' schedule.
+        pub const $name: KernelDecl = KernelDecl {
+            entry: $entry,
+            file: "route.cu",
+            params: &[
+                Param::input("x", Elem::$x),
+                Param::input("w", Elem::$w),
+                Param::output("logits", Elem::F32),
+                Param::u32("tokens"),
+                Param::u32("experts"),
+                Param::u64("hidden"),
+                Param::u32("vectorized"),
+                Param::input("bias", Elem::F32),
+                Param::u32("top_k"),
+                Param::u32("n_shared"),
+                Param::u32("n_group"),
+                Param::u32("topk_group"),
+                Param::u32("softmax"),
+                Param::u32("norm_topk_prob"),
+                Param::f32("scale"),
+                Param::output("slot_ids", Elem::U32),
+                Param::output("slot_weights", Elem::F32),
+                Param::output("pair_ranks", Elem::U32),
+                Param::output("tile_counts", Elem::U32),
+                Param::output("tile_status", Elem::U64),
+                Param::output("tile_offsets", Elem::U32),
+                Param::output("expert_offsets", Elem::U32),
+                Param::output("tiles_done", Elem::U32),
+                Param::output("row_pairs", Elem::U32),
+                Param::output("pair_rows", Elem::U32),
+                Param::output("row_weights", Elem::F32),
+                Param::u32("decode_max_rows"),
+                Param::u32("tile_rows"),
+                Param::u32("decode_capacity"),
+                Param::u32("tiled_capacity"),
+                Param::output("decode_items", Elem::Item),
+                Param::output("tiled_items", Elem::Item),
+                Param::output("item_counts", Elem::U32),
+            ],
+            block: moe::TILE_THREADS,
+            grid: |d| (cdiv(d.tokens, moe::LOGIT_TOKENS), d.experts),
+            dynamic_smem: |d| moe::select_shared_bytes(d.experts, d.slots_per_token, d.n_slots),
+            // `__launch_bounds__(TILE_THREADS, 2)`: two 256-thread CTAs per SM.
+            max_registers: 128,
+        };
+    };
+}
+
+router_decode!(ROUTER_DECODE_F32_F32, "moe_router_decode_f32_f32", F32, F32);
+router_decode!(ROUTER_DECODE_F32_BF16, "moe_router_decode_f32_bf16", F32, Bf16);
+router_decode!(ROUTER_DECODE_BF16_F32, "moe_router_decode_bf16_f32", Bf16, F32);
+router_decode!(ROUTER_DECODE_BF16_BF16, "moe_router_decode_bf16_bf16", Bf16, Bf16);
+
 /// `moe_permute_rank`: ranks, tile counts, tile and expert offsets of given slot ids.
 pub const RANK: KernelDecl = KernelDecl {
     entry: "moe_permute_rank",
@@ -320,6 +376,62 @@ pub const DOWN_DECODE: KernelDecl = KernelDecl {
     max_registers: 128,
 };
 
+macro_rules! up_decode_hidden {
+    ($name:ident, $entry:literal, $x:ident) => {
+        /// GEMM 1 + SwiGLU of the decode chain, the rows read from the hidden states through the
+        /// permutation.
+        pub const $name: KernelDecl = KernelDecl {
+            entry: $entry,
+            file: "expert_gemm_decode.cu",
+            params: &[
+                Param::input("hidden_states", Elem::$x),
+                Param::input("row_pairs", Elem::U32),
+                Param::u32("slots_per_token"),
+                Param::input("gate_up", Elem::Bf16),
+                Param::input("items", Elem::Item),
+                Param::input("item_counts", Elem::U32),
+                Param::u32("hidden"),
+                Param::u32("inter"),
+                Param::output("act", Elem::Bf16),
+            ],
+            block: gemm::DECODE_THREADS,
+            grid: |d| (d.inter / gemm::DECODE_UP_COLUMNS, d.items),
+            dynamic_smem: no_smem,
+            // 3 CTAs per SM (`DECODE_CHAIN_MIN_CTAS`): the gathered kernel's 4 spill here.
+            max_registers: 168,
+        };
+    };
+}
+
+up_decode_hidden!(UP_DECODE_HIDDEN_F32, "moe_expert_up_decode_hidden_f32", F32);
+up_decode_hidden!(UP_DECODE_HIDDEN_BF16, "moe_expert_up_decode_hidden_bf16", Bf16);
+
+/// `moe_expert_down_decode_combine`: GEMM 2 of the decode chain, with the combine done by
+/// each column block's last CTA.
+pub const DOWN_DECODE_COMBINE: KernelDecl = KernelDecl {
+    entry: "moe_expert_down_decode_combine",
+    file: "expert_gemm_decode.cu",
+    params: &[
+        Param::input("act", Elem::Bf16),
+        Param::input("down", Elem::Bf16),
+        Param::input("row_weights", Elem::F32),
+        Param::input("items", Elem::Item),
+        Param::input("item_counts", Elem::U32),
+        Param::u32("hidden"),
+        Param::u32("inter"),
+        Param::output("y", Elem::F32),
+        Param::input("pair_rows", Elem::U32),
+        Param::u32("tokens"),
+        Param::u32("slots_per_token"),
+        Param::output("column_done", Elem::U32),
+        Param::output("out", Elem::F32),
+    ],
+    block: gemm::DECODE_THREADS,
+    grid: |d| (d.hidden / gemm::DECODE_DOWN_COLUMNS, d.items),
+    dynamic_smem: no_smem,
+    max_registers: 128,
+};
+
 /// `moe_expert_up_mma`: GEMM 1 + SwiGLU, `mma.sync` tiles (2 CTAs per SM).
 pub const UP_MMA: KernelDecl = KernelDecl {
     entry: "moe_expert_up_mma",
@@ -450,6 +562,10 @@ pub const ROUTE: KernelSource = KernelSource {
         &LOGITS_BF16_F32_E4,
         &LOGITS_BF16_BF16_E4,
         &SELECT,
+        &ROUTER_DECODE_F32_F32,
+        &ROUTER_DECODE_F32_BF16,
+        &ROUTER_DECODE_BF16_F32,
+        &ROUTER_DECODE_BF16_BF16,
     ],
 };
 
@@ -482,7 +598,7 @@ pub const DECODE: KernelSource = KernelSource {
     name: "expert_gemm_decode.cu",
     text: include_str!("../../cuda/expert_gemm_decode.cu"),
     min_arch: Arch::SM_80,
-    kernels: &[&UP_DECODE, &DOWN_DECODE],
+    kernels: &[&UP_DECODE, &DOWN_DECODE, &UP_DECODE_HIDDEN_F32, &UP_DECODE_HIDDEN_BF16, &DOWN_DECODE_COMBINE],
 };
 
 /// `cuda/expert_gemm_mma.cu`: many rows per slot, `mma.sync` tiles (portable).
@@ -563,6 +679,7 @@ pub const KERNEL_CONSTANTS: &[(&str, usize)] = &[
     ("DECODE_K_STEP", gemm::DECODE_K_STEP),
     ("DECODE_UNROLL", gemm::DECODE_UNROLL),
     ("DECODE_MIN_CTAS", gemm::DECODE_MIN_CTAS),
+    ("DECODE_CHAIN_MIN_CTAS", gemm::DECODE_CHAIN_MIN_CTAS),
     ("DECODE_UP_COLUMNS", gemm::DECODE_UP_COLUMNS),
     ("DECODE_DOWN_COLUMNS", gemm::DECODE_DOWN_COLUMNS),
     ("MMA_BM", gemm::TILE_ROWS),
