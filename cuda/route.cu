@@ -1,5 +1,10 @@
 // route.cu: step 1 of the MoE contract (src/moe/route.rs), fused with the first half of
-// the permutation (src/moe/permute.rs). Includes common.cuh.
+// the permutation (src/moe/permute.rs). Includes common.cuh and expert_gemm.cuh (the MMA
+// wrapper of the tensor-core logits, the schedule of the decode chain's router).
+//
+// Kernels: the router logits on CUDA cores (below) and on tensor cores
+// (moe_router_logits_tc_*, after them), the selection (moe_router_select), and the decode
+// chain's router (moe_router_decode_*, at the end), each described where it is defined.
 //
 // moe_router_logits_<x>_<w>_e<EB>   logits [T, E] = fp32(x [T, H]) . fp32(w [E, H])^T
 //   grid (ceil(T / LOGIT_TOKENS), ceil(E / EB)), block LOGIT_THREADS (4 warps).
@@ -151,6 +156,124 @@ ROUTER_LOGITS(moe_router_logits_f32_f32_e4, float, float, 4)
 ROUTER_LOGITS(moe_router_logits_f32_bf16_e4, float, u16, 4)
 ROUTER_LOGITS(moe_router_logits_bf16_f32_e4, u16, float, 4)
 ROUTER_LOGITS(moe_router_logits_bf16_bf16_e4, u16, u16, 4)
+
+// moe_router_logits_tc_<x>_<w>   the same logits on tensor cores (mma.sync m16n8k16, bf16
+//   operands, f32 accumulation), for batches of more than LOGIT_E1_MAX_TOKENS tokens where
+//   the layer asks for them (src/cuda/moe.rs, LogitsKernel::TensorCores).
+//   grid (ceil(T / TC_TOKENS), ceil(E / TC_EXPERTS)), block TC_THREADS (4 warps). Warp w owns
+//   tokens 16w..16w+15 of the CTA's TC_TOKENS and all TC_EXPERTS experts (8 tiles of 8);
+//   every k step of TC_K_STEP, lane l (g = l >> 2, q = l & 3) loads 8 consecutive elements
+//   (k 8q..8q+7) of token rows g and g + 8 and of expert rows g of each tile, which feed two
+//   MMAs (elements 0..3, then 4..7, as the decode GEMMs pair them). So x is read once per
+//   64 experts and w once per 64 tokens, where the CUDA-core kernel reads x once per 4
+//   experts: at T = 4096, E = 128, H = 4096 about 0.1 GB from L2 instead of 2.6 GB.
+//   An f32 operand is split into bf16 parts, v = hi + lo + r with hi = bf16(v),
+//   lo = bf16(v - hi) (|r| <= 2^-16 |v|), and the product is hi.hi, then lo.hi (f32 x), then
+//   hi.lo (f32 w), each term as its own MMA into the same accumulator; lo.lo is dropped.
+//   Rounding contract (against the exact logit, with S = sum |x_i w_i|): |logit - exact| <=
+//   (n 2^-21 + s 2^-14) S, n the MMAs per logit (H / 16 per term), s the split operands
+//   (src/cuda/moe.rs, tensor_core_logit_bound, checked by tests/cuda_kernels.rs). Not the
+//   CUDA-core kernel's sums: a token's logits depend on which kernel its batch runs, never on
+//   the other tokens of a batch that runs this one. H % TC_K_STEP == 0 and 16-byte aligned
+//   rows (the host falls back to the CUDA-core kernel otherwise).
+//   Bytes: T H sizeof(x) ceil(E / TC_EXPERTS) + E H sizeof(w) ceil(T / TC_TOKENS) (L2) + 4 T E.
+//   FLOPs: 2 T E H per term (tensor cores).
+
+#define TC_WARPS 4
+#define TC_THREADS (TC_WARPS * 32)
+#define TC_TOKENS (TC_WARPS * 16)
+#define TC_TILES 8
+#define TC_EXPERTS (TC_TILES * 8)
+#define TC_K_STEP 32
+
+// 8 consecutive elements as bf16 pairs: `hi` the elements rounded to bf16 (nearest even),
+// `lo` for f32 the rounded remainders (v - hi is exact in f32).
+__device__ __forceinline__ void split8(const u16* p, uint4& hi, uint4& lo) {
+    hi = load_shared_16(p);
+    lo = make_uint4(0u, 0u, 0u, 0u);
+}
+__device__ __forceinline__ void split8(const float* p, uint4& hi, uint4& lo) {
+    float v[8];
+    load8_f32(p, v);
+    u32 h[4], l[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u16 a = f32_to_bf16(v[2 * i]), b = f32_to_bf16(v[2 * i + 1]);
+        h[i] = (u32)a | ((u32)b << 16);
+        l[i] = pack_bf16x2(__fsub_rn(v[2 * i], bf16_to_f32(a)), __fsub_rn(v[2 * i + 1], bf16_to_f32(b)));
+    }
+    hi = make_uint4(h[0], h[1], h[2], h[3]);
+    lo = make_uint4(l[0], l[1], l[2], l[3]);
+}
+
+// acc += the two MMAs of one k step: rows (r0 = row g, r1 = row g + 8) x b.
+__device__ __forceinline__ void mma_step(float acc[4], const uint4& r0, const uint4& r1, const uint4& b) {
+    mma_16816(acc, r0.x, r1.x, r0.y, r1.y, b.x, b.y);
+    mma_16816(acc, r0.z, r1.z, r0.w, r1.w, b.z, b.w);
+}
+
+template <typename T>
+struct IsF32 {
+    static constexpr bool value = false;
+};
+template <>
+struct IsF32<float> {
+    static constexpr bool value = true;
+};
+
+template <typename TX, typename TW>
+__device__ __forceinline__ void router_logits_tc(const TX* __restrict__ x, const TW* __restrict__ w,
+                                                 float* __restrict__ logits, u32 tokens, u32 experts, u64 hidden) {
+    const u32 lane = threadIdx.x & 31u;
+    const u32 g = lane >> 2, q = lane & 3u;
+    const u64 t0 = (u64)blockIdx.x * TC_TOKENS + (threadIdx.x >> 5) * 16 + g;
+    const u64 t1 = t0 + 8;
+    const bool ok0 = t0 < tokens, ok1 = t1 < tokens;
+    const TX* x0 = x + (ok0 ? t0 : 0) * hidden + 8 * q;
+    const TX* x1 = x + (ok1 ? t1 : 0) * hidden + 8 * q;
+    const u32 e_g = blockIdx.y * TC_EXPERTS + g;  // the lane's expert of tile 0; tile j adds 8 j
+    const TW* w_g = w + (u64)min(e_g, experts - 1) * hidden + 8 * q;
+    float acc[TC_TILES][4];
+#pragma unroll
+    for (int j = 0; j < TC_TILES; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    for (u64 k = 0; k < hidden; k += TC_K_STEP) {
+        uint4 r0h = zero, r0l = zero, r1h = zero, r1l = zero;
+        if (ok0) split8(x0 + k, r0h, r0l);
+        if (ok1) split8(x1 + k, r1h, r1l);
+#pragma unroll
+        for (int j = 0; j < TC_TILES; ++j) {
+            uint4 bh = zero, bl = zero;
+            if (e_g + 8 * j < experts) split8(w_g + (u64)(8 * j) * hidden + k, bh, bl);
+            mma_step(acc[j], r0h, r1h, bh);
+            if (IsF32<TX>::value) mma_step(acc[j], r0l, r1l, bh);
+            if (IsF32<TW>::value) mma_step(acc[j], r0h, r1h, bl);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < TC_TILES; ++j) {
+        const u32 e = blockIdx.y * TC_EXPERTS + 8 * j + 2 * q;
+#pragma unroll
+        for (u32 c = 0; c < 2; ++c) {
+            if (e + c >= experts) continue;
+            if (ok0) logits[t0 * experts + e + c] = acc[j][c];
+            if (ok1) logits[t1 * experts + e + c] = acc[j][2 + c];
+        }
+    }
+}
+
+#define ROUTER_LOGITS_TC(NAME, TX, TW)                                                         \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)                                \
+        NAME(const TX* __restrict__ x, const TW* __restrict__ w, float* __restrict__ logits,   \
+             u32 tokens, u32 experts, u64 hidden) {                                            \
+        grid_dependency_sync();                                                                \
+        router_logits_tc<TX, TW>(x, w, logits, tokens, experts, hidden);                       \
+    }
+
+ROUTER_LOGITS_TC(moe_router_logits_tc_f32_f32, float, float)
+ROUTER_LOGITS_TC(moe_router_logits_tc_f32_bf16, float, u16)
+ROUTER_LOGITS_TC(moe_router_logits_tc_bf16_f32, u16, float)
+ROUTER_LOGITS_TC(moe_router_logits_tc_bf16_bf16, u16, u16)
 
 // Shared memory of moe_router_select, in this order (4-byte words unless said):
 //   choice      [TILE_WARPS * E]   f32, per warp

@@ -595,6 +595,122 @@ fn logits_are_one_order_for_one_and_four_experts_per_cta() {
     }
 }
 
+/// Exact logits and `S = sum |x w|` per (token, expert), in f64, of `x [T, H]` and `w [E, H]`.
+fn exact_logits(x: &[f32], w: &[f32], tokens: usize, e: usize, h: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut exact = vec![0.0f64; tokens * e];
+    let mut magnitude = vec![0.0f64; tokens * e];
+    for t in 0..tokens {
+        for j in 0..e {
+            let (xr, wr) = (&x[t * h..(t + 1) * h], &w[j * h..(j + 1) * h]);
+            exact[t * e + j] = xr.iter().zip(wr).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+            magnitude[t * e + j] = xr.iter().zip(wr).map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs()).sum();
+        }
+    }
+    (exact, magnitude)
+}
+
+/// The smallest gap between consecutive choices (sigmoid score + bias) among a token's top
+/// k + 1: no error below half of it can change the token's ids or their order.
+fn choice_gap(cfg: &RouterConfig, logits: &[f32], bias: &[f32]) -> f32 {
+    let mut choice: Vec<f32> = logits.iter().zip(bias).map(|(&l, &b)| sigmoid(l) + b).collect();
+    choice.sort_by(|a, b| b.total_cmp(a));
+    choice.windows(2).take(cfg.top_k).map(|w| w[0] - w[1]).fold(f32::INFINITY, f32::min)
+}
+
+#[test]
+fn tensor_core_logits_keep_their_rounding_contract() {
+    for dev in Device::all("tensor_core_logits_keep_their_rounding_contract") {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        // (T, E, H): more than 64 tokens (the tensor cores' range), partial tiles of tokens and
+        // experts.
+        let cases: &[(usize, usize, usize)] =
+            dev.pick(&[(4099, 128, 4096), (100, 9, 2048), (69, 130, 1024)][..], &[(70, 9, 96), (69, 24, 256)]);
+        let cfg = RouterConfig { n_experts: 1, top_k: 4, ..RouterConfig::dots1() };
+        for &(tokens, e, h) in cases {
+            let cfg = RouterConfig { n_experts: e, top_k: cfg.top_k.min(e - 1), ..cfg.clone() };
+            let bound_w = (3.0 / h as f32).sqrt();
+            let x: Vec<f32> = (0..tokens * h).map(|_| rng.random_range(-1.7..1.7)).collect();
+            let w: Vec<f32> = (0..e * h).map(|_| rng.random_range(-bound_w..bound_w)).collect();
+            let bias: Vec<f32> = (0..e).map(|_| rng.random_range(-0.02..0.02)).collect();
+            for (x_bf16, w_bf16) in [(true, true), (false, true), (true, false), (false, false)] {
+                let round = |v: &[f32], b: bool| -> Vec<f32> {
+                    v.iter().map(|&a| if b { bf16::from_f32(a).to_f32() } else { a }).collect()
+                };
+                let (xv, wv) = (round(&x, x_bf16), round(&w, w_bf16));
+                let (exact, magnitude) = exact_logits(&xv, &wv, tokens, e, h);
+                let relative = moe::tensor_core_logit_bound(h, !x_bf16, !w_bf16);
+                let what = format!("{}: T={tokens} E={e} H={h} x {x_bf16} w {w_bf16} (bf16?)", dev.name());
+
+                let dev = dev.fresh();
+                let up = |v: &[f32], b: bool| -> (u64, Dtype) {
+                    if b {
+                        (dev.upload(&v.iter().map(|&a| bf16::from_f32(a)).collect::<Vec<_>>()), Dtype::Bf16)
+                    } else {
+                        (dev.upload(v), Dtype::F32)
+                    }
+                };
+                let (xd, wd) = (up(&xv, x_bf16), up(&wv, w_bf16));
+                let tc = moe::LogitsKernel::TensorCores;
+                let out = dev.poisoned(4 * tokens * e);
+                let launch = moe::logits_launch_with(tc, xd, wd, out, tokens, e, h).unwrap().unwrap();
+                assert!(launch.kernel.entry.starts_with("moe_router_logits_tc_"), "{what}: {}", launch.kernel.entry);
+                dev.run(Some(launch));
+                // A part of the batch alone (still more than 64 tokens): the same bits.
+                let part = 65;
+                let first = (tokens - part).min(3);
+                let x_part = match xd.1 {
+                    Dtype::Bf16 => {
+                        let b: Vec<bf16> =
+                            xv[first * h..(first + part) * h].iter().map(|&a| bf16::from_f32(a)).collect();
+                        (dev.upload(&b), Dtype::Bf16)
+                    }
+                    Dtype::F32 => (dev.upload(&xv[first * h..(first + part) * h]), Dtype::F32),
+                };
+                let out_part = dev.poisoned(4 * part * e);
+                dev.run(moe::logits_launch_with(tc, x_part, wd, out_part, part, e, h).unwrap());
+                let got: Vec<f32> = dev.download(out, tokens * e);
+                let alone: Vec<f32> = dev.download(out_part, part * e);
+                assert_eq!(
+                    bits(&alone),
+                    bits(&got[first * e..(first + part) * e]),
+                    "{what}: a token's logits depend on its batch"
+                );
+
+                let mut worst = 0.0f64;
+                for (i, ((&g, &x), &s)) in got.iter().zip(&exact).zip(&magnitude).enumerate() {
+                    let err = (f64::from(g) - x).abs();
+                    assert!(
+                        err <= f64::from(relative) * s + 1e-30,
+                        "{what}: logit {i}: {g} vs exact {x}, error {err:.3e} > {relative:.3e} x S = {s:.3e}"
+                    );
+                    worst = worst.max(err / s.max(1e-30));
+                }
+                eprintln!("{what}: worst error {worst:.2e} x S (contract {relative:.2e} x S)");
+
+                // The ids equal the CPU's wherever the gap between choices exceeds what both
+                // roundings can move them (sigmoid is 1/4-Lipschitz).
+                let cpu = router_logits(TensorView::F32(&xv), tokens, h, TensorView::F32(&wv), e).unwrap();
+                let cpu_bound = h as f64 * 2f64.powi(-24);
+                let ws = select(&dev, &cfg, 0, &got, tokens, Some(&bias));
+                let (cpu_ids, _) = cpu_slots(&cfg, 0, &cpu, tokens, Some(&bias));
+                let ids = ws.ids();
+                let k = cfg.top_k;
+                let mut decided = 0;
+                for t in 0..tokens {
+                    let s_max = magnitude[t * e..(t + 1) * e].iter().copied().fold(0.0, f64::max);
+                    let moved = ((f64::from(relative) + cpu_bound) * s_max / 4.0) as f32;
+                    if choice_gap(&cfg, &cpu[t * e..(t + 1) * e], &bias) > 2.0 * moved {
+                        decided += 1;
+                        assert_eq!(ids[t * k..(t + 1) * k], cpu_ids[t * k..(t + 1) * k], "{what}: token {t}'s ids");
+                    }
+                }
+                eprintln!("{what}: {decided} of {tokens} tokens decided beyond the bound, all equal to the CPU");
+                assert!(decided * 2 >= tokens, "{what}: too few tokens decided beyond the bound to test the ids");
+            }
+        }
+    }
+}
+
 fn permute_ids<'a>(dev: &'a Device, ids: &[u32], tokens: usize, s: usize, n_slots: usize) -> Ws<'a> {
     let ws = Ws::new(dev, tokens, 0, s, n_slots);
     let ws = Ws {

@@ -265,6 +265,11 @@ fn the_expert_kernels_contain_their_matrix_instructions_and_no_local_memory() {
         let count = |op: &str| code.matches(op).count();
         assert_eq!(count(" LDL"), 0, "{}: local-memory loads", decl.entry);
         assert_eq!(count(" STL"), 0, "{}: local-memory stores", decl.entry);
+        if decl.entry.starts_with("moe_router_logits_tc_") {
+            let hmma = count("HMMA.16816.F32.BF16");
+            eprintln!("sm_90a {:24} HMMA.16816 x{hmma}", decl.entry);
+            assert!(hmma > 0, "{}: expected HMMA.16816.F32.BF16 in the SASS", decl.entry);
+        }
         if !decl.file.starts_with("expert_gemm") {
             continue;
         }

@@ -19,6 +19,7 @@ use dots_moe::cuda::Arch;
 use dots_moe::cuda::expert_gemm::{self, GemmOptions, GemmPtrs, ITEM_WORDS, TiledKernel};
 use dots_moe::cuda::moe;
 use dots_moe::cuda::source::FILES;
+use dots_moe::tensor::Dtype;
 use half::bf16;
 use kernel_support::{Device, Emu};
 use rand::{Rng, SeedableRng};
@@ -389,4 +390,49 @@ fn a_misaligned_vector_access_aborts() {
         |emu| run_combine(emu, 3, 2048 + 2),
         |y: &Vec<u32>| finite(y),
     );
+}
+
+/// The tensor-core router logits of f32 `x [70, 256]` and `w [24, 256]` on `emu`: the worst
+/// `|logit - exact| / (bound * S)` over the batch (at most 1 is the rounding contract).
+fn tensor_core_logit_ratio(emu: &Emu) -> Result<f64, String> {
+    let dev = Device::Emulator(Emu::new(emu.binary()));
+    let (tokens, e, h) = (70, 24, 256);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    let x: Vec<f32> = (0..tokens * h).map(|_| rng.random_range(-1.7..1.7)).collect();
+    let w: Vec<f32> = (0..e * h).map(|_| rng.random_range(-0.1..0.1)).collect();
+    let out = dev.poisoned(4 * tokens * e);
+    let (xd, wd) = ((dev.upload(&x), Dtype::F32), (dev.upload(&w), Dtype::F32));
+    dev.run(moe::logits_launch_with(moe::LogitsKernel::TensorCores, xd, wd, out, tokens, e, h).unwrap());
+    dev.finish()?;
+    let got: Vec<f32> = dev.download(out, tokens * e);
+    let bound = f64::from(moe::tensor_core_logit_bound(h, true, true));
+    let mut worst = 0.0f64;
+    for t in 0..tokens {
+        for j in 0..e {
+            let pairs = x[t * h..(t + 1) * h].iter().zip(&w[j * h..(j + 1) * h]);
+            let (exact, s) = pairs.fold((0.0f64, 0.0f64), |(a, m), (&p, &q)| {
+                (a + f64::from(p) * f64::from(q), m + (f64::from(p) * f64::from(q)).abs())
+            });
+            worst = worst.max((f64::from(got[t * e + j]) - exact).abs() / (bound * s));
+        }
+    }
+    Ok(worst)
+}
+
+#[test]
+fn tensor_core_logits_without_a_split_term_break_their_rounding_contract() {
+    let test = "tensor_core_logits_without_a_split_term_break_their_rounding_contract";
+    let Some(good) = emulator_with(test, "route", None) else { return };
+    let ratio = tensor_core_logit_ratio(&good).unwrap();
+    eprintln!("{test}: unmutated, worst error {ratio:.3} of the contract");
+    assert!(ratio <= 1.0, "{test}: the unmutated kernel breaks the contract ({ratio})");
+    for (what, from) in [
+        ("x's remainder dropped", "if (IsF32<TX>::value) mma_step(acc[j], r0l, r1l, bh);"),
+        ("w's remainder dropped", "if (IsF32<TW>::value) mma_step(acc[j], r0h, r1h, bl);"),
+    ] {
+        let bad = emulator_with(test, "route", Some(("route.cu", from, ""))).unwrap();
+        let ratio = tensor_core_logit_ratio(&bad).unwrap();
+        eprintln!("{test}: {what}, worst error {ratio:.1} x the contract");
+        assert!(ratio > 1.0, "{test}: {what} stays within the contract ({ratio})");
+    }
 }

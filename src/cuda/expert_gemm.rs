@@ -225,6 +225,10 @@ pub struct GemmOptions {
     /// ([`crate::cuda::chain`]; the register decode kernels, whatever [`GemmOptions::decode`]
     /// says), where the decode regime takes every slot. Same bits as the separate launches.
     pub decode_chain: bool,
+    /// A layer's router logits on tensor cores for batches of more than
+    /// [`crate::cuda::moe::LOGIT_E1_MAX_TOKENS`] tokens
+    /// ([`crate::cuda::moe::LogitsKernel::TensorCores`]), except in the batch-invariant mode.
+    pub tensor_core_logits: bool,
 }
 
 impl GemmOptions {
@@ -244,17 +248,20 @@ impl GemmOptions {
             decode: DecodeKernel::Registers,
             batch_invariant: false,
             decode_chain: false,
+            tensor_core_logits: false,
         }
     }
 
     /// The second-generation Hopper kernels (`sm_90a`): [`DecodeKernel::Stream`] and
-    /// [`TiledKernel::WarpSpecialized`], with the split of [`GemmOptions::for_arch`], and the
-    /// decode chain for small batches ([`GemmOptions::decode_chain`]).
+    /// [`TiledKernel::WarpSpecialized`], with the split of [`GemmOptions::for_arch`], the
+    /// decode chain for small batches ([`GemmOptions::decode_chain`]) and the router logits on
+    /// tensor cores for large ones ([`GemmOptions::tensor_core_logits`]).
     pub fn second_generation() -> Self {
         GemmOptions {
             tiled: TiledKernel::WarpSpecialized,
             decode: DecodeKernel::Stream,
             decode_chain: true,
+            tensor_core_logits: true,
             ..Self::for_arch(Arch::SM_90A)
         }
     }
@@ -262,6 +269,16 @@ impl GemmOptions {
     /// The kernel files these options launch.
     pub fn sources(&self) -> [&'static KernelSource; 3] {
         [&SCHEDULE, self.decode.source(), self.tiled.source()]
+    }
+
+    /// The router kernel these options ask of a layer (see
+    /// [`GemmOptions::tensor_core_logits`]).
+    pub fn logits_kernel(&self) -> crate::cuda::moe::LogitsKernel {
+        if self.tensor_core_logits && !self.batch_invariant {
+            crate::cuda::moe::LogitsKernel::TensorCores
+        } else {
+            crate::cuda::moe::LogitsKernel::CudaCores
+        }
     }
 
     /// The batch-invariant mode (see the module docs).
@@ -758,6 +775,7 @@ mod tests {
             decode: DecodeKernel::Registers,
             batch_invariant,
             decode_chain: false,
+            tensor_core_logits: false,
         }
     }
 

@@ -127,7 +127,7 @@ impl CudaMoeLayer {
             config: layer.config().clone(),
             kernels: RouteCombineKernels::new(gpu)?,
             gemm: ExpertGemm::new(gpu, options)?,
-            router: DeviceRouter::from_layer(gpu, layer)?,
+            router: DeviceRouter { logits: options.logits_kernel(), ..DeviceRouter::from_layer(gpu, layer)? },
             weights,
         })
     }

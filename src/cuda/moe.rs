@@ -50,6 +50,42 @@ pub const LOGIT_THREADS: u32 = 128;
 pub const LOGIT_E1_MAX_TOKENS: usize = 64;
 /// Tokens of a router-logits block (`LOGIT_TOKENS`).
 pub const LOGIT_TOKENS: usize = 8;
+/// Threads of a tensor-core router-logits block (`TC_THREADS`).
+pub const TC_THREADS: u32 = 128;
+/// Tokens of a tensor-core router-logits block (`TC_TOKENS`: 16 per warp).
+pub const TC_TOKENS: usize = 64;
+/// Experts of a tensor-core router-logits block (`TC_EXPERTS`: 8 tiles of 8).
+pub const TC_EXPERTS: usize = 64;
+/// `k` per step of the tensor-core router logits (`TC_K_STEP`): `H` must be a multiple.
+pub const TC_K_STEP: usize = 32;
+
+/// Which kernel computes the router logits of a batch of more than
+/// [`LOGIT_E1_MAX_TOKENS`] tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LogitsKernel {
+    /// CUDA cores (`moe_router_logits_*_e4`): f32 fused multiply-adds in one order for every
+    /// batch size, so a token's logits never depend on its batch.
+    #[default]
+    CudaCores,
+    /// Tensor cores (`moe_router_logits_tc_*`, `mma.sync`, f32 accumulation, f32 operands
+    /// split into two bf16 parts) within the rounding contract of
+    /// [`tensor_core_logit_bound`]; a token's logits then depend on whether its batch has
+    /// more than [`LOGIT_E1_MAX_TOKENS`] tokens. Where `H` is not a multiple of
+    /// [`TC_K_STEP`] or a row is not 16-byte aligned the CUDA-core kernel runs instead.
+    TensorCores,
+}
+
+/// The rounding contract of the tensor-core router logits: `|logit - exact| <= bound * S`
+/// with `S = sum_i |x_i w_i|` and `exact` the logit in exact arithmetic, for hidden size
+/// `hidden` and the operands that are f32 (each split into two bf16 parts, whose dropped
+/// remainder is at most `2^-16` of the value). Per MMA (16 products added to the
+/// accumulator) at most `2^-21` of the magnitudes so far, `hidden / 16` MMAs per term; plus
+/// `2^-14` per split operand.
+pub fn tensor_core_logit_bound(hidden: usize, x_f32: bool, w_f32: bool) -> f32 {
+    let splits = usize::from(x_f32) + usize::from(w_f32);
+    let mmas = hidden.div_ceil(16) * (1 + splits);
+    mmas as f32 * 2f32.powi(-21) + splits as f32 * 2f32.powi(-14)
+}
 /// Threads of a gather block (`GATHER_THREADS`).
 pub const GATHER_THREADS: u32 = 256;
 /// Threads of a combine block (`COMBINE_THREADS`).
@@ -177,6 +213,42 @@ pub fn logits_launch(
         Arg::U32(vectorized),
     ];
     Launch::new(logits_kernel(x.1, w.1, tokens), &dims, args).map(Some)
+}
+
+/// The router logits as [`logits_launch`], on the tensor cores where `kind` asks for them
+/// and the batch has more than [`LOGIT_E1_MAX_TOKENS`] tokens (see [`LogitsKernel`]).
+pub fn logits_launch_with(
+    kind: LogitsKernel,
+    x: (u64, Dtype),
+    w: (u64, Dtype),
+    logits: u64,
+    tokens: usize,
+    experts: usize,
+    hidden: usize,
+) -> Result<Option<Launch>, CudaError> {
+    let takes = hidden.is_multiple_of(TC_K_STEP) && x.0.is_multiple_of(16) && w.0.is_multiple_of(16);
+    if kind == LogitsKernel::CudaCores || tokens <= LOGIT_E1_MAX_TOKENS || experts == 0 || !takes {
+        return logits_launch(x, w, logits, tokens, experts, hidden);
+    }
+    if tokens > u32::MAX as usize {
+        return Err(MoeError::Overflow(format!("{tokens} tokens do not fit the router kernel's 32-bit count")).into());
+    }
+    const TC: [&KernelDecl; 4] = [
+        &source::LOGITS_TC_F32_F32,
+        &source::LOGITS_TC_F32_BF16,
+        &source::LOGITS_TC_BF16_F32,
+        &source::LOGITS_TC_BF16_BF16,
+    ];
+    let dims = LaunchDims { tokens, experts, hidden, ..LaunchDims::default() };
+    let args = vec![
+        Arg::Ptr(x.0),
+        Arg::Ptr(w.0),
+        Arg::Ptr(logits),
+        Arg::U32(tokens as u32),
+        Arg::U32(experts as u32),
+        Arg::U64(hidden as u64),
+    ];
+    Launch::new(TC[index2(x.1, w.1)], &dims, args).map(Some)
 }
 
 /// Checks what the selection kernel takes of a router configuration.
@@ -418,7 +490,8 @@ impl RouteCombineKernels {
         hidden.expect_shape("hidden", &[tokens, h])?;
         logits.expect_shape("router logits", &[tokens, e])?;
         // x is [T, H], w [E, H], logits [T, E] (checked above).
-        self.run(logits_launch(
+        self.run(logits_launch_with(
+            router.logits,
             (hidden.device_ptr(), hidden.dtype()),
             (gate.device_ptr(), gate.dtype()),
             logits.device_ptr(),

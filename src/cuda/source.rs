@@ -130,6 +130,34 @@ router_logits!(LOGITS_F32_BF16_E4, "moe_router_logits_f32_bf16_e4", F32, Bf16, 4
 router_logits!(LOGITS_BF16_F32_E4, "moe_router_logits_bf16_f32_e4", Bf16, F32, 4, 128);
 router_logits!(LOGITS_BF16_BF16_E4, "moe_router_logits_bf16_bf16_e4", Bf16, Bf16, 4, 128);
 
+macro_rules! router_logits_tc {
+    ($name:ident, $entry:literal, $x:ident, $w:ident) => {
+        /// Router logits on tensor cores (64 tokens x 64 experts per CTA).
+        pub const $name: KernelDecl = KernelDecl {
+            entry: $entry,
+            file: "route.cu",
+            params: &[
+                Param::input("x", Elem::$x),
+                Param::input("w", Elem::$w),
+                Param::output("logits", Elem::F32),
+                Param::u32("tokens"),
+                Param::u32("experts"),
+                Param::u64("hidden"),
+            ],
+            block: moe::TC_THREADS,
+            grid: |d| (cdiv(d.tokens, moe::TC_TOKENS), cdiv(d.experts, moe::TC_EXPERTS)),
+            dynamic_smem: no_smem,
+            // `__launch_bounds__(TC_THREADS, 4)`: without the bound ptxas spilled at 96.
+            max_registers: 128,
+        };
+    };
+}
+
+router_logits_tc!(LOGITS_TC_F32_F32, "moe_router_logits_tc_f32_f32", F32, F32);
+router_logits_tc!(LOGITS_TC_F32_BF16, "moe_router_logits_tc_f32_bf16", F32, Bf16);
+router_logits_tc!(LOGITS_TC_BF16_F32, "moe_router_logits_tc_bf16_f32", Bf16, F32);
+router_logits_tc!(LOGITS_TC_BF16_BF16, "moe_router_logits_tc_bf16_bf16", Bf16, Bf16);
+
 /// `moe_router_select`: selection, ranks, tile counts, tile and expert offsets (and the
 /// scatter for one tile).
 pub const SELECT: KernelDecl = KernelDecl {
@@ -561,6 +589,10 @@ pub const ROUTE: KernelSource = KernelSource {
         &LOGITS_F32_BF16_E4,
         &LOGITS_BF16_F32_E4,
         &LOGITS_BF16_BF16_E4,
+        &LOGITS_TC_F32_F32,
+        &LOGITS_TC_F32_BF16,
+        &LOGITS_TC_BF16_F32,
+        &LOGITS_TC_BF16_BF16,
         &SELECT,
         &ROUTER_DECODE_F32_F32,
         &ROUTER_DECODE_F32_BF16,
@@ -667,6 +699,12 @@ pub const KERNEL_CONSTANTS: &[(&str, usize)] = &[
     ("LOGIT_THREADS", moe::LOGIT_THREADS as usize),
     ("LOGIT_WARPS", moe::LOGIT_THREADS as usize / 32),
     ("LOGIT_TOKENS", moe::LOGIT_TOKENS),
+    ("TC_WARPS", moe::TC_THREADS as usize / 32),
+    ("TC_THREADS", moe::TC_THREADS as usize),
+    ("TC_TOKENS", moe::TC_TOKENS),
+    ("TC_TILES", moe::TC_EXPERTS / 8),
+    ("TC_EXPERTS", moe::TC_EXPERTS),
+    ("TC_K_STEP", moe::TC_K_STEP),
     ("GATHER_THREADS", moe::GATHER_THREADS as usize),
     ("COMBINE_THREADS", moe::COMBINE_THREADS as usize),
     ("COMBINE_MAX_SLOTS", moe::COMBINE_MAX_SLOTS),

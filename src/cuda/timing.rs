@@ -19,7 +19,7 @@ use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
 use crate::cuda::context::GpuContext;
 use crate::cuda::error::CudaError;
 use crate::cuda::graph::{capture, device_time_us};
-use crate::cuda::moe::RouteCombineKernels;
+use crate::cuda::moe::{LOGIT_E1_MAX_TOKENS, LogitsKernel, RouteCombineKernels};
 use crate::cuda::workspace::{DeviceRouter, RoutingWorkspace};
 use crate::tensor::{Dtype, TensorView};
 
@@ -91,6 +91,11 @@ pub fn time_moe_kernels(
     let gate: Vec<bf16> = (0..e * h).map(|_| bf16::from_f32(rng.random_range(-bound..bound))).collect();
     let bias: Vec<f32> = (0..e).map(|_| rng.random_range(-0.02..0.02)).collect();
     let router = DeviceRouter::upload(gpu, &cfg, TensorView::Bf16(&gate), Some(&bias))?;
+    // The same router with its logits on tensor cores (batches of more than 64 tokens).
+    let router_tc = DeviceRouter {
+        logits: LogitsKernel::TensorCores,
+        ..DeviceRouter::upload(gpu, &cfg, TensorView::Bf16(&gate), Some(&bias))?
+    };
     let mut out = Vec::new();
     for &tokens in token_counts.iter().filter(|&&t| t > 0) {
         let x: Vec<bf16> = (0..tokens * h).map(|_| bf16::from_f32(rng.random_range(-2.0..2.0))).collect();
@@ -118,6 +123,11 @@ pub fn time_moe_kernels(
         kernels.route(&router, &hidden, &mut ws)?;
         let timed = time_region(gpu, iterations, || kernels.route(&router, &hidden, &mut ws))?;
         push("route", route_bytes, timed);
+        if tokens > LOGIT_E1_MAX_TOKENS {
+            kernels.route(&router_tc, &hidden, &mut ws)?;
+            let timed = time_region(gpu, iterations, || kernels.route(&router_tc, &hidden, &mut ws))?;
+            push("route-tc", route_bytes, timed);
+        }
         let timed = time_region(gpu, iterations, || kernels.gather(&hidden, h, &ws, &mut x_perm))?;
         push("gather", gather_bytes, timed);
         let timed = time_region(gpu, iterations, || {

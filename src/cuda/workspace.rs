@@ -6,7 +6,7 @@ use crate::config::{MoeConfig, RouterConfig};
 use crate::cuda::buffer::{DeviceBuffer, DeviceTensor};
 use crate::cuda::context::GpuContext;
 use crate::cuda::error::CudaError;
-use crate::cuda::moe::tiles;
+use crate::cuda::moe::{LogitsKernel, tiles};
 use crate::error::MoeError;
 use crate::moe::{MoeLayer, Permutation, RouterBias, Routing};
 use crate::tensor::TensorView;
@@ -24,6 +24,10 @@ pub struct DeviceRouter {
     pub gate: Option<DeviceTensor>,
     /// `[E]` score-correction bias.
     pub bias: Option<DeviceBuffer<f32>>,
+    /// Which kernel computes the logits of a batch of more than
+    /// [`crate::cuda::moe::LOGIT_E1_MAX_TOKENS`] tokens (smaller ones always take the
+    /// CUDA-core kernel). [`LogitsKernel::CudaCores`] unless set.
+    pub logits: LogitsKernel,
 }
 
 impl DeviceRouter {
@@ -47,6 +51,7 @@ impl DeviceRouter {
             n_shared: cfg.n_shared_experts,
             gate: Some(gate),
             bias,
+            logits: LogitsKernel::CudaCores,
         })
     }
 
@@ -63,7 +68,14 @@ impl DeviceRouter {
             Some(b) => Some(DeviceBuffer::upload(gpu, "e_score_correction_bias", &b, &[cfg.n_experts])?),
             None => None,
         };
-        Ok(DeviceRouter { config: cfg.clone(), hidden_size: 0, n_shared, gate: None, bias })
+        Ok(DeviceRouter {
+            config: cfg.clone(),
+            hidden_size: 0,
+            n_shared,
+            gate: None,
+            bias,
+            logits: LogitsKernel::CudaCores,
+        })
     }
 
     /// Uploads the router of `layer`.
