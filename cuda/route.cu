@@ -476,7 +476,8 @@ extern "C" __global__ void __launch_bounds__(TILE_THREADS)
 // moe_router_logits_*_e1 computes them (same CTAs, same sums), then the CTA that finishes
 // last (tiles_done counts the grid's CTAs) selects, scatters and schedules the work items
 // (moe_router_select with fuse_scatter, then moe_expert_schedule), so routing, permutation
-// and the schedule are one launch. Block TILE_THREADS: threads past LOGIT_THREADS wait
+// and the schedule are one launch. Its parameters are moe_router_select's (fuse_scatter 1)
+// after the logits' operands, then the schedule's. Block TILE_THREADS: threads past LOGIT_THREADS wait
 // during the logits. The last CTA reads every logit from L2 (select_tile) and its own
 // expert_offsets through L2 after a barrier (schedule_items).
 template <typename TX, typename TW>
@@ -485,16 +486,16 @@ __device__ __forceinline__ void router_decode(
     u32 vectorized, const float* __restrict__ bias, u32 top_k, u32 n_shared, u32 n_group, u32 topk_group,
     u32 softmax, u32 norm_topk_prob, float scale, u32* __restrict__ slot_ids, float* __restrict__ slot_weights,
     u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts, u64* __restrict__ tile_status,
-    u32* __restrict__ tile_offsets, u32* expert_offsets, u32* __restrict__ tiles_done, u32* __restrict__ row_pairs,
-    u32* __restrict__ pair_rows, float* __restrict__ row_weights, u32 decode_max_rows, u32 tile_rows,
-    u32 decode_capacity, u32 tiled_capacity, GemmItem* __restrict__ decode_items, GemmItem* __restrict__ tiled_items,
-    u32* __restrict__ item_counts) {
+    u32* __restrict__ tile_offsets, u32* expert_offsets, u32* __restrict__ tiles_done, u32 fuse_scatter,
+    u32* __restrict__ row_pairs, u32* __restrict__ pair_rows, float* __restrict__ row_weights, u32 decode_max_rows,
+    u32 tile_rows, u32 decode_capacity, u32 tiled_capacity, GemmItem* __restrict__ decode_items,
+    GemmItem* __restrict__ tiled_items, u32* __restrict__ item_counts) {
     DECLARE_DYNAMIC_SMEM(decode_smem, 16);
     router_logits<TX, TW, 1>(x, w, logits, tokens, experts, hidden, vectorized);
     if (!last_tile_to_arrive(tiles_done, gridDim.x * gridDim.y)) return;
     select_tile(logits, bias, tokens, experts, top_k, n_shared, n_group, topk_group, softmax, norm_topk_prob, scale,
                 slot_ids, slot_weights, pair_ranks, tile_counts, tile_status, tile_offsets, expert_offsets, tiles_done,
-                1u, row_pairs, pair_rows, row_weights, 0u, 1u, decode_smem);
+                fuse_scatter, row_pairs, pair_rows, row_weights, 0u, 1u, decode_smem);
     __syncthreads();  // expert_offsets, written by this CTA's threads
     if (threadIdx.x < 32) {
         schedule_items(expert_offsets, experts + n_shared, decode_max_rows, tile_rows, decode_capacity, tiled_capacity,
@@ -504,22 +505,22 @@ __device__ __forceinline__ void router_decode(
 
 #define ROUTER_DECODE(NAME, TX, TW)                                                                                \
     extern "C" __global__ void __launch_bounds__(TILE_THREADS, 2)                                                  \
-        NAME(const TX* __restrict__ x, const TW* __restrict__ w, float* __restrict__ logits, u32 tokens,           \
-             u32 experts, u64 hidden, u32 vectorized, const float* __restrict__ bias, u32 top_k, u32 n_shared,      \
-             u32 n_group,                                                                                           \
-             u32 topk_group, u32 softmax, u32 norm_topk_prob, float scale, u32* __restrict__ slot_ids,            \
-             float* __restrict__ slot_weights, u32* __restrict__ pair_ranks, u32* __restrict__ tile_counts,       \
-             u64* __restrict__ tile_status, u32* __restrict__ tile_offsets, u32* __restrict__ expert_offsets,     \
-             u32* __restrict__ tiles_done, u32* __restrict__ row_pairs, u32* __restrict__ pair_rows,              \
-             float* __restrict__ row_weights, u32 decode_max_rows, u32 tile_rows, u32 decode_capacity,            \
-             u32 tiled_capacity, GemmItem* __restrict__ decode_items, GemmItem* __restrict__ tiled_items,         \
+        NAME(const TX* __restrict__ x, const TW* __restrict__ w, u64 hidden, u32 vectorized,                      \
+             float* __restrict__ logits, const float* __restrict__ bias, u32 tokens, u32 experts, u32 top_k,      \
+             u32 n_shared, u32 n_group, u32 topk_group, u32 softmax, u32 norm_topk_prob, float scale,             \
+             u32* __restrict__ slot_ids, float* __restrict__ slot_weights, u32* __restrict__ pair_ranks,         \
+             u32* __restrict__ tile_counts, u64* __restrict__ tile_status, u32* __restrict__ tile_offsets,       \
+             u32* __restrict__ expert_offsets, u32* __restrict__ tiles_done, u32 fuse_scatter,                   \
+             u32* __restrict__ row_pairs, u32* __restrict__ pair_rows, float* __restrict__ row_weights,          \
+             u32 decode_max_rows, u32 tile_rows, u32 decode_capacity, u32 tiled_capacity,                        \
+             GemmItem* __restrict__ decode_items, GemmItem* __restrict__ tiled_items,                            \
              u32* __restrict__ item_counts) {                                                                     \
         grid_dependency_sync();                                                                                    \
         router_decode<TX, TW>(x, w, logits, tokens, experts, hidden, vectorized, bias, top_k, n_shared, n_group,   \
                               topk_group, softmax, norm_topk_prob, scale, slot_ids, slot_weights, pair_ranks,      \
-                              tile_counts, tile_status, tile_offsets, expert_offsets, tiles_done, row_pairs,       \
-                              pair_rows, row_weights, decode_max_rows, tile_rows, decode_capacity, tiled_capacity, \
-                              decode_items, tiled_items, item_counts);                                             \
+                              tile_counts, tile_status, tile_offsets, expert_offsets, tiles_done, fuse_scatter,    \
+                              row_pairs, pair_rows, row_weights, decode_max_rows, tile_rows, decode_capacity,      \
+                              tiled_capacity, decode_items, tiled_items, item_counts);                             \
     }
 
 ROUTER_DECODE(moe_router_decode_f32_f32, float, float)

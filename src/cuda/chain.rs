@@ -24,7 +24,7 @@
 //! and a shared slot exactly `T`, so `T` must not exceed the decode limit
 //! ([`runs_chain`]).
 
-use crate::config::{RouterConfig, Scoring};
+use crate::config::RouterConfig;
 use crate::cuda::error::CudaError;
 use crate::cuda::expert_gemm::{self as gemm, GemmOptions, GemmPtrs};
 use crate::cuda::launch::{KernelArg as Arg, KernelDecl, Launch, LaunchDims};
@@ -93,33 +93,9 @@ pub fn route_launch(
     ];
     let vectorized = u32::from(hidden.is_multiple_of(8) && aligned(&[x.0, gate.0]));
     let (decode_max_rows, tile_rows) = options.schedule_args();
-    let args = vec![
-        Arg::Ptr(x.0),
-        Arg::Ptr(gate.0),
-        Arg::Ptr(ws.logits),
-        Arg::U32(dims.tokens as u32),
-        Arg::U32(cfg.n_experts as u32),
-        Arg::U64(hidden as u64),
-        Arg::U32(vectorized),
-        Arg::Ptr(bias),
-        Arg::U32(cfg.top_k as u32),
-        Arg::U32(n_shared as u32),
-        Arg::U32(cfg.n_group as u32),
-        Arg::U32(cfg.topk_group as u32),
-        Arg::U32(u32::from(cfg.scoring == Scoring::Softmax)),
-        Arg::U32(u32::from(cfg.norm_topk_prob)),
-        Arg::F32(cfg.routed_scaling_factor),
-        Arg::Ptr(ws.slot_ids),
-        Arg::Ptr(ws.slot_weights),
-        Arg::Ptr(ws.pair_ranks),
-        Arg::Ptr(ws.tile_counts),
-        Arg::Ptr(ws.tile_status),
-        Arg::Ptr(ws.tile_offsets),
-        Arg::Ptr(ws.expert_offsets),
-        Arg::Ptr(ws.tiles_done),
-        Arg::Ptr(ws.row_pairs),
-        Arg::Ptr(ws.pair_rows),
-        Arg::Ptr(ws.row_weights),
+    let mut args = vec![Arg::Ptr(x.0), Arg::Ptr(gate.0), Arg::U64(hidden as u64), Arg::U32(vectorized)];
+    args.extend(moe::select_args(cfg, n_shared, bias, ws, dims));
+    args.extend([
         Arg::U32(decode_max_rows),
         Arg::U32(tile_rows),
         Arg::U32(items.decode_capacity as u32),
@@ -127,7 +103,7 @@ pub fn route_launch(
         Arg::Ptr(items.decode_items),
         Arg::Ptr(items.tiled_items),
         Arg::Ptr(items.item_counts),
-    ];
+    ]);
     let launch_dims = LaunchDims {
         tokens: dims.tokens,
         experts: cfg.n_experts,

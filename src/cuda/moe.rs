@@ -185,6 +185,18 @@ pub fn logits_kernel(x: Dtype, w: Dtype, tokens: usize) -> &'static KernelDecl {
     if tokens <= LOGIT_E1_MAX_TOKENS { E1[index2(x, w)] } else { E4[index2(x, w)] }
 }
 
+/// The arguments both router-logits kernels begin with.
+fn logits_args(x: u64, w: u64, logits: u64, tokens: usize, experts: usize, hidden: usize) -> Vec<Arg> {
+    vec![
+        Arg::Ptr(x),
+        Arg::Ptr(w),
+        Arg::Ptr(logits),
+        Arg::U32(tokens as u32),
+        Arg::U32(experts as u32),
+        Arg::U64(hidden as u64),
+    ]
+}
+
 /// `logits [T, E] = fp32(x [T, H]) @ fp32(w [E, H])^T`.
 pub fn logits_launch(
     x: (u64, Dtype),
@@ -203,15 +215,8 @@ pub fn logits_launch(
     let aligned = x.0.is_multiple_of(16) && w.0.is_multiple_of(16);
     let vectorized = u32::from(hidden.is_multiple_of(8) && aligned);
     let dims = LaunchDims { tokens, experts, hidden, ..LaunchDims::default() };
-    let args = vec![
-        Arg::Ptr(x.0),
-        Arg::Ptr(w.0),
-        Arg::Ptr(logits),
-        Arg::U32(tokens as u32),
-        Arg::U32(experts as u32),
-        Arg::U64(hidden as u64),
-        Arg::U32(vectorized),
-    ];
+    let mut args = logits_args(x.0, w.0, logits, tokens, experts, hidden);
+    args.push(Arg::U32(vectorized));
     Launch::new(logits_kernel(x.1, w.1, tokens), &dims, args).map(Some)
 }
 
@@ -240,14 +245,7 @@ pub fn logits_launch_with(
         &source::LOGITS_TC_BF16_BF16,
     ];
     let dims = LaunchDims { tokens, experts, hidden, ..LaunchDims::default() };
-    let args = vec![
-        Arg::Ptr(x.0),
-        Arg::Ptr(w.0),
-        Arg::Ptr(logits),
-        Arg::U32(tokens as u32),
-        Arg::U32(experts as u32),
-        Arg::U64(hidden as u64),
-    ];
+    let args = logits_args(x.0, w.0, logits, tokens, experts, hidden);
     Launch::new(TC[index2(x.1, w.1)], &dims, args).map(Some)
 }
 
@@ -271,20 +269,16 @@ pub fn check_select(cfg: &RouterConfig, slots_per_token: usize, n_slots: usize) 
     Ok(())
 }
 
-/// The selection from `ws.logits` (see [`RouteCombineKernels::router_select`]); `bias` is 0 for
-/// none.
-pub fn select_launch(
+/// The arguments of `moe_router_select` (the scatter fused for one tile), which the decode
+/// chain's router also takes after its logits' operands.
+pub(crate) fn select_args(
     cfg: &RouterConfig,
     n_shared: usize,
     bias: u64,
     ws: &WorkspacePtrs,
     dims: &WorkspaceDims,
-) -> Result<Option<Launch>, CudaError> {
-    check_select(cfg, dims.slots_per_token, dims.n_slots)?;
-    if dims.tokens == 0 {
-        return Ok(None);
-    }
-    let args = vec![
+) -> Vec<Arg> {
+    vec![
         Arg::Ptr(ws.logits),
         Arg::Ptr(bias),
         Arg::U32(dims.tokens as u32),
@@ -308,7 +302,23 @@ pub fn select_launch(
         Arg::Ptr(ws.row_pairs),
         Arg::Ptr(ws.pair_rows),
         Arg::Ptr(ws.row_weights),
-    ];
+    ]
+}
+
+/// The selection from `ws.logits` (see [`RouteCombineKernels::router_select`]); `bias` is 0 for
+/// none.
+pub fn select_launch(
+    cfg: &RouterConfig,
+    n_shared: usize,
+    bias: u64,
+    ws: &WorkspacePtrs,
+    dims: &WorkspaceDims,
+) -> Result<Option<Launch>, CudaError> {
+    check_select(cfg, dims.slots_per_token, dims.n_slots)?;
+    if dims.tokens == 0 {
+        return Ok(None);
+    }
+    let args = select_args(cfg, n_shared, bias, ws, dims);
     let launch_dims = LaunchDims { experts: cfg.n_experts, ..dims.launch_dims() };
     Launch::new(&source::SELECT, &launch_dims, args).map(Some)
 }

@@ -158,36 +158,46 @@ router_logits_tc!(LOGITS_TC_F32_BF16, "moe_router_logits_tc_f32_bf16", F32, Bf16
 router_logits_tc!(LOGITS_TC_BF16_F32, "moe_router_logits_tc_bf16_f32", Bf16, F32);
 router_logits_tc!(LOGITS_TC_BF16_BF16, "moe_router_logits_tc_bf16_bf16", Bf16, Bf16);
 
+/// The parameter list of `moe_router_select` after its logits, between the parameters in
+/// `$before` (which end with the logits) and those in `$after`: the decode chain's router
+/// takes the same after its logits' operands (and writes the logits).
+macro_rules! select_params {
+    ([$($before:expr),*], [$($after:expr),*]) => {
+        &[
+            $($before,)*
+            Param::input("bias", Elem::F32),
+            Param::u32("tokens"),
+            Param::u32("experts"),
+            Param::u32("top_k"),
+            Param::u32("n_shared"),
+            Param::u32("n_group"),
+            Param::u32("topk_group"),
+            Param::u32("softmax"),
+            Param::u32("norm_topk_prob"),
+            Param::f32("scale"),
+            Param::output("slot_ids", Elem::U32),
+            Param::output("slot_weights", Elem::F32),
+            Param::output("pair_ranks", Elem::U32),
+            Param::output("tile_counts", Elem::U32),
+            Param::output("tile_status", Elem::U64),
+            Param::output("tile_offsets", Elem::U32),
+            Param::output("expert_offsets", Elem::U32),
+            Param::output("tiles_done", Elem::U32),
+            Param::u32("fuse_scatter"),
+            Param::output("row_pairs", Elem::U32),
+            Param::output("pair_rows", Elem::U32),
+            Param::output("row_weights", Elem::F32),
+            $($after,)*
+        ]
+    };
+}
+
 /// `moe_router_select`: selection, ranks, tile counts, tile and expert offsets (and the
 /// scatter for one tile).
 pub const SELECT: KernelDecl = KernelDecl {
     entry: "moe_router_select",
     file: "route.cu",
-    params: &[
-        Param::input("logits", Elem::F32),
-        Param::input("bias", Elem::F32),
-        Param::u32("tokens"),
-        Param::u32("experts"),
-        Param::u32("top_k"),
-        Param::u32("n_shared"),
-        Param::u32("n_group"),
-        Param::u32("topk_group"),
-        Param::u32("softmax"),
-        Param::u32("norm_topk_prob"),
-        Param::f32("scale"),
-        Param::output("slot_ids", Elem::U32),
-        Param::output("slot_weights", Elem::F32),
-        Param::output("pair_ranks", Elem::U32),
-        Param::output("tile_counts", Elem::U32),
-        Param::output("tile_status", Elem::U64),
-        Param::output("tile_offsets", Elem::U32),
-        Param::output("expert_offsets", Elem::U32),
-        Param::output("tiles_done", Elem::U32),
-        Param::u32("fuse_scatter"),
-        Param::output("row_pairs", Elem::U32),
-        Param::output("pair_rows", Elem::U32),
-        Param::output("row_weights", Elem::F32),
-    ],
+    params: select_params!([Param::input("logits", Elem::F32)], []),
     block: moe::TILE_THREADS,
     grid: |d| (moe::tiles(d.tokens), 1),
     dynamic_smem: |d| moe::select_shared_bytes(d.experts, d.slots_per_token, d.n_slots),
@@ -201,41 +211,24 @@ macro_rules! router_decode {
         pub const $name: KernelDecl = KernelDecl {
             entry: $entry,
             file: "route.cu",
-            params: &[
-                Param::input("x", Elem::$x),
-                Param::input("w", Elem::$w),
-                Param::output("logits", Elem::F32),
-                Param::u32("tokens"),
-                Param::u32("experts"),
-                Param::u64("hidden"),
-                Param::u32("vectorized"),
-                Param::input("bias", Elem::F32),
-                Param::u32("top_k"),
-                Param::u32("n_shared"),
-                Param::u32("n_group"),
-                Param::u32("topk_group"),
-                Param::u32("softmax"),
-                Param::u32("norm_topk_prob"),
-                Param::f32("scale"),
-                Param::output("slot_ids", Elem::U32),
-                Param::output("slot_weights", Elem::F32),
-                Param::output("pair_ranks", Elem::U32),
-                Param::output("tile_counts", Elem::U32),
-                Param::output("tile_status", Elem::U64),
-                Param::output("tile_offsets", Elem::U32),
-                Param::output("expert_offsets", Elem::U32),
-                Param::output("tiles_done", Elem::U32),
-                Param::output("row_pairs", Elem::U32),
-                Param::output("pair_rows", Elem::U32),
-                Param::output("row_weights", Elem::F32),
-                Param::u32("decode_max_rows"),
-                Param::u32("tile_rows"),
-                Param::u32("decode_capacity"),
-                Param::u32("tiled_capacity"),
-                Param::output("decode_items", Elem::Item),
-                Param::output("tiled_items", Elem::Item),
-                Param::output("item_counts", Elem::U32),
-            ],
+            params: select_params!(
+                [
+                    Param::input("x", Elem::$x),
+                    Param::input("w", Elem::$w),
+                    Param::u64("hidden"),
+                    Param::u32("vectorized"),
+                    Param::output("logits", Elem::F32)
+                ],
+                [
+                    Param::u32("decode_max_rows"),
+                    Param::u32("tile_rows"),
+                    Param::u32("decode_capacity"),
+                    Param::u32("tiled_capacity"),
+                    Param::output("decode_items", Elem::Item),
+                    Param::output("tiled_items", Elem::Item),
+                    Param::output("item_counts", Elem::U32)
+                ]
+            ),
             block: moe::TILE_THREADS,
             grid: |d| (cdiv(d.tokens, moe::LOGIT_TOKENS), d.experts),
             dynamic_smem: |d| moe::select_shared_bytes(d.experts, d.slots_per_token, d.n_slots),
