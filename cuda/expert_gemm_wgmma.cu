@@ -76,17 +76,48 @@ __device__ __forceinline__ u32 wg_tile_offset(u32 r, u32 c) {
 }
 
 
-// Queues the copies of one stage: A = item rows 0..WG_BM (zeros from a_valid on) of
-// `a_rows`, B = weight rows (0..127 from b_lo, 128..255 from b_hi), k0..k0 + WG_BK.
-__device__ __forceinline__ void wg_load_stage(u32 stage, const u16* a_rows, u32 a_valid, u64 lda, const u16* b_lo,
+// Where a stage's A rows come from: the item rows 0..WG_BM of a [rows, ld] buffer (the
+// gathered rows x, or the activation), from `rows` on ...
+struct WgContiguousRows {
+    const u16* rows;
+    u64 ld;
+    // Chunk c (16 bytes) of row r at k0; any readable address when the row is not valid.
+    __device__ __forceinline__ const u16* chunk(u32 /*i*/, u32 r, u32 c, u32 k0, bool valid) const {
+        return rows + (valid ? (u64)r * ld + k0 + 8 * c : 0);
+    }
+};
+
+// ... or the hidden states [T, ld] through the permutation (moe_expert_up_wgmma_hidden: no
+// gather pass): item row r is hidden row row_pairs[row_begin + r] / slots. The thread's
+// WG_A_CHUNKS rows (chunk i of a stage is row threadIdx.x / WG_CHUNKS_PER_ROW + i
+// WG_THREADS / WG_CHUNKS_PER_ROW) are looked up once per tile, not per stage.
+#define WG_A_CHUNKS (WG_BM * WG_CHUNKS_PER_ROW / WG_THREADS)
+struct WgHiddenRows {
+    const u16* row[WG_A_CHUNKS];
+    __device__ __forceinline__ WgHiddenRows(const u16* hidden, const u32* row_pairs, u32 slots, u64 ld,
+                                            GemmItem item) {
+#pragma unroll
+        for (u32 i = 0; i < WG_A_CHUNKS; ++i) {
+            const u32 r = (threadIdx.x + i * WG_THREADS) / WG_CHUNKS_PER_ROW;
+            row[i] = r < item.rows ? hidden + (u64)(row_pairs[item.row_begin + r] / slots) * ld : hidden;
+        }
+    }
+    __device__ __forceinline__ const u16* chunk(u32 i, u32 /*r*/, u32 c, u32 k0, bool valid) const {
+        return row[i] + (valid ? k0 + 8 * c : 0);
+    }
+};
+
+// Queues the copies of one stage: A = item rows 0..WG_BM (zeros from a_valid on) of `a`,
+// B = weight rows (0..127 from b_lo, 128..255 from b_hi), k0..k0 + WG_BK.
+template <typename ARows>
+__device__ __forceinline__ void wg_load_stage(u32 stage, const ARows& a, u32 a_valid, const u16* b_lo,
                                               const u16* b_hi, u64 ldb, u32 k0) {
 #pragma unroll
-    for (u32 i = 0; i < WG_BM * WG_CHUNKS_PER_ROW / WG_THREADS; ++i) {
+    for (u32 i = 0; i < WG_A_CHUNKS; ++i) {
         const u32 chunk = threadIdx.x + i * WG_THREADS;
         const u32 r = chunk / WG_CHUNKS_PER_ROW, c = chunk % WG_CHUNKS_PER_ROW;
         const bool valid = r < a_valid;
-        const u16* src = a_rows + (valid ? (u64)r * lda + k0 + 8 * c : 0);
-        cp_async_16(stage + wg_tile_offset(r, c), src, valid ? 16u : 0u);
+        cp_async_16(stage + wg_tile_offset(r, c), a.chunk(i, r, c, k0, valid), valid ? 16u : 0u);
     }
 #pragma unroll
     for (u32 i = 0; i < WG_BN * WG_CHUNKS_PER_ROW / WG_THREADS; ++i) {
@@ -98,7 +129,8 @@ __device__ __forceinline__ void wg_load_stage(u32 stage, const u16* a_rows, u32 
 }
 
 // acc (this warpgroup's 64 rows x 256 columns) over the whole K.
-__device__ __forceinline__ void wg_mainloop(float acc[WG_ACC], u32 smem, const u16* a_rows, u32 a_valid, u64 lda,
+template <typename ARows>
+__device__ __forceinline__ void wg_mainloop(float acc[WG_ACC], u32 smem, const ARows& a, u32 a_valid,
                                             const u16* b_lo, const u16* b_hi, u64 ldb, u32 k_len) {
     const u32 warpgroup = threadIdx.x >> 7;
 #pragma unroll
@@ -107,7 +139,7 @@ __device__ __forceinline__ void wg_mainloop(float acc[WG_ACC], u32 smem, const u
     const u32 k_tiles = k_len / WG_BK;
 #pragma unroll
     for (u32 s = 0; s < WG_STAGES - 1; ++s) {
-        if (s < k_tiles) wg_load_stage(smem + s * WG_STAGE_BYTES, a_rows, a_valid, lda, b_lo, b_hi, ldb, s * WG_BK);
+        if (s < k_tiles) wg_load_stage(smem + s * WG_STAGE_BYTES, a, a_valid, b_lo, b_hi, ldb, s * WG_BK);
         cp_async_commit();
     }
     for (u32 kt = 0; kt < k_tiles; ++kt) {
@@ -116,8 +148,7 @@ __device__ __forceinline__ void wg_mainloop(float acc[WG_ACC], u32 smem, const u
         __syncthreads();
         const u32 next = kt + WG_STAGES - 1;
         if (next < k_tiles) {
-            wg_load_stage(smem + (next % WG_STAGES) * WG_STAGE_BYTES, a_rows, a_valid, lda, b_lo, b_hi, ldb,
-                          next * WG_BK);
+            wg_load_stage(smem + (next % WG_STAGES) * WG_STAGE_BYTES, a, a_valid, b_lo, b_hi, ldb, next * WG_BK);
         }
         cp_async_commit();
 
@@ -143,19 +174,14 @@ __device__ __forceinline__ u32 wg_smem_base(const unsigned char* smem_buffer) {
     return (raw + WG_ALIGN - 1) & ~(u32)(WG_ALIGN - 1);
 }
 
-extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
-    moe_expert_up_wgmma(const u16* __restrict__ x, const u16* __restrict__ gate_up,
-                        const GemmItem* __restrict__ items, const u32* __restrict__ item_counts, u32 hidden,
-                        u32 inter, u16* __restrict__ act) {
-    grid_dependency_sync();
-    DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
-    if (blockIdx.y >= item_counts[COUNT_TILED]) return;
-    const GemmItem item = items[blockIdx.y];
+// GEMM 1 + SwiGLU of this CTA's item, its rows from `a`.
+template <typename ARows>
+__device__ __forceinline__ void wg_up(u32 smem, const ARows& a, const u16* gate_up, GemmItem item, u32 hidden,
+                                      u32 inter, u16* act) {
     const u32 n0 = blockIdx.x * (WG_BN / 2);  // first act column of the CTA
     const u16* slot = gate_up + (u64)item.slot * 2 * inter * hidden;
     float acc[WG_ACC];
-    wg_mainloop(acc, wg_smem_base(smem_buffer), x + (u64)item.row_begin * hidden, item.rows, hidden,
-                slot + (u64)n0 * hidden, slot + (u64)(inter + n0) * hidden, hidden, hidden);
+    wg_mainloop(acc, smem, a, item.rows, slot + (u64)n0 * hidden, slot + (u64)(inter + n0) * hidden, hidden, hidden);
 
     const u32 t = threadIdx.x & 127u;
     const u32 g = (t & 31u) >> 2, q = t & 3u;
@@ -176,6 +202,33 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
 }
 
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+    moe_expert_up_wgmma(const u16* __restrict__ x, const u16* __restrict__ gate_up,
+                        const GemmItem* __restrict__ items, const u32* __restrict__ item_counts, u32 hidden,
+                        u32 inter, u16* __restrict__ act) {
+    grid_dependency_sync();
+    DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
+    if (blockIdx.y >= item_counts[COUNT_TILED]) return;
+    const GemmItem item = items[blockIdx.y];
+    const WgContiguousRows a{x + (u64)item.row_begin * hidden, hidden};
+    wg_up(wg_smem_base(smem_buffer), a, gate_up, item, hidden, inter, act);
+}
+
+// moe_expert_up_wgmma_hidden: moe_expert_up_wgmma with the item's rows read from the bf16
+// hidden states [T, H] through row_pairs (the gather pass folded in; the same bits).
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+    moe_expert_up_wgmma_hidden(const u16* __restrict__ hidden_states, const u32* __restrict__ row_pairs,
+                               u32 slots_per_token, const u16* __restrict__ gate_up,
+                               const GemmItem* __restrict__ items, const u32* __restrict__ item_counts, u32 hidden,
+                               u32 inter, u16* __restrict__ act) {
+    grid_dependency_sync();
+    DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
+    if (blockIdx.y >= item_counts[COUNT_TILED]) return;
+    const GemmItem item = items[blockIdx.y];
+    const WgHiddenRows a(hidden_states, row_pairs, slots_per_token, hidden, item);
+    wg_up(wg_smem_base(smem_buffer), a, gate_up, item, hidden, inter, act);
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     moe_expert_down_wgmma(const u16* __restrict__ act, const u16* __restrict__ down,
                           const float* __restrict__ row_weights, const GemmItem* __restrict__ items,
                           const u32* __restrict__ item_counts, u32 hidden, u32 inter, float* __restrict__ y) {
@@ -186,8 +239,9 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     const u32 n0 = blockIdx.x * WG_BN;  // first output column of the CTA
     const u16* down_rows = down + ((u64)item.slot * hidden + n0) * inter;
     float acc[WG_ACC];
-    wg_mainloop(acc, wg_smem_base(smem_buffer), act + (u64)item.row_begin * inter, item.rows, inter, down_rows,
-                down_rows + (u64)(WG_BN / 2) * inter, inter, inter);
+    const WgContiguousRows a{act + (u64)item.row_begin * inter, inter};
+    wg_mainloop(acc, wg_smem_base(smem_buffer), a, item.rows, down_rows, down_rows + (u64)(WG_BN / 2) * inter, inter,
+                inter);
 
     const u32 t = threadIdx.x & 127u;
     const u32 g = (t & 31u) >> 2, q = t & 3u;

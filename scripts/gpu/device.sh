@@ -10,7 +10,7 @@
 #      `dots-moe doctor` (kernels from the cubin cache, occupancy per kernel);
 #   2. every GPU test binary, one test thread, --nocapture, the GPU required (the suites of
 #      both expert kernel generations once per generation, the second last);
-#   3. timings: `bench --backend cuda --gemm --kernels gen1,gen2` (the layer and GEMM 1/2 apart,
+#   3. timings: `bench --backend cuda --gemm --kernels gen1,gen2,direct` (the layer and GEMM 1/2 apart,
 #      beside the floor, both generations of the Hopper expert kernels side by side)
 #      into layer.json, the same with programmatic dependent launch at T = 1, 16, 256 into
 #      layer-pdl.json, `kernels --time` into kernels.txt, the PyTorch peer into peer.txt.
@@ -159,12 +159,12 @@ done
 
 # ---- 3. the timings
 deadline=$(( started + budget ))
-STEP_OUTPUT="$out/layer.json" RESERVE=40 step bench 120 "$deadline" sh -c "'$bin/dots-moe' bench --backend cuda --gemm --kernels gen1,gen2 --json --seconds 1 \
+STEP_OUTPUT="$out/layer.json" RESERVE=40 step bench 120 "$deadline" sh -c "'$bin/dots-moe' bench --backend cuda --gemm --kernels gen1,gen2,direct --json --seconds 1 \
     --tokens 1,16,64,256,1024,4096,16384 > '$out/layer.json'"
 # The same layers with programmatic dependent launch (DOTS_MOE_PDL=1), at the batch sizes
 # where launch latency counts.
 STEP_OUTPUT="$out/layer-pdl.json" RESERVE=30 DOTS_MOE_PDL=1 step bench-pdl 45 "$deadline" sh -c "'$bin/dots-moe' bench --backend cuda \
-    --kernels gen1,gen2 --json --seconds 1 --tokens 1,16,256 > '$out/layer-pdl.json'"
+    --kernels gen1,gen2,direct --json --seconds 1 --tokens 1,16,256 > '$out/layer-pdl.json'"
 STEP_OUTPUT="$out/kernels.txt" RESERVE=20 step kernels-time 30 "$deadline" sh -c "'$bin/dots-moe' kernels --time --tokens 1,16,256,4096 --iterations 100 > '$out/kernels.txt'"
 if [ -n "${DOTS_MOE_TORCH_PEER:-}" ] || python3 -c 'import torch; assert torch.cuda.is_available()' 2> /dev/null; then
     STEP_OUTPUT="$out/peer.txt" step torch-peer 50 "$deadline" sh -c "PYTHONUNBUFFERED=1 ${DOTS_MOE_TORCH_PEER:-python3 scripts/peer/torch_moe_gpu.py} \

@@ -36,6 +36,10 @@ pub enum KernelSet {
     Gen2,
     /// The portable set: register-streamed decode kernels, `mma.sync` tiles.
     Mma,
+    /// The first generation launched as few times as it allows
+    /// (`GemmOptions::fewer_launches`): the decode chain at up to 32 tokens, GEMM 1 reading
+    /// the hidden states (no gather), the router logits on tensor cores.
+    Direct,
 }
 
 /// Arguments of `dots-moe bench`.
@@ -298,6 +302,7 @@ mod cuda {
                         KernelSet::Gen1 => ("cuda-gen1", default),
                         KernelSet::Gen2 => ("cuda-gen2", GemmOptions::second_generation()),
                         KernelSet::Mma => ("cuda-mma", GemmOptions { tiled: TiledKernel::Mma, ..default }),
+                        KernelSet::Direct => ("cuda-direct", GemmOptions::fewer_launches(gpu.target())),
                     };
                     let device_layer = CudaMoeLayer::new(gpu, layer, options).map_err(|e| e.to_string())?;
                     layers.push((label.to_string(), device_layer));
@@ -345,10 +350,11 @@ mod cuda {
     /// GEMM 1 (gate/up + SwiGLU) and GEMM 2 (down + routing weight) timed apart on a
     /// workspace the layer has just run on (its schedule, gathered rows and activation are
     /// in place): `(label, graph-replay median us, cost of that GEMM alone)`, the labels
-    /// `LAYER-gemm1:REGIME` and `LAYER-gemm2:REGIME` after the layer's row label. These are
-    /// the separate pipeline's GEMM kernels also where the layer ran as the decode chain
-    /// (which gathers no rows: `x` then holds what it held, and a GEMM's time does not
-    /// depend on the values).
+    /// `LAYER-gemm1:REGIME` and `LAYER-gemm2:REGIME` after the layer's row label. GEMM 1
+    /// reads the hidden states where the layer does ([`GemmOptions::reads_hidden`]), the
+    /// gathered rows otherwise, also where the layer ran as the decode chain (which gathers
+    /// no rows: `x` then holds what it held, and a GEMM's time does not depend on the
+    /// values).
     fn time_gemms(
         gpu: &GpuContext,
         layer_label: &str,
@@ -378,8 +384,16 @@ mod cuda {
             bytes: slots_used * h * i * 2.0 + rows * i * 2.0 + rows * 4.0 + rows * h * 4.0,
             flops: 2.0 * rows * h * i,
         };
-        let LayerWorkspace { x, gemm: gemm_ws, routing, expert_rows, .. } = ws;
-        let (_, up_us) = time_region(gpu, iterations, || gemm.up(weights, x, gemm_ws))?;
+        let slots = cfg.slots_per_token();
+        let reads_hidden = layer.options().reads_hidden(ws.hidden.dtype());
+        let LayerWorkspace { x, hidden, gemm: gemm_ws, routing, expert_rows, .. } = ws;
+        let (_, up_us) = time_region(gpu, iterations, || {
+            if reads_hidden {
+                gemm.up_from_hidden(weights, hidden, &routing.row_pairs, slots, gemm_ws)
+            } else {
+                gemm.up(weights, x, gemm_ws)
+            }
+        })?;
         let (_, down_us) =
             time_region(gpu, iterations, || gemm.down(weights, &routing.row_weights, gemm_ws, expert_rows))?;
         Ok(vec![

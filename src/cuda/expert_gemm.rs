@@ -229,6 +229,10 @@ pub struct GemmOptions {
     /// [`crate::cuda::moe::LOGIT_E1_MAX_TOKENS`] tokens
     /// ([`crate::cuda::moe::LogitsKernel::TensorCores`]), except in the batch-invariant mode.
     pub tensor_core_logits: bool,
+    /// GEMM 1 of a layer reads bf16 hidden states through the permutation, with no gather
+    /// launch, where its kernels can ([`GemmOptions::reads_hidden`]: the register decode
+    /// kernels and the `wgmma` tiles). The same bits as gathering first.
+    pub read_hidden: bool,
 }
 
 impl GemmOptions {
@@ -249,6 +253,7 @@ impl GemmOptions {
             batch_invariant: false,
             decode_chain: false,
             tensor_core_logits: false,
+            read_hidden: false,
         }
     }
 
@@ -264,6 +269,26 @@ impl GemmOptions {
             tensor_core_logits: true,
             ..Self::for_arch(Arch::SM_90A)
         }
+    }
+
+    /// The first generation's kernels launched as few times as they allow (`sm_90a`, or
+    /// `mma.sync` tiles elsewhere): [`GemmOptions::for_arch`] with the decode chain, GEMM 1
+    /// reading the hidden states ([`GemmOptions::read_hidden`]) and the router logits on
+    /// tensor cores.
+    pub fn fewer_launches(arch: Arch) -> Self {
+        GemmOptions { decode_chain: true, tensor_core_logits: true, read_hidden: true, ..Self::for_arch(arch) }
+    }
+
+    /// Whether GEMM 1 under these options reads hidden states of `dtype` through the
+    /// permutation (no gather launch): [`GemmOptions::read_hidden`], bf16 hidden states, the
+    /// register decode kernels and the `wgmma` tiles, or no tiles (the batch-invariant mode)
+    /// (the TMA-fed kernels read boxes of consecutive rows, and the `mma.sync` tiles have no
+    /// such variant).
+    pub fn reads_hidden(&self, dtype: Dtype) -> bool {
+        self.read_hidden
+            && dtype == Dtype::Bf16
+            && self.decode == DecodeKernel::Registers
+            && (self.tiled == TiledKernel::Wgmma || self.batch_invariant)
     }
 
     /// The kernel files these options launch.
@@ -547,6 +572,42 @@ pub fn up_launches(
     regime_launches((decode_kernels(options).0, tiled_kernels(options).0), hidden, inter, ws, args)
 }
 
+/// GEMM 1 + SwiGLU, `act [R, I]`, with each item's rows read from the bf16 hidden states
+/// `hidden_states [T, H]` through `row_pairs` (see [`GemmOptions::reads_hidden`], which the
+/// caller checked): the decode launch, then the tiled one.
+#[allow(clippy::too_many_arguments)] // GEMM 1's operands and the permutation
+pub fn up_hidden_launches(
+    options: &GemmOptions,
+    hidden_states: u64,
+    row_pairs: u64,
+    slots_per_token: usize,
+    gate_up: u64,
+    hidden: usize,
+    inter: usize,
+    ws: &GemmPtrs,
+) -> Result<Vec<Launch>, CudaError> {
+    check_shape(hidden, inter)?;
+    if !options.reads_hidden(Dtype::Bf16) {
+        return Err(
+            MoeError::Unsupported(format!("these expert kernels cannot read the hidden states: {options:?}")).into()
+        );
+    }
+    let args = |items: u64, _tiled: bool| {
+        vec![
+            Arg::Ptr(hidden_states),
+            Arg::Ptr(row_pairs),
+            Arg::U32(slots_per_token as u32),
+            Arg::Ptr(gate_up),
+            Arg::Ptr(items),
+            Arg::Ptr(ws.item_counts),
+            Arg::U32(hidden as u32),
+            Arg::U32(inter as u32),
+            Arg::Ptr(ws.act),
+        ]
+    };
+    regime_launches((&source::UP_DECODE_HIDDEN_BF16, &source::UP_WGMMA_HIDDEN), hidden, inter, ws, args)
+}
+
 /// GEMM 2 with the routing weight, `y [R, H] = row_weights[r] * (act down^T)`.
 pub fn down_launches(
     options: &GemmOptions,
@@ -720,6 +781,41 @@ impl ExpertGemm {
         self.queue(up_launches(&self.options, x.device_ptr(), weights.gate_up.device_ptr(), h, i, &ws.ptrs())?)
     }
 
+    /// Queues GEMM 1 + SwiGLU: `ws.act [R, I]` from the bf16 hidden states `hidden [T, H]`
+    /// through the permutation `row_pairs [R]` (`slots_per_token` pairs per token), with no
+    /// gathered copy: where [`GemmOptions::reads_hidden`] holds.
+    pub fn up_from_hidden(
+        &self,
+        weights: &DeviceExpertWeights,
+        hidden: &DeviceTensor,
+        row_pairs: &DeviceBuffer<u32>,
+        slots_per_token: usize,
+        ws: &mut GemmWorkspace,
+    ) -> Result<(), CudaError> {
+        self.check(weights, ws)?;
+        let (h, i) = (weights.hidden_size, weights.intermediate_size);
+        let DeviceTensor::Bf16(x) = hidden else {
+            return Err(MoeError::Unsupported("GEMM 1 reads bf16 hidden states only".into()).into());
+        };
+        if slots_per_token == 0 || !ws.rows.is_multiple_of(slots_per_token) {
+            return Err(MoeError::shape("permuted rows", &[ws.rows], &[ws.rows / slots_per_token.max(1)]).into());
+        }
+        x.expect_shape("hidden", &[ws.rows / slots_per_token, h])?;
+        row_pairs.expect_shape("row_pairs", &[ws.rows])?;
+        // hidden [T, H], row_pairs [R] with values < T * slots_per_token (a permutation the
+        // router or the permutation kernels wrote), act [R, I], gate_up [n_slots, 2I, H].
+        self.queue(up_hidden_launches(
+            &self.options,
+            x.device_ptr(),
+            row_pairs.device_ptr(),
+            slots_per_token,
+            weights.gate_up.device_ptr(),
+            h,
+            i,
+            &ws.ptrs(),
+        )?)
+    }
+
     /// Queues GEMM 2 with the routing weight: `y [R, H] = row_weights[r] * (act down^T)`.
     pub fn down(
         &self,
@@ -776,6 +872,7 @@ mod tests {
             batch_invariant,
             decode_chain: false,
             tensor_core_logits: false,
+            read_hidden: false,
         }
     }
 

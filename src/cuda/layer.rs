@@ -9,7 +9,9 @@
 //! moe_combine                                                  out [T, H] f32
 //! ```
 //!
-//! With [`GemmOptions::decode_chain`], a batch of at most
+//! With [`GemmOptions::read_hidden`] (and the kernels of [`GemmOptions::reads_hidden`]) GEMM 1
+//! reads bf16 hidden states through the permutation, and no gather runs. With
+//! [`GemmOptions::decode_chain`], a batch of at most
 //! [`crate::cuda::chain::CHAIN_MAX_TOKENS`] tokens runs as the three-launch decode chain
 //! instead ([`crate::cuda::chain`]), with the same result, bit for bit.
 //!
@@ -55,7 +57,8 @@ pub struct LayerWorkspace {
     pub hidden: DeviceTensor,
     /// Routing and permutation buffers.
     pub routing: RoutingWorkspace,
-    /// The gathered rows `x [R, H]`, bf16, permuted order (`R = T * (k + n_shared)`).
+    /// The gathered rows `x [R, H]`, bf16, permuted order (`R = T * (k + n_shared)`); `[0, H]`
+    /// where GEMM 1 reads the hidden states ([`GemmOptions::reads_hidden`]).
     pub x: DeviceTensor,
     /// Work items and the activation `[R, I]`.
     pub gemm: GemmWorkspace,
@@ -120,7 +123,7 @@ impl CudaMoeLayer {
             .into());
         }
         let weights = DeviceExpertWeights::upload(gpu, layer.weights())?;
-        if options.decode_chain {
+        if options.decode_chain || options.read_hidden {
             gpu.load(&[&source::DECODE])?;
         }
         Ok(CudaMoeLayer {
@@ -175,7 +178,8 @@ impl CudaMoeLayer {
             tokens,
             hidden: DeviceTensor::zeros(gpu, dtype, &[tokens, h])?,
             routing: RoutingWorkspace::for_router(gpu, &self.router, tokens)?,
-            x: DeviceTensor::zeros(gpu, Dtype::Bf16, &[rows, h])?,
+            // No gathered copy where GEMM 1 reads the hidden states.
+            x: DeviceTensor::zeros(gpu, Dtype::Bf16, &[if self.options().reads_hidden(dtype) { 0 } else { rows }, h])?,
             gemm: self.gemm.workspace(&self.weights, rows)?,
             expert_rows: DeviceBuffer::zeros(gpu, &[rows, h])?,
             output: DeviceBuffer::zeros(gpu, &[tokens, h])?,
@@ -195,15 +199,23 @@ impl CudaMoeLayer {
             return self.enqueue_chain(ws);
         }
         self.kernels.route(&self.router, &ws.hidden, &mut ws.routing)?;
-        self.kernels.gather(&ws.hidden, h, &ws.routing, &mut ws.x)?;
-        self.gemm.run(
-            &self.weights,
-            &ws.routing.expert_offsets,
-            &ws.x,
-            &ws.routing.row_weights,
-            &mut ws.gemm,
-            &mut ws.expert_rows,
-        )?;
+        if self.gemm.options().reads_hidden(ws.hidden.dtype()) {
+            // GEMM 1 reads the hidden states through the permutation: no gather launch.
+            self.gemm.schedule(&ws.routing.expert_offsets, &mut ws.gemm)?;
+            let slots = self.config.slots_per_token();
+            self.gemm.up_from_hidden(&self.weights, &ws.hidden, &ws.routing.row_pairs, slots, &mut ws.gemm)?;
+            self.gemm.down(&self.weights, &ws.routing.row_weights, &ws.gemm, &mut ws.expert_rows)?;
+        } else {
+            self.kernels.gather(&ws.hidden, h, &ws.routing, &mut ws.x)?;
+            self.gemm.run(
+                &self.weights,
+                &ws.routing.expert_offsets,
+                &ws.x,
+                &ws.routing.row_weights,
+                &mut ws.gemm,
+                &mut ws.expert_rows,
+            )?;
+        }
         self.kernels.combine(&ws.expert_rows, h, &ws.routing, &mut ws.output)
     }
 

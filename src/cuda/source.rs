@@ -397,6 +397,19 @@ pub const DOWN_DECODE: KernelDecl = KernelDecl {
     max_registers: 128,
 };
 
+/// The parameters of GEMM 1 reading bf16 hidden states through the permutation.
+const UP_HIDDEN_PARAMS: &[Param] = &[
+    Param::input("hidden_states", Elem::Bf16),
+    Param::input("row_pairs", Elem::U32),
+    Param::u32("slots_per_token"),
+    Param::input("gate_up", Elem::Bf16),
+    Param::input("items", Elem::Item),
+    Param::input("item_counts", Elem::U32),
+    Param::u32("hidden"),
+    Param::u32("inter"),
+    Param::output("act", Elem::Bf16),
+];
+
 macro_rules! up_decode_hidden {
     ($name:ident, $entry:literal, $x:ident) => {
         /// GEMM 1 + SwiGLU of the decode chain, the rows read from the hidden states through the
@@ -485,6 +498,15 @@ pub const UP_WGMMA: KernelDecl = KernelDecl {
     grid: |d| (d.inter / gemm::WG_UP_COLUMNS, d.items),
     dynamic_smem: |_| gemm::WG_SHARED_BYTES,
     max_registers: 255,
+};
+
+/// `moe_expert_up_wgmma_hidden`: GEMM 1 + SwiGLU, `wgmma` tiles, the rows read from the bf16
+/// hidden states through the permutation (no gather pass).
+pub const UP_WGMMA_HIDDEN: KernelDecl = KernelDecl {
+    entry: "moe_expert_up_wgmma_hidden",
+    file: "expert_gemm_wgmma.cu",
+    params: UP_HIDDEN_PARAMS,
+    ..UP_WGMMA
 };
 
 /// `moe_expert_down_wgmma`: GEMM 2, `wgmma` tiles.
@@ -639,7 +661,7 @@ pub const WGMMA: KernelSource = KernelSource {
     name: "expert_gemm_wgmma.cu",
     text: include_str!("../../cuda/expert_gemm_wgmma.cu"),
     min_arch: Arch::SM_90A,
-    kernels: &[&UP_WGMMA, &DOWN_WGMMA],
+    kernels: &[&UP_WGMMA, &DOWN_WGMMA, &UP_WGMMA_HIDDEN],
 };
 
 /// `cuda/expert_gemm_ws.cu`: many rows per slot, the second generation: warp-specialised
@@ -736,6 +758,7 @@ pub const KERNEL_CONSTANTS: &[(&str, usize)] = &[
     ("WG_ALIGN", gemm::WG_ALIGN),
     ("WG_SHARED_BYTES", gemm::WG_SHARED_BYTES),
     ("WG_CHUNKS_PER_ROW", gemm::WG_BK * 2 / 16),
+    ("WG_A_CHUNKS", gemm::TILE_ROWS * (gemm::WG_BK * 2 / 16) / gemm::WG_THREADS as usize),
     ("WG_ACC", 64 * gemm::WG_DOWN_COLUMNS / 128),
     ("WS_BM", gemm::TILE_ROWS),
     ("WS_BN", gemm::WG_DOWN_COLUMNS),

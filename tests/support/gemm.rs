@@ -60,7 +60,8 @@ pub fn rng(seed: u64) -> ChaCha8Rng {
 
 /// Every way the expert GEMMs can split the work on `gpu`, named: the default (decode and
 /// tiled by count), all tiled with each tiled kernel the device runs, the second
-/// generation (sm_90a), and batch-invariant with each decode kernel.
+/// generation (sm_90a), batch-invariant with each decode kernel, and the first generation
+/// launched fewer times.
 pub fn all_options(gpu: &GpuContext) -> Vec<(&'static str, GemmOptions)> {
     all_options_for(gpu.target())
 }
@@ -92,6 +93,10 @@ pub fn all_options_for(arch: Arch) -> Vec<(&'static str, GemmOptions)> {
             all.push(("default-mma", GemmOptions { tiled: TiledKernel::Mma, ..default }));
         }
         all.push(("batch-invariant", default.batch_invariant()));
+        // The same kernels launched fewer times: the decode chain, GEMM 1 from the hidden
+        // states, tensor-core router logits (the layer's paths; the GEMM kernels are the
+        // sets' above).
+        all.push(("fewer-launches", GemmOptions::fewer_launches(arch)));
     }
     if gen2 && hopper {
         // The second generation: warp-specialised tiles, then with the streamed decode kernels.
