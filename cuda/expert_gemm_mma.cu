@@ -58,17 +58,22 @@ __device__ __forceinline__ u32 mma_tile_offset(u32 r, u32 c) {
     return r * MMA_ROW_BYTES + ((c ^ ((r >> 1) & 3u)) << 4);
 }
 
-// Queues the copies of one stage: A = item rows 0..MMA_BM (zeros from a_valid on) of
-// `a_rows`, B = weight rows (0..63 from b_lo, 64..127 from b_hi), k0..k0 + MMA_BK.
-__device__ __forceinline__ void mma_load_stage(u32 stage, const u16* a_rows, u32 a_valid, u64 lda, const u16* b_lo,
+// A stage's A rows come from a TileRows (expert_gemm.cuh) or a GatheredRows of this file's
+// copy layout (MMA_A_CHUNKS rows per thread).
+#define MMA_A_CHUNKS (MMA_BM * MMA_CHUNKS_PER_ROW / MMA_THREADS)
+typedef GatheredRows<MMA_A_CHUNKS, MMA_THREADS, MMA_CHUNKS_PER_ROW> MmaGatheredRows;
+
+// Queues the copies of one stage: A = item rows 0..MMA_BM (zeros from a_valid on) of `a`,
+// B = weight rows (0..63 from b_lo, 64..127 from b_hi), k0..k0 + MMA_BK.
+template <typename ARows>
+__device__ __forceinline__ void mma_load_stage(u32 stage, const ARows& a, u32 a_valid, const u16* b_lo,
                                                const u16* b_hi, u64 ldb, u32 k0) {
 #pragma unroll
-    for (u32 i = 0; i < MMA_BM * MMA_CHUNKS_PER_ROW / MMA_THREADS; ++i) {
+    for (u32 i = 0; i < MMA_A_CHUNKS; ++i) {
         const u32 chunk = threadIdx.x + i * MMA_THREADS;
         const u32 r = chunk / MMA_CHUNKS_PER_ROW, c = chunk % MMA_CHUNKS_PER_ROW;
         const bool valid = r < a_valid;
-        const u16* src = a_rows + (valid ? (u64)r * lda + k0 + 8 * c : 0);
-        cp_async_16(stage + mma_tile_offset(r, c), src, valid ? 16u : 0u);
+        cp_async_16(stage + mma_tile_offset(r, c), a.chunk(i, r, c, k0, valid), valid ? 16u : 0u);
     }
 #pragma unroll
     for (u32 i = 0; i < MMA_BN * MMA_CHUNKS_PER_ROW / MMA_THREADS; ++i) {
@@ -81,7 +86,8 @@ __device__ __forceinline__ void mma_load_stage(u32 stage, const u16* a_rows, u32
 
 // acc[i][j] (warp rows 16 i.., MMA tile j) over the whole K. B rows of tiles 0, 1 start at
 // `b_row0`, of tiles 2, 3 at `b_row2` (rows of the stage's B buffer).
-__device__ __forceinline__ void mma_mainloop(float acc[4][4][4], u32 smem, const u16* a_rows, u32 a_valid, u64 lda,
+template <typename ARows>
+__device__ __forceinline__ void mma_mainloop(float acc[4][4][4], u32 smem, const ARows& a, u32 a_valid,
                                              const u16* b_lo, const u16* b_hi, u64 ldb, u32 k_len, u32 b_row0,
                                              u32 b_row2) {
     const u32 lane = threadIdx.x & 31u;
@@ -94,7 +100,7 @@ __device__ __forceinline__ void mma_mainloop(float acc[4][4][4], u32 smem, const
     const u32 k_tiles = k_len / MMA_BK;
 #pragma unroll
     for (u32 s = 0; s < MMA_STAGES - 1; ++s) {
-        if (s < k_tiles) mma_load_stage(smem + s * MMA_STAGE_BYTES, a_rows, a_valid, lda, b_lo, b_hi, ldb, s * MMA_BK);
+        if (s < k_tiles) mma_load_stage(smem + s * MMA_STAGE_BYTES, a, a_valid, b_lo, b_hi, ldb, s * MMA_BK);
         cp_async_commit();
     }
     for (u32 kt = 0; kt < k_tiles; ++kt) {
@@ -102,8 +108,7 @@ __device__ __forceinline__ void mma_mainloop(float acc[4][4][4], u32 smem, const
         __syncthreads();
         const u32 next = kt + MMA_STAGES - 1;
         if (next < k_tiles) {
-            mma_load_stage(smem + (next % MMA_STAGES) * MMA_STAGE_BYTES, a_rows, a_valid, lda, b_lo, b_hi, ldb,
-                           next * MMA_BK);
+            mma_load_stage(smem + (next % MMA_STAGES) * MMA_STAGE_BYTES, a, a_valid, b_lo, b_hi, ldb, next * MMA_BK);
         }
         cp_async_commit();
 
@@ -134,22 +139,17 @@ __device__ __forceinline__ void mma_mainloop(float acc[4][4][4], u32 smem, const
     }
 }
 
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
-    moe_expert_up_mma(const u16* __restrict__ x, const u16* __restrict__ gate_up, const GemmItem* __restrict__ items,
-                      const u32* __restrict__ item_counts, u32 hidden, u32 inter, u16* __restrict__ act) {
-    grid_dependency_sync();
-    DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
-    if (blockIdx.y >= item_counts[COUNT_TILED]) return;
-    const GemmItem item = items[blockIdx.y];
+// GEMM 1 + SwiGLU of this CTA's item, its rows from `a`.
+template <typename ARows>
+__device__ __forceinline__ void mma_up(u32 smem, const ARows& a, const u16* gate_up, GemmItem item, u32 hidden,
+                                       u32 inter, u16* act) {
     const u32 n0 = blockIdx.x * (MMA_BN / 2);  // first act column of the CTA
     const u16* slot = gate_up + (u64)item.slot * 2 * inter * hidden;
     const u16* gate_rows = slot + (u64)n0 * hidden;
     const u16* up_rows = slot + (u64)(inter + n0) * hidden;
-    const u16* x_rows = x + (u64)item.row_begin * hidden;
     const u32 warp_n = threadIdx.x >> 6;
     float acc[4][4][4];
-    mma_mainloop(acc, smem_u32(smem_buffer), x_rows, item.rows, hidden, gate_rows, up_rows, hidden, hidden,
-                 warp_n * 16, MMA_BN / 2 + warp_n * 16);
+    mma_mainloop(acc, smem, a, item.rows, gate_rows, up_rows, hidden, hidden, warp_n * 16, MMA_BN / 2 + warp_n * 16);
 
     const u32 lane = threadIdx.x & 31u;
     const u32 g = lane >> 2, q = lane & 3u;
@@ -171,6 +171,32 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
             }
 }
 
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
+    moe_expert_up_mma(const u16* __restrict__ x, const u16* __restrict__ gate_up, const GemmItem* __restrict__ items,
+                      const u32* __restrict__ item_counts, u32 hidden, u32 inter, u16* __restrict__ act) {
+    grid_dependency_sync();
+    DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
+    if (blockIdx.y >= item_counts[COUNT_TILED]) return;
+    const GemmItem item = items[blockIdx.y];
+    const TileRows a{x + (u64)item.row_begin * hidden, hidden};
+    mma_up(smem_u32(smem_buffer), a, gate_up, item, hidden, inter, act);
+}
+
+// moe_expert_up_mma_hidden: moe_expert_up_mma with the item's rows read from the bf16 hidden
+// states [T, H] through row_pairs (the gather pass folded in; the same bits).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
+    moe_expert_up_mma_hidden(const u16* __restrict__ hidden_states, const u32* __restrict__ row_pairs,
+                             u32 slots_per_token, const u16* __restrict__ gate_up, const GemmItem* __restrict__ items,
+                             const u32* __restrict__ item_counts, u32 hidden, u32 inter, u16* __restrict__ act) {
+    grid_dependency_sync();
+    DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
+    if (blockIdx.y >= item_counts[COUNT_TILED]) return;
+    const GemmItem item = items[blockIdx.y];
+    const MmaGatheredRows a(hidden_states, row_pairs, slots_per_token, hidden, item);
+    mma_up(smem_u32(smem_buffer), a, gate_up, item, hidden, inter, act);
+}
+
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
     moe_expert_down_mma(const u16* __restrict__ act, const u16* __restrict__ down,
                         const float* __restrict__ row_weights, const GemmItem* __restrict__ items,
@@ -184,8 +210,9 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
     const u16* act_rows = act + (u64)item.row_begin * inter;
     const u32 warp_n = threadIdx.x >> 6;
     float acc[4][4][4];
-    mma_mainloop(acc, smem_u32(smem_buffer), act_rows, item.rows, inter, down_rows,
-                 down_rows + (u64)(MMA_BN / 2) * inter, inter, inter, warp_n * 32, warp_n * 32 + 16);
+    const TileRows a{act_rows, inter};
+    mma_mainloop(acc, smem_u32(smem_buffer), a, item.rows, down_rows, down_rows + (u64)(MMA_BN / 2) * inter, inter,
+                 inter, warp_n * 32, warp_n * 32 + 16);
 
     const u32 lane = threadIdx.x & 31u;
     const u32 g = lane >> 2, q = lane & 3u;

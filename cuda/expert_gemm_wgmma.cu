@@ -76,36 +76,10 @@ __device__ __forceinline__ u32 wg_tile_offset(u32 r, u32 c) {
 }
 
 
-// Where a stage's A rows come from: the item rows 0..WG_BM of a [rows, ld] buffer (the
-// gathered rows x, or the activation), from `rows` on ...
-struct WgContiguousRows {
-    const u16* rows;
-    u64 ld;
-    // Chunk c (16 bytes) of row r at k0; any readable address when the row is not valid.
-    __device__ __forceinline__ const u16* chunk(u32 /*i*/, u32 r, u32 c, u32 k0, bool valid) const {
-        return rows + (valid ? (u64)r * ld + k0 + 8 * c : 0);
-    }
-};
-
-// ... or the hidden states [T, ld] through the permutation (moe_expert_up_wgmma_hidden: no
-// gather pass): item row r is hidden row row_pairs[row_begin + r] / slots. The thread's
-// WG_A_CHUNKS rows (chunk i of a stage is row threadIdx.x / WG_CHUNKS_PER_ROW + i
-// WG_THREADS / WG_CHUNKS_PER_ROW) are looked up once per tile, not per stage.
+// A stage's A rows come from a TileRows (expert_gemm.cuh) or a GatheredRows of this file's
+// copy layout (WG_A_CHUNKS rows per thread).
 #define WG_A_CHUNKS (WG_BM * WG_CHUNKS_PER_ROW / WG_THREADS)
-struct WgHiddenRows {
-    const u16* row[WG_A_CHUNKS];
-    __device__ __forceinline__ WgHiddenRows(const u16* hidden, const u32* row_pairs, u32 slots, u64 ld,
-                                            GemmItem item) {
-#pragma unroll
-        for (u32 i = 0; i < WG_A_CHUNKS; ++i) {
-            const u32 r = (threadIdx.x + i * WG_THREADS) / WG_CHUNKS_PER_ROW;
-            row[i] = r < item.rows ? hidden + (u64)(row_pairs[item.row_begin + r] / slots) * ld : hidden;
-        }
-    }
-    __device__ __forceinline__ const u16* chunk(u32 i, u32 /*r*/, u32 c, u32 k0, bool valid) const {
-        return row[i] + (valid ? k0 + 8 * c : 0);
-    }
-};
+typedef GatheredRows<WG_A_CHUNKS, WG_THREADS, WG_CHUNKS_PER_ROW> WgGatheredRows;
 
 // Queues the copies of one stage: A = item rows 0..WG_BM (zeros from a_valid on) of `a`,
 // B = weight rows (0..127 from b_lo, 128..255 from b_hi), k0..k0 + WG_BK.
@@ -209,7 +183,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
     if (blockIdx.y >= item_counts[COUNT_TILED]) return;
     const GemmItem item = items[blockIdx.y];
-    const WgContiguousRows a{x + (u64)item.row_begin * hidden, hidden};
+    const TileRows a{x + (u64)item.row_begin * hidden, hidden};
     wg_up(wg_smem_base(smem_buffer), a, gate_up, item, hidden, inter, act);
 }
 
@@ -224,7 +198,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     DECLARE_DYNAMIC_SMEM(smem_buffer, 128);
     if (blockIdx.y >= item_counts[COUNT_TILED]) return;
     const GemmItem item = items[blockIdx.y];
-    const WgHiddenRows a(hidden_states, row_pairs, slots_per_token, hidden, item);
+    const WgGatheredRows a(hidden_states, row_pairs, slots_per_token, hidden, item);
     wg_up(wg_smem_base(smem_buffer), a, gate_up, item, hidden, inter, act);
 }
 
@@ -239,7 +213,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     const u32 n0 = blockIdx.x * WG_BN;  // first output column of the CTA
     const u16* down_rows = down + ((u64)item.slot * hidden + n0) * inter;
     float acc[WG_ACC];
-    const WgContiguousRows a{act + (u64)item.row_begin * inter, inter};
+    const TileRows a{act + (u64)item.row_begin * inter, inter};
     wg_mainloop(acc, wg_smem_base(smem_buffer), a, item.rows, down_rows, down_rows + (u64)(WG_BN / 2) * inter, inter,
                 inter);
 

@@ -464,9 +464,10 @@ fn gemm_one_reads_the_hidden_states_as_it_reads_the_gathered_rows() {
         };
         let direct = GemmOptions::fewer_launches(arch);
         let mut sets = vec![("batch-invariant", direct.batch_invariant())];
-        if direct.reads_hidden(Dtype::Bf16) {
-            sets.push(("default", direct));
-            sets.push(("all-tiled", GemmOptions { decode_max_rows: 0, ..direct }));
+        sets.push(("default", direct));
+        sets.push(("all-tiled", GemmOptions { decode_max_rows: 0, ..direct }));
+        if direct.tiled != TiledKernel::Mma {
+            sets.push(("all-tiled-mma", GemmOptions { decode_max_rows: 0, tiled: TiledKernel::Mma, ..direct }));
         }
         let counts = if dev.is_gpu() { boundary_counts() } else { emulator_counts() };
         let case = Case::from_counts(&counts, 12);

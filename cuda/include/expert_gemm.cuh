@@ -110,6 +110,40 @@ __device__ __forceinline__ void schedule_items(const u32* expert_offsets, u32 n_
     }
 }
 
+// ---- where the cp.async-fed tile kernels read their A rows -----------------------------
+//
+// chunk(i, r, c, k0, valid): the address of 16-byte chunk c of item row r at k0, the
+// thread's i-th A chunk of a stage (any readable address when the row is not valid).
+// TileRows: the item's rows of a [rows, ld] bf16 buffer (the gathered rows x, or the
+// activation).
+struct TileRows {
+    const u16* rows;
+    u64 ld;
+    __device__ __forceinline__ const u16* chunk(u32 /*i*/, u32 r, u32 c, u32 k0, bool valid) const {
+        return rows + (valid ? (u64)r * ld + k0 + 8 * c : 0);
+    }
+};
+
+// GatheredRows: the bf16 hidden states [T, ld] through the permutation (no gather pass):
+// item row r is hidden row row_pairs[row_begin + r] / slots. Chunk i of a stage lies in
+// row (threadIdx.x + i THREADS) / CHUNKS_PER_ROW, so each thread looks its CHUNKS rows up
+// once per tile, not per stage.
+template <u32 CHUNKS, u32 THREADS, u32 CHUNKS_PER_ROW>
+struct GatheredRows {
+    const u16* row[CHUNKS];
+    __device__ __forceinline__ GatheredRows(const u16* hidden, const u32* row_pairs, u32 slots, u64 ld,
+                                            GemmItem item) {
+#pragma unroll
+        for (u32 i = 0; i < CHUNKS; ++i) {
+            const u32 r = (threadIdx.x + i * THREADS) / CHUNKS_PER_ROW;
+            row[i] = r < item.rows ? hidden + (u64)(row_pairs[item.row_begin + r] / slots) * ld : hidden;
+        }
+    }
+    __device__ __forceinline__ const u16* chunk(u32 i, u32 /*r*/, u32 c, u32 k0, bool valid) const {
+        return row[i] + (valid ? k0 + 8 * c : 0);
+    }
+};
+
 // ---- numerics -------------------------------------------------------------------------
 
 // silu(g) * u, the order and roundings of cpu::swiglu: g / (1 + exp(-g)) * u.

@@ -231,7 +231,7 @@ pub struct GemmOptions {
     pub tensor_core_logits: bool,
     /// GEMM 1 of a layer reads bf16 hidden states through the permutation, with no gather
     /// launch, where its kernels can ([`GemmOptions::reads_hidden`]: the register decode
-    /// kernels and the `wgmma` tiles). The same bits as gathering first.
+    /// kernels and the `wgmma` or `mma.sync` tiles). The same bits as gathering first.
     pub read_hidden: bool,
 }
 
@@ -281,14 +281,13 @@ impl GemmOptions {
 
     /// Whether GEMM 1 under these options reads hidden states of `dtype` through the
     /// permutation (no gather launch): [`GemmOptions::read_hidden`], bf16 hidden states, the
-    /// register decode kernels and the `wgmma` tiles, or no tiles (the batch-invariant mode)
-    /// (the TMA-fed kernels read boxes of consecutive rows, and the `mma.sync` tiles have no
-    /// such variant).
+    /// register decode kernels and the `wgmma` or `mma.sync` tiles, or no tiles (the
+    /// batch-invariant mode). Not the TMA-fed kernels: a tensor map's box is consecutive rows.
     pub fn reads_hidden(&self, dtype: Dtype) -> bool {
         self.read_hidden
             && dtype == Dtype::Bf16
             && self.decode == DecodeKernel::Registers
-            && (self.tiled == TiledKernel::Wgmma || self.batch_invariant)
+            && (self.tiled != TiledKernel::WarpSpecialized || self.batch_invariant)
     }
 
     /// The kernel files these options launch.
@@ -605,7 +604,8 @@ pub fn up_hidden_launches(
             Arg::Ptr(ws.act),
         ]
     };
-    regime_launches((&source::UP_DECODE_HIDDEN_BF16, &source::UP_WGMMA_HIDDEN), hidden, inter, ws, args)
+    let tiled = if options.tiled == TiledKernel::Mma { &source::UP_MMA_HIDDEN } else { &source::UP_WGMMA_HIDDEN };
+    regime_launches((&source::UP_DECODE_HIDDEN_BF16, tiled), hidden, inter, ws, args)
 }
 
 /// GEMM 2 with the routing weight, `y [R, H] = row_weights[r] * (act down^T)`.

@@ -500,6 +500,11 @@ pub const UP_WGMMA: KernelDecl = KernelDecl {
     max_registers: 255,
 };
 
+/// `moe_expert_up_mma_hidden`: GEMM 1 + SwiGLU, `mma.sync` tiles, the rows read from the bf16
+/// hidden states through the permutation (no gather pass).
+pub const UP_MMA_HIDDEN: KernelDecl =
+    KernelDecl { entry: "moe_expert_up_mma_hidden", file: "expert_gemm_mma.cu", params: UP_HIDDEN_PARAMS, ..UP_MMA };
+
 /// `moe_expert_up_wgmma_hidden`: GEMM 1 + SwiGLU, `wgmma` tiles, the rows read from the bf16
 /// hidden states through the permutation (no gather pass).
 pub const UP_WGMMA_HIDDEN: KernelDecl = KernelDecl {
@@ -653,7 +658,7 @@ pub const MMA: KernelSource = KernelSource {
     name: "expert_gemm_mma.cu",
     text: include_str!("../../cuda/expert_gemm_mma.cu"),
     min_arch: Arch::SM_80,
-    kernels: &[&UP_MMA, &DOWN_MMA],
+    kernels: &[&UP_MMA, &DOWN_MMA, &UP_MMA_HIDDEN],
 };
 
 /// `cuda/expert_gemm_wgmma.cu`: many rows per slot, `wgmma` tiles (`sm_90a` only).
@@ -759,6 +764,7 @@ pub const KERNEL_CONSTANTS: &[(&str, usize)] = &[
     ("WG_SHARED_BYTES", gemm::WG_SHARED_BYTES),
     ("WG_CHUNKS_PER_ROW", gemm::WG_BK * 2 / 16),
     ("WG_A_CHUNKS", gemm::TILE_ROWS * (gemm::WG_BK * 2 / 16) / gemm::WG_THREADS as usize),
+    ("MMA_A_CHUNKS", gemm::TILE_ROWS * (gemm::MMA_BK * 2 / 16) / gemm::MMA_THREADS as usize),
     ("WG_ACC", 64 * gemm::WG_DOWN_COLUMNS / 128),
     ("WS_BM", gemm::TILE_ROWS),
     ("WS_BN", gemm::WG_DOWN_COLUMNS),
