@@ -171,6 +171,21 @@ fn upload_weights(dev: &Device, weights: &MoeWeights) -> (u64, u64) {
     (dev.upload(gate_up), dev.upload(down))
 }
 
+/// A GEMM workspace for `rows` rows under `options` on `dev`, every buffer poisoned.
+fn poisoned_ptrs(dev: &Device, options: &GemmOptions, rows: usize) -> GemmPtrs {
+    let (decode_capacity, tiled_capacity) = options.capacities(rows, N_SLOTS);
+    GemmPtrs {
+        decode_items: dev.poisoned(4 * ITEM_WORDS * decode_capacity),
+        tiled_items: dev.poisoned(4 * ITEM_WORDS * tiled_capacity),
+        item_counts: dev.poisoned(4 * 3),
+        act: dev.poisoned(2 * rows * I),
+        decode_capacity,
+        tiled_capacity,
+        rows,
+        n_slots: N_SLOTS,
+    }
+}
+
 /// Schedule, GEMM 1, GEMM 2 as `ExpertGemm::run` queues them, every output poisoned.
 fn run(dev: &Device, options: GemmOptions, weights: &MoeWeights, case: &Case) -> Run {
     run_on_ctas(dev, options, weights, case, None)
@@ -182,17 +197,7 @@ fn run_on_ctas(dev: &Device, options: GemmOptions, weights: &MoeWeights, case: &
     let dev = dev.fresh();
     let (gate_up, down) = upload_weights(&dev, weights);
     let rows = case.rows();
-    let (decode_capacity, tiled_capacity) = options.capacities(rows, N_SLOTS);
-    let ws = GemmPtrs {
-        decode_items: dev.poisoned(4 * ITEM_WORDS * decode_capacity),
-        tiled_items: dev.poisoned(4 * ITEM_WORDS * tiled_capacity),
-        item_counts: dev.poisoned(4 * 3),
-        act: dev.poisoned(2 * rows * I),
-        decode_capacity,
-        tiled_capacity,
-        rows,
-        n_slots: N_SLOTS,
-    };
+    let ws = poisoned_ptrs(&dev, &options, rows);
     let offsets = dev.upload(&case.perm.expert_offsets);
     let x = dev.upload(&case.x);
     let row_weights = dev.upload(&case.row_weights);
@@ -428,19 +433,8 @@ fn up_both_ways(dev: &Device, options: GemmOptions, weights: &MoeWeights, case: 
     pairs.truncate(rows);
     let x: Vec<bf16> =
         pairs.iter().flat_map(|&p| hidden[p as usize / s * H..(p as usize / s + 1) * H].to_vec()).collect();
-    let (decode_capacity, tiled_capacity) = options.capacities(rows, N_SLOTS);
-    let ws = |dev: &Device| GemmPtrs {
-        decode_items: dev.poisoned(4 * ITEM_WORDS * decode_capacity),
-        tiled_items: dev.poisoned(4 * ITEM_WORDS * tiled_capacity),
-        item_counts: dev.poisoned(4 * 3),
-        act: dev.poisoned(2 * rows * I),
-        decode_capacity,
-        tiled_capacity,
-        rows,
-        n_slots: N_SLOTS,
-    };
     let offsets = dev.upload(&case.perm.expert_offsets);
-    let (gathered, direct) = (ws(&dev), ws(&dev));
+    let (gathered, direct) = (poisoned_ptrs(&dev, &options, rows), poisoned_ptrs(&dev, &options, rows));
     for w in [&gathered, &direct] {
         dev.run(Some(expert_gemm::schedule_launch(&options, offsets, N_SLOTS, w).unwrap()));
     }
