@@ -92,18 +92,9 @@ pub fn route_launch(
         &source::ROUTER_DECODE_BF16_BF16,
     ];
     let vectorized = u32::from(hidden.is_multiple_of(8) && aligned(&[x.0, gate.0]));
-    let (decode_max_rows, tile_rows) = options.schedule_args();
     let mut args = vec![Arg::Ptr(x.0), Arg::Ptr(gate.0), Arg::U64(hidden as u64), Arg::U32(vectorized)];
     args.extend(moe::select_args(cfg, n_shared, bias, ws, dims));
-    args.extend([
-        Arg::U32(decode_max_rows),
-        Arg::U32(tile_rows),
-        Arg::U32(items.decode_capacity as u32),
-        Arg::U32(items.tiled_capacity as u32),
-        Arg::Ptr(items.decode_items),
-        Arg::Ptr(items.tiled_items),
-        Arg::Ptr(items.item_counts),
-    ]);
+    args.extend(gemm::schedule_tail_args(options, items));
     let launch_dims = LaunchDims {
         tokens: dims.tokens,
         experts: cfg.n_experts,
@@ -139,17 +130,16 @@ pub fn up_launch(
     };
     gemm::grid_y("decode items", items.decode_capacity)?;
     let dims = LaunchDims { hidden, inter, items: items.decode_capacity, ..LaunchDims::default() };
-    let args = vec![
-        Arg::Ptr(hidden_states.0),
-        Arg::Ptr(row_pairs),
-        Arg::U32(slots_per_token as u32),
-        Arg::Ptr(gate_up),
-        Arg::Ptr(items.decode_items),
-        Arg::Ptr(items.item_counts),
-        Arg::U32(hidden as u32),
-        Arg::U32(inter as u32),
-        Arg::Ptr(items.act),
-    ];
+    let args = gemm::up_hidden_args(
+        hidden_states.0,
+        row_pairs,
+        slots_per_token,
+        gate_up,
+        items.decode_items,
+        hidden,
+        inter,
+        items,
+    );
     Launch::new(kernel, &dims, args).map(Some)
 }
 

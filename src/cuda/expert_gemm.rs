@@ -525,10 +525,16 @@ pub fn schedule_launch(
     n_slots: usize,
     ws: &GemmPtrs,
 ) -> Result<Launch, CudaError> {
+    let mut args = vec![Arg::Ptr(expert_offsets), Arg::U32(n_slots as u32)];
+    args.extend(schedule_tail_args(options, ws));
+    Launch::new(&source::EXPERT_SCHEDULE, &LaunchDims::default(), args)
+}
+
+/// The arguments the schedule kernel ends with (the rules and the item lists), which the
+/// decode chain's router also ends with.
+pub(crate) fn schedule_tail_args(options: &GemmOptions, ws: &GemmPtrs) -> [Arg; 7] {
     let (decode_max_rows, tile_rows) = options.schedule_args();
-    let args = vec![
-        Arg::Ptr(expert_offsets),
-        Arg::U32(n_slots as u32),
+    [
         Arg::U32(decode_max_rows),
         Arg::U32(tile_rows),
         Arg::U32(ws.decode_capacity as u32),
@@ -536,8 +542,33 @@ pub fn schedule_launch(
         Arg::Ptr(ws.decode_items),
         Arg::Ptr(ws.tiled_items),
         Arg::Ptr(ws.item_counts),
-    ];
-    Launch::new(&source::EXPERT_SCHEDULE, &LaunchDims::default(), args)
+    ]
+}
+
+/// The arguments of GEMM 1 reading the hidden states through the permutation (every such
+/// kernel, the decode chain's included), for the item list at `items`.
+#[allow(clippy::too_many_arguments)] // GEMM 1's operands and the permutation
+pub(crate) fn up_hidden_args(
+    hidden_states: u64,
+    row_pairs: u64,
+    slots_per_token: usize,
+    gate_up: u64,
+    items: u64,
+    hidden: usize,
+    inter: usize,
+    ws: &GemmPtrs,
+) -> Vec<Arg> {
+    vec![
+        Arg::Ptr(hidden_states),
+        Arg::Ptr(row_pairs),
+        Arg::U32(slots_per_token as u32),
+        Arg::Ptr(gate_up),
+        Arg::Ptr(items),
+        Arg::Ptr(ws.item_counts),
+        Arg::U32(hidden as u32),
+        Arg::U32(inter as u32),
+        Arg::Ptr(ws.act),
+    ]
 }
 
 /// GEMM 1 + SwiGLU, `act [R, I]` from `x [R, H]`: the decode launch, then the tiled one
@@ -592,17 +623,7 @@ pub fn up_hidden_launches(
         );
     }
     let args = |items: u64, _tiled: bool| {
-        vec![
-            Arg::Ptr(hidden_states),
-            Arg::Ptr(row_pairs),
-            Arg::U32(slots_per_token as u32),
-            Arg::Ptr(gate_up),
-            Arg::Ptr(items),
-            Arg::Ptr(ws.item_counts),
-            Arg::U32(hidden as u32),
-            Arg::U32(inter as u32),
-            Arg::Ptr(ws.act),
-        ]
+        up_hidden_args(hidden_states, row_pairs, slots_per_token, gate_up, items, hidden, inter, ws)
     };
     let tiled = if options.tiled == TiledKernel::Mma { &source::UP_MMA_HIDDEN } else { &source::UP_WGMMA_HIDDEN };
     regime_launches((&source::UP_DECODE_HIDDEN_BF16, tiled), hidden, inter, ws, args)
